@@ -1,0 +1,1 @@
+"""Trainer-side library: the loader client, streaming and decomposed trainers, memory strategies."""
