@@ -1,1 +1,37 @@
-"""Trainer-side library: the loader client, streaming and decomposed trainers, memory strategies."""
+"""Trainer-side library: the loader client, streaming and decomposed trainers, memory strategies.
+
+The client never imports ``loader_service``: a trainer host has no slides. Both share only the generated
+protocol in ``wsi_loader.v1``.
+"""
+
+from trainer_client.channel import ConnectionConfig
+from trainer_client.client import LoaderClient, WSIStream, decode_tensor
+from trainer_client.config import StreamConfig
+from trainer_client.errors import (
+    AuthenticationError,
+    DataLossError,
+    InvalidRequestError,
+    LoaderError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    StalledError,
+    UnavailableError,
+)
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectionConfig",
+    "DataLossError",
+    "InvalidRequestError",
+    "LoaderClient",
+    "LoaderError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "StalledError",
+    "StreamConfig",
+    "UnavailableError",
+    "WSIStream",
+    "decode_tensor",
+]

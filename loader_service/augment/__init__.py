@@ -1,0 +1,27 @@
+"""Per-sample augmentation of whole-slide image regions.
+
+A *sample* is a region of a slide plus one :class:`AugmentParams` drawn from
+``(seed, epoch, index)``. Its augmented image is virtual: :func:`augment_batch` renders whole
+samples (patch training), :func:`render_piece` renders any rectangle of it (tiles, shards with
+halo), and stitched pieces equal the whole image bit for bit on the same device.
+See ``docs/augment.md``.
+"""
+
+from .config import MAX_BLUR_SIGMA, AugmentConfig
+from .params import PARAMS_SALT, AugmentParams, Rect, draw_params
+from .pipeline import OUTPUT_DTYPES, augment_batch, augment_image, render_piece, source_rect, to_output
+
+__all__ = [
+    "AugmentConfig",
+    "AugmentParams",
+    "Rect",
+    "draw_params",
+    "augment_batch",
+    "augment_image",
+    "to_output",
+    "source_rect",
+    "render_piece",
+    "MAX_BLUR_SIGMA",
+    "OUTPUT_DTYPES",
+    "PARAMS_SALT",
+]

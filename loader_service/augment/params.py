@@ -1,0 +1,190 @@
+"""One sample's augmentation parameters, drawn deterministically from (seed, epoch, index)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from .config import MAX_BLUR_SIGMA, AugmentConfig
+
+__all__ = ["AugmentParams", "Rect", "draw_params", "PARAMS_SALT"]
+
+#: Mixed into every SeedSequence so that augmentation streams never collide with other
+#: consumers of (seed, epoch, index) such as the sampler.
+PARAMS_SALT: int = 0xA6_5EED_2026
+
+#: Uniform draws per sample, always all of them and always in this order, so that turning
+#: one op off (or changing its amplitude) never changes what the others draw.
+_N_UNIFORMS = 16
+
+
+@dataclass(frozen=True)
+class Rect:
+    """A pixel rectangle: rows ``[y, y + height)``, columns ``[x, x + width)``."""
+
+    y: int
+    x: int
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        for name in ("y", "x", "height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"Rect.{name} must be an int (got {value!r}).")
+            object.__setattr__(self, name, int(value))
+        if self.height < 0 or self.width < 0:
+            raise ValueError(f"Rect height and width must be >= 0 (got {self.height}x{self.width}).")
+
+    @property
+    def y1(self) -> int:
+        return self.y + self.height
+
+    @property
+    def x1(self) -> int:
+        return self.x + self.width
+
+    def to_dict(self) -> dict[str, int]:
+        return {"y": self.y, "x": self.x, "height": self.height, "width": self.width}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Rect":
+        return cls(int(data["y"]), int(data["x"]), int(data["height"]), int(data["width"]))
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"AugmentParams.{name} must be a number (got {value!r}).")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"AugmentParams.{name} must be finite (got {value!r}).")
+    return out + 0.0  # -0.0 -> 0.0
+
+
+def _triple(name: str, value: object) -> tuple[float, float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        raise ValueError(f"AugmentParams.{name} must be 3 numbers, one per H, E, D channel (got {value!r}).")
+    a, b, c = (_finite(name, v) for v in value)
+    return (a, b, c)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """The augmentation of one sample (plain Python values; the identity is ``AugmentParams()``).
+
+    * ``flip_h`` mirrors left-right, ``flip_v`` top-bottom; then ``rot90_k`` quarter turns
+      counter-clockwise (``numpy.rot90`` semantics): ``rot90(flipud?(fliplr?(raw)), k)``.
+    * ``brightness``, ``contrast``, ``saturation``: multiplicative factors, 1.0 = unchanged.
+    * ``hue``: hue rotation in turns, 0.0 = unchanged.
+    * ``hed_alpha``/``hed_beta``: per-stain (H, E, D) scale and shift, (1,1,1)/(0,0,0) = unchanged.
+    * ``blur_sigma``: Gaussian blur sigma in pixels, 0.0 = no blur.
+    """
+
+    flip_h: bool = False
+    flip_v: bool = False
+    rot90_k: int = 0
+    brightness: float = 1.0
+    contrast: float = 1.0
+    saturation: float = 1.0
+    hue: float = 0.0
+    hed_alpha: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    hed_beta: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    blur_sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("flip_h", "flip_v"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"AugmentParams.{name} must be a bool (got {value!r}).")
+            object.__setattr__(self, name, bool(value))
+        k = self.rot90_k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= int(k) <= 3:
+            raise ValueError(f"AugmentParams.rot90_k must be an int in 0..3 (quarter turns), got {k!r}.")
+        object.__setattr__(self, "rot90_k", int(k))
+        for name in ("brightness", "contrast", "saturation", "hue", "blur_sigma"):
+            object.__setattr__(self, name, _finite(name, getattr(self, name)))
+        if self.brightness <= 0.0:
+            raise ValueError(f"AugmentParams.brightness is a factor and must be > 0 (got {self.brightness}).")
+        if self.contrast < 0.0 or self.saturation < 0.0:
+            raise ValueError("AugmentParams.contrast and .saturation are factors and must be >= 0 "
+                             f"(got {self.contrast}, {self.saturation}).")
+        if not 0.0 <= self.blur_sigma <= MAX_BLUR_SIGMA:
+            raise ValueError(f"AugmentParams.blur_sigma must be in [0, {MAX_BLUR_SIGMA:g}] pixels, "
+                             f"0 meaning no blur (got {self.blur_sigma}).")
+        object.__setattr__(self, "hed_alpha", _triple("hed_alpha", self.hed_alpha))
+        object.__setattr__(self, "hed_beta", _triple("hed_beta", self.hed_beta))
+
+    # ------------------------------------------------------------------ queries
+    def halo(self) -> int:
+        """Pixels of context each side that the neighbourhood ops (blur) need: ceil(3 * sigma)."""
+        return int(math.ceil(3.0 * self.blur_sigma)) if self.blur_sigma > 0.0 else 0
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size of the augmented image of a ``height x width`` raw image (odd rot90 swaps)."""
+        return (width, height) if self.rot90_k % 2 else (height, width)
+
+    @property
+    def geometry_key(self) -> tuple[bool, bool, int]:
+        return (self.flip_h, self.flip_v, self.rot90_k)
+
+    @property
+    def colour_is_identity(self) -> bool:
+        return self.brightness == 1.0 and self.contrast == 1.0 and self.saturation == 1.0 and self.hue == 0.0
+
+    @property
+    def hed_is_identity(self) -> bool:
+        return self.hed_alpha == (1.0, 1.0, 1.0) and self.hed_beta == (0.0, 0.0, 0.0)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "flip_h": self.flip_h, "flip_v": self.flip_v, "rot90_k": self.rot90_k,
+            "brightness": self.brightness, "contrast": self.contrast,
+            "saturation": self.saturation, "hue": self.hue,
+            "hed_alpha": list(self.hed_alpha), "hed_beta": list(self.hed_beta),
+            "blur_sigma": self.blur_sigma,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "AugmentParams":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown AugmentParams keys {unknown}; valid keys are {sorted(known)}.")
+        return cls(**dict(data))
+
+
+def draw_params(config: AugmentConfig, seed: int, epoch: int, index: int) -> AugmentParams:
+    """The parameters of sample ``index`` of ``epoch`` under ``seed``.
+
+    A pure function of its arguments: ``numpy.random.Generator(Philox(SeedSequence([seed, epoch,
+    index, PARAMS_SALT])))`` draws 16 uniforms in a fixed order, so the result does not depend on
+    threads, devices, or the order in which samples are drawn.
+    """
+    for name, value in (("seed", seed), ("epoch", epoch), ("index", index)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 0:
+            raise ValueError(f"draw_params: {name} must be a non-negative int (got {value!r}).")
+    rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([int(seed), int(epoch), int(index),
+                                                                         PARAMS_SALT])))
+    u = [float(v) for v in rng.random(_N_UNIFORMS)]
+
+    def sym(amplitude: float, v: float) -> float:  # uniform in [-amplitude, amplitude)
+        return amplitude * (2.0 * v - 1.0)
+
+    c = config
+    lo, hi = c.blur_sigma
+    return AugmentParams(
+        flip_h=c.flip and u[0] < 0.5,
+        flip_v=c.flip and u[1] < 0.5,
+        rot90_k=min(int(u[2] * 4.0), 3) if c.rot90 else 0,
+        brightness=1.0 + sym(c.brightness, u[3]),
+        contrast=1.0 + sym(c.contrast, u[4]),
+        saturation=1.0 + sym(c.saturation, u[5]),
+        hue=sym(c.hue, u[6]),
+        hed_alpha=(1.0 + sym(c.hed_sigma, u[7]), 1.0 + sym(c.hed_sigma, u[8]), 1.0 + sym(c.hed_sigma, u[9])),
+        hed_beta=(sym(c.hed_bias, u[10]), sym(c.hed_bias, u[11]), sym(c.hed_bias, u[12])),
+        blur_sigma=lo + (hi - lo) * u[14] if u[13] < c.blur_prob else 0.0,
+    )

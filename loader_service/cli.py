@@ -1,0 +1,218 @@
+"""`loader-service`: serve datasets, inspect a slide, print the default configuration, run the demo.
+
+The only module that reads the command line, the environment and YAML files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loader_service.config import DatasetConfig, ServiceConfig, config_from_mapping, default_workers
+
+__all__ = ["main", "build_config"]
+
+log = logging.getLogger("loader_service")
+
+
+def _dataset_arg(text: str) -> DatasetConfig:
+    name, sep, path = text.partition("=")
+    if not sep:
+        path, name = text, Path(text).stem
+    return DatasetConfig(name=name, manifest=Path(path))
+
+
+def build_config(args: argparse.Namespace) -> ServiceConfig:
+    """YAML file first, then every flag given on the command line overrides it."""
+    data: dict[str, Any] = {}
+    if args.config:
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: the configuration file must be a mapping of keys to values")
+        data.update(loaded)
+    if args.manifest:
+        data["datasets"] = [_dataset_arg(m) for m in args.manifest]
+    flags = {
+        "listen": args.listen, "metrics_port": args.metrics_port, "workers": args.workers, "device": args.device,
+        "synthetic": args.synthetic or None, "metrics_host": args.metrics_host,
+        "tissue_cache_dir": args.tissue_cache_dir, "max_credits": args.max_credits,
+    }
+    if args.data_root:
+        data["data_roots"] = [Path(p) for p in args.data_root]
+    if args.tile_cache_mb is not None:
+        data["tile_cache_bytes"] = int(args.tile_cache_mb * 2**20)
+    data.update({k: v for k, v in flags.items() if v is not None})
+    security = dict(data.get("security") or {})
+    for key in ("tls_cert", "tls_key", "tls_client_ca"):
+        value = getattr(args, key)
+        if value:
+            security[key] = value
+    if args.tokens_file:
+        security["tokens"] = yaml.safe_load(Path(args.tokens_file).read_text()) or {}
+    if security:
+        data["security"] = security
+    return config_from_mapping(data)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from loader_service.server import LoaderServer
+
+    config = build_config(args)
+    server = LoaderServer(config)
+    server.start()
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: draining (finishing in-flight batches, %.0fs grace)", signum, config.shutdown_grace_s)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(json.dumps({"event": "serving", "port": server.port, "listen": config.listen,
+                      "metrics": server.metrics_endpoint.url if server.metrics_endpoint else None,
+                      "datasets": sorted(server.datasets)}), flush=True)
+    stopping.wait()
+    server.stop()
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from loader_service.tissue import inspect_slide, mask_overlay_png
+
+    report = inspect_slide(args.slide)
+    if args.thumbnail:
+        from loader_service.slides import open_slide
+        from loader_service.tissue import compute_tissue_mask
+
+        with open_slide(args.slide) as slide:
+            mask_overlay_png(slide, compute_tissue_mask(slide), args.thumbnail)
+        report["thumbnail"] = str(args.thumbnail)
+    if args.json:
+        print(json.dumps(report, default=str))
+        return 0
+    for key, value in report.items():
+        if key == "levels":
+            print("levels:")
+            for i, level in enumerate(value):
+                print(f"  {i}: {level}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def _print_defaults(args: argparse.Namespace) -> int:
+    defaults = ServiceConfig(synthetic=True).to_dict()
+    defaults["synthetic"] = False
+    defaults["datasets"] = [{"name": "train", "manifest": "/data/train/manifest.csv"}]
+    print(yaml.safe_dump(defaults, sort_keys=False), end="")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from loader_service.demo import run_demo
+
+    return run_demo(workdir=args.workdir, slides=args.slides, steps=args.steps, workers=args.workers)
+
+
+def _make_demo_data(args: argparse.Namespace) -> int:
+    from loader_service.synthetic import write_synthetic_dataset
+
+    manifest = write_synthetic_dataset(Path(args.directory), n_slides=args.slides, size=args.size, seed=args.seed)
+    print(json.dumps({"manifest": str(manifest)}))
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(args.endpoint) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+    except grpc.RpcError as err:
+        print(f"unhealthy: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loader-service", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("LOADER_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve datasets over gRPC, with Prometheus metrics")
+    serve.add_argument("--manifest", action="append", help="manifest CSV/JSONL; NAME=PATH to name the dataset (repeatable)")
+    serve.add_argument("--listen", help="HOST:PORT for gRPC (default 127.0.0.1:50051)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port (default 9108; 0 = any free; -1 = off)")
+    serve.add_argument("--metrics-host", help="address of the metrics endpoint (default 127.0.0.1)")
+    serve.add_argument("--workers", type=int, help=f"decode threads (default: the cores given, here {default_workers()})")
+    serve.add_argument("--config", help="YAML file; flags override it")
+    serve.add_argument("--device", help="auto | cpu | cuda | cuda:N (augmentation device)")
+    serve.add_argument("--data-root", action="append", help="folder slides may be read from (repeatable)")
+    serve.add_argument("--tile-cache-mb", type=float, help="decoded-tile cache size in MiB (default 512)")
+    serve.add_argument("--tissue-cache-dir", help="folder to cache tissue masks in")
+    serve.add_argument("--max-credits", type=int, help="most batches in flight per session (default 16)")
+    serve.add_argument("--synthetic", action="store_true", help="serve random pixels without reading slides")
+    serve.add_argument("--tls-cert", help="PEM certificate chain of the server (enables TLS)")
+    serve.add_argument("--tls-key", help="PEM private key of the server")
+    serve.add_argument("--tls-client-ca", help="PEM CA bundle; clients must present a certificate it signed")
+    serve.add_argument("--tokens-file", help="YAML mapping of bearer token -> list of datasets it may read")
+    serve.set_defaults(func=_serve)
+
+    inspect = sub.add_parser("inspect", help="print a slide's levels, mpp and tissue fraction")
+    inspect.add_argument("slide")
+    inspect.add_argument("--thumbnail", help="write a PNG thumbnail with the tissue mask drawn over it")
+    inspect.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    inspect.set_defaults(func=_inspect)
+
+    config = sub.add_parser("config", help="configuration helpers")
+    config.add_argument("--print-defaults", action="store_true", required=True)
+    config.set_defaults(func=_print_defaults)
+
+    data = sub.add_parser("make-demo-data", help="write synthetic pyramidal slides and a manifest.csv")
+    data.add_argument("directory")
+    data.add_argument("--slides", type=int, default=6)
+    data.add_argument("--size", type=int, default=4096)
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=_make_demo_data)
+
+    health = sub.add_parser("health", help="gRPC health check (exit 0 when SERVING); for container probes")
+    health.add_argument("--endpoint", default="127.0.0.1:50051")
+    health.add_argument("--service", default="wsi_loader.v1.Loader")
+    health.add_argument("--timeout", type=float, default=5.0)
+    health.set_defaults(func=_health)
+
+    demo = sub.add_parser("demo", help="synthetic slides + service + a trainer for a few steps")
+    demo.add_argument("--workdir", default=None, help="where to write the slides (default: a temporary folder)")
+    demo.add_argument("--slides", type=int, default=6)
+    demo.add_argument("--steps", type=int, default=30)
+    demo.add_argument("--workers", type=int, default=None)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"loader-service: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

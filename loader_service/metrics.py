@@ -1,0 +1,146 @@
+"""Prometheus metrics of one service instance (own registry, so several servers can share a process)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics", "MetricsEndpoint", "METRIC_NAMES"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# Every metric family the service exports (the Grafana dashboard test checks its queries against a live scrape).
+METRIC_NAMES = (
+    "wsi_loader_patches_total",
+    "wsi_loader_bytes_total",
+    "wsi_loader_batches_total",
+    "wsi_loader_stage_seconds",
+    "wsi_loader_credits_available",
+    "wsi_loader_batches_in_flight",
+    "wsi_loader_active_sessions",
+    "wsi_loader_sessions_total",
+    "wsi_loader_errors_total",
+    "wsi_loader_slides_opened_total",
+    "wsi_loader_slides_failed_total",
+    "wsi_loader_samples_decoded_total",
+    "wsi_loader_tile_cache_hits_total",
+    "wsi_loader_tile_cache_misses_total",
+    "wsi_loader_tile_cache_bytes",
+    "wsi_loader_tile_cache_capacity_bytes",
+    "wsi_loader_tile_cache_hit_ratio",
+    "wsi_loader_shm_slots",
+    "wsi_loader_shm_slots_reclaimed_total",
+)
+
+
+@dataclass(frozen=True)
+class _CacheStatsView:
+    hits: int
+    misses: int
+    bytes: int
+    capacity: int
+
+
+class _LiveCollector(Collector):
+    """Reads values that live elsewhere (tile cache, shared-memory pools) at scrape time."""
+
+    def __init__(self) -> None:
+        self._cache: Callable[[], Any] | None = None
+        self._shm: Callable[[], tuple[int, int]] | None = None
+
+    def collect(self) -> Iterator[Any]:
+        if self._cache is not None:
+            stats = self._cache()
+            yield CounterMetricFamily("wsi_loader_tile_cache_hits", "Decoded-tile cache hits", value=stats.hits)
+            yield CounterMetricFamily("wsi_loader_tile_cache_misses", "Decoded-tile cache misses", value=stats.misses)
+            yield GaugeMetricFamily("wsi_loader_tile_cache_bytes", "Bytes held by the decoded-tile cache", value=stats.bytes)
+            yield GaugeMetricFamily(
+                "wsi_loader_tile_cache_capacity_bytes", "Capacity of the decoded-tile cache", value=stats.capacity
+            )
+            lookups = stats.hits + stats.misses
+            yield GaugeMetricFamily(
+                "wsi_loader_tile_cache_hit_ratio",
+                "Hits over lookups of the decoded-tile cache since start",
+                value=(stats.hits / lookups) if lookups else 0.0,
+            )
+        if self._shm is not None:
+            in_use, free = self._shm()
+            family = GaugeMetricFamily("wsi_loader_shm_slots", "Shared-memory batch slots by state", labels=["state"])
+            family.add_metric(["in_use"], in_use)
+            family.add_metric(["free"], free)
+            yield family
+
+
+class Metrics:
+    """The service's metrics. Pass one instance to every component; tests read values through ``sample``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.patches = Counter("wsi_loader_patches", "Samples (patches or images) served", ["dataset", "transport"], registry=r)
+        self.bytes = Counter("wsi_loader_bytes", "Tensor bytes served", ["transport"], registry=r)
+        self.batches = Counter("wsi_loader_batches", "Batches sent", ["transport"], registry=r)
+        self.stage_seconds = Histogram(
+            "wsi_loader_stage_seconds",
+            "Latency of one batch in each pipeline stage (read = region read and decode)",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.credits = Gauge("wsi_loader_credits_available", "Credits granted by clients and not yet used", registry=r)
+        self.in_flight = Gauge("wsi_loader_batches_in_flight", "Batches being built or queued to send", registry=r)
+        self.active_sessions = Gauge("wsi_loader_active_sessions", "Open streaming sessions", registry=r)
+        self.sessions = Counter("wsi_loader_sessions", "Streaming sessions opened", registry=r)
+        self.errors = Counter("wsi_loader_errors", "Errors by kind", ["kind"], registry=r)
+        self.slides_opened = Counter("wsi_loader_slides_opened", "Slides opened successfully", registry=r)
+        self.slides_failed = Counter("wsi_loader_slides_failed", "Slides that could not be used", ["reason"], registry=r)
+        self.samples_decoded = Counter(
+            "wsi_loader_samples_decoded", "Samples read and decoded (shared by every rank of a job)", registry=r
+        )
+        self.shm_reclaimed = Counter(
+            "wsi_loader_shm_slots_reclaimed", "Shared-memory slots taken back from vanished clients", registry=r
+        )
+        for kind in ("invalid_argument", "not_found", "resource_exhausted", "permission_denied", "unauthenticated",
+                     "slide_read", "stalled", "client_gone", "internal"):
+            self.errors.labels(kind=kind)
+        for stage in ("read", "augment", "serialize", "send"):
+            self.stage_seconds.labels(stage=stage)
+        self._live = _LiveCollector()
+        r.register(self._live)
+        self._lock = threading.Lock()
+
+    def watch_tile_cache(self, stats: Callable[[], Any]) -> None:
+        self._live._cache = stats
+
+    def watch_shm(self, slots: Callable[[], tuple[int, int]]) -> None:
+        self._live._shm = slots
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Current value of one sample (for tests and the CLI summary); 0 when absent."""
+        value = self.registry.get_sample_value(name, labels or {})
+        return float(value or 0.0)
+
+
+class MetricsEndpoint:
+    """The HTTP /metrics endpoint; ``port`` is the bound port (useful with port 0)."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self._server, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+        self.host = host
+        self.port = int(self._server.server_port)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -1,0 +1,119 @@
+"""Building one batch: region reads on the read pool, straight into the batch buffer, then augmentation.
+
+Pixels are written once by the decoder into the batch buffer (pinned host memory when the service has a
+GPU). Augmentation runs batch-wise on tensors, on the service's GPU when it has one.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from loader_service.augment import AugmentConfig, augment_batch, draw_params, to_output
+from loader_service.dataset import SlideHandles
+from loader_service.errors import SlideFailure
+from loader_service.metrics import Metrics
+from loader_service.sampling import Sample
+from loader_service.slides import SlideError
+
+__all__ = ["OutputSpec", "BuiltBatch", "BatchBuilder", "resolve_device"]
+
+_DTYPES = ("uint8", "float16", "float32")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    dtype: str = "uint8"
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"output dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if len(self.mean) != len(self.std) or len(self.mean) not in (0, 1, 3):
+            raise ValueError("mean and std must both be empty, or both have 1 or 3 values (one per channel)")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be > 0, got {self.std}")
+        if self.dtype == "uint8" and self.mean:
+            raise ValueError("normalisation (mean/std) needs a float output dtype: float16 or float32")
+
+
+@dataclass
+class BuiltBatch:
+    images: torch.Tensor  # on the CPU, contiguous, in the requested dtype and layout
+    labels: torch.Tensor  # int64
+    samples: list[Sample]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class BatchBuilder:
+    """Reads, decodes and augments batches; shared by every session of the server."""
+
+    def __init__(self, handles: SlideHandles, read_pool: ThreadPoolExecutor, device: torch.device, metrics: Metrics) -> None:
+        self.handles = handles
+        self.read_pool = read_pool
+        self.device = device
+        self.metrics = metrics
+
+    def _read_one(self, sample: Sample, out: np.ndarray) -> None:
+        slide = self.handles.get(sample.record.path)
+        try:
+            if sample.record.info is not None and sample.mpp > 0 and sample.mpp != _level_mpp(sample):
+                slide.read_region_mpp(sample.mpp, sample.x, sample.y, sample.width, sample.height, out=out)
+            else:
+                slide.read_region(sample.level, sample.x, sample.y, sample.width, sample.height, out=out)
+        except SlideError as err:
+            raise SlideFailure(f"slide {sample.record.slide_id} failed while reading: {err}") from err
+
+    def read(self, samples: list[Sample]) -> torch.Tensor:
+        """Decode the samples' regions into one uint8 NHWC tensor (pinned when the device is a GPU)."""
+        first = samples[0]
+        shape = (len(samples), first.height, first.width, 3)
+        pin = self.device.type == "cuda"
+        buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+        array = buffer.numpy()
+        futures = [self.read_pool.submit(self._read_one, s, array[i]) for i, s in enumerate(samples)]
+        for future in futures:
+            future.result()
+        self.metrics.samples_decoded.inc(len(samples))
+        return buffer
+
+    def build(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int, epoch: int,
+              output: OutputSpec) -> BuiltBatch:
+        t0 = time.perf_counter()
+        pixels = self.read(samples)
+        t1 = time.perf_counter()
+        batch = pixels.to(self.device, non_blocking=True)
+        if augment is not None:
+            params = [draw_params(augment, seed, epoch, s.global_index) for s in samples]
+            images = augment_batch(batch, params)  # uint8 NCHW
+        else:
+            images = batch.permute(0, 3, 1, 2)
+        images = to_output(images, output.dtype, output.mean or None, output.std or None)
+        if output.channels_last:
+            images = images.permute(0, 2, 3, 1)
+        images = images.contiguous().cpu()
+        t2 = time.perf_counter()
+        self.metrics.stage_seconds.labels(stage="read").observe(t1 - t0)
+        self.metrics.stage_seconds.labels(stage="augment").observe(t2 - t1)
+        return BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, {"read": t1 - t0, "augment": t2 - t1})
+
+
+def _level_mpp(sample: Sample) -> float:
+    info = sample.record.info
+    assert info is not None
+    return (info.mpp or 0.0) * info.levels[sample.level].downsample

@@ -1,0 +1,89 @@
+"""Wire messages in, validated configuration out. Anything malformed becomes InvalidRequest with a fix."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from loader_service.augment import AugmentConfig
+from loader_service.errors import InvalidRequest
+from loader_service.pipeline import OutputSpec
+from loader_service.sampling import SamplingSpec
+from wsi_loader.v1 import loader_pb2 as pb
+
+__all__ = ["SessionRequest", "parse_open", "MODE_NAMES", "BALANCE_NAMES"]
+
+MODE_NAMES = {pb.MODE_UNSPECIFIED: "random", pb.RANDOM: "random", pb.GRID: "grid"}
+BALANCE_NAMES = {pb.BALANCE_UNSPECIFIED: "area", pb.BY_AREA: "area", pb.BY_SLIDE: "slide", pb.BY_LABEL: "label"}
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    dataset: str
+    spec: SamplingSpec
+    epoch: int
+    rank: int
+    world_size: int
+    cursor: int
+    batch_size: int
+    drop_last: bool
+    augment: AugmentConfig | None
+    output: OutputSpec
+    transport: int
+    shm_probe: str
+    job_id: str
+    shm_slots: int
+
+
+def parse_open(msg: pb.OpenSession, max_batch_bytes: int) -> SessionRequest:
+    if not msg.dataset:
+        raise InvalidRequest("open.dataset is empty: name one of the datasets ListDatasets returns")
+    if msg.mode not in MODE_NAMES:
+        raise InvalidRequest(f"open.mode {msg.mode} is unknown; use RANDOM or GRID")
+    if msg.balance not in BALANCE_NAMES:
+        raise InvalidRequest(f"open.balance {msg.balance} is unknown; use BY_AREA, BY_SLIDE or BY_LABEL")
+    world = msg.world_size or 1
+    if msg.rank >= world:
+        raise InvalidRequest(f"open.rank {msg.rank} must be < world_size {world}")
+    batch = msg.batch_size or 32
+    try:
+        spec = _spec(msg)
+        output = OutputSpec(
+            dtype=msg.output.dtype or "uint8",
+            mean=tuple(msg.output.mean),
+            std=tuple(msg.output.std),
+            channels_last=msg.output.channels_last,
+        )
+        augment: AugmentConfig | None = None
+        if msg.augment.enabled:
+            augment = AugmentConfig.from_dict(json.loads(msg.augment.config_json)) if msg.augment.config_json else AugmentConfig()
+    except (ValueError, TypeError, KeyError) as err:
+        raise InvalidRequest(f"invalid session request: {err}") from err
+    itemsize = {"uint8": 1, "float16": 2, "float32": 4}[output.dtype]
+    nbytes = batch * 3 * spec.patch_size**2 * itemsize
+    if nbytes > max_batch_bytes:
+        raise InvalidRequest(
+            f"a batch of {batch}×3×{spec.patch_size}² {output.dtype} is {nbytes / 2**20:.0f} MiB, over the server's "
+            f"limit of {max_batch_bytes / 2**20:.0f} MiB; lower batch_size or patch_size"
+        )
+    return SessionRequest(
+        dataset=msg.dataset, spec=spec, epoch=msg.epoch, rank=msg.rank, world_size=world, cursor=msg.cursor,
+        batch_size=batch, drop_last=msg.drop_last, augment=augment, output=output, transport=msg.transport,
+        shm_probe=msg.shm_probe, job_id=msg.job_id, shm_slots=msg.shm_slots,
+    )
+
+
+def _spec(msg: pb.OpenSession) -> SamplingSpec:
+    threshold = msg.tissue_threshold if msg.HasField("tissue_threshold") else 0.5
+    return SamplingSpec(
+        patch_size=msg.patch_size or 256,
+        level=msg.level,
+        mpp=msg.mpp,
+        mode=MODE_NAMES[msg.mode],
+        balance=BALANCE_NAMES[msg.balance],
+        tissue_threshold=threshold,
+        samples_per_epoch=msg.samples_per_epoch or 4096,
+        grid_stride=msg.grid_stride,
+        split=msg.split,
+        seed=msg.seed,
+    )

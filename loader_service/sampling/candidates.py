@@ -1,0 +1,112 @@
+"""Where patches may come from: grid cells of a slide whose tissue fraction passes a threshold."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from loader_service.dataset import SlideRecord
+from loader_service.errors import InvalidRequest
+
+__all__ = ["SlideGeometry", "Candidates", "slide_geometry", "tissue_cells", "CandidateCache"]
+
+
+@dataclass(frozen=True)
+class SlideGeometry:
+    """A slide seen in a session's sampling grid: ``scale`` level-0 pixels per sample pixel."""
+
+    level: int  # pyramid level read (for mpp requests: the level read before resizing)
+    mpp: float  # µm/px of the sample grid (0 when the slide has no mpp)
+    scale: float
+    width: int  # slide size in sample pixels
+    height: int
+
+
+@dataclass(frozen=True)
+class Candidates:
+    geometry: SlideGeometry
+    cells: np.ndarray  # (n, 2) int64 top-left (x, y) in sample pixels, ordered by row then column
+
+
+def slide_geometry(record: SlideRecord, level: int, mpp: float) -> SlideGeometry:
+    info = record.info
+    assert info is not None
+    width0, height0 = info.levels[0].width, info.levels[0].height
+    base_mpp = info.mpp or 0.0
+    if mpp > 0:
+        if not base_mpp:
+            raise InvalidRequest(
+                f"slide {record.slide_id} has no microns-per-pixel metadata, so it cannot be read at {mpp} µm/px; "
+                "ask by level instead (mpp=0) or fix the slide's resolution tags"
+            )
+        scale = mpp / base_mpp
+        if scale < 0.999:
+            raise InvalidRequest(
+                f"{mpp} µm/px is finer than slide {record.slide_id}'s full resolution ({base_mpp:.4f} µm/px); "
+                f"ask for mpp >= {base_mpp:.4f}"
+            )
+        level_read = 0
+        for i, lv in enumerate(info.levels):
+            if lv.downsample <= scale * 1.001:
+                level_read = i
+        return SlideGeometry(level_read, mpp, scale, int(width0 / scale), int(height0 / scale))
+    if level >= len(info.levels):
+        raise InvalidRequest(
+            f"level {level} does not exist in slide {record.slide_id} (it has {len(info.levels)} levels, "
+            f"0..{len(info.levels) - 1}); ask for a lower level or by mpp"
+        )
+    lv = info.levels[level]
+    return SlideGeometry(level, base_mpp * lv.downsample, lv.downsample, lv.width, lv.height)
+
+
+def tissue_cells(record: SlideRecord, geometry: SlideGeometry, patch: int, stride: int, threshold: float) -> np.ndarray:
+    """Top-left corners of the grid cells whose tissue fraction (from the slide's mask) is >= threshold."""
+    mask = record.tissue
+    assert mask is not None
+    if geometry.width < patch or geometry.height < patch:
+        return np.zeros((0, 2), dtype=np.int64)
+    xs = np.arange(0, geometry.width - patch + 1, stride, dtype=np.int64)
+    ys = np.arange(0, geometry.height - patch + 1, stride, dtype=np.int64)
+    m = mask.mask.astype(np.float64)
+    integral = np.zeros((m.shape[0] + 1, m.shape[1] + 1))
+    integral[1:, 1:] = m.cumsum(0).cumsum(1)
+    per_mask_px = geometry.scale / mask.downsample  # mask pixels per sample pixel
+
+    def bounds(starts: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.floor(starts * per_mask_px).astype(np.int64)
+        hi = np.ceil((starts + patch) * per_mask_px).astype(np.int64)
+        lo = np.clip(lo, 0, limit)
+        hi = np.clip(np.maximum(hi, lo + 1), 0, limit)
+        return lo, hi
+
+    x0, x1 = bounds(xs, m.shape[1])
+    y0, y1 = bounds(ys, m.shape[0])
+    total = (
+        integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0]
+    )
+    area = (y1 - y0)[:, None] * (x1 - x0)[None, :]
+    fraction = np.where(area > 0, total / np.maximum(area, 1), 0.0)
+    iy, ix = np.nonzero(fraction >= max(threshold, 1e-9))
+    return np.stack([xs[ix], ys[iy]], axis=1)
+
+
+class CandidateCache:
+    """Candidates per (slide, level/mpp, patch, stride, threshold), shared by the sessions of a dataset."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[object, ...], Candidates] = {}
+        self._lock = threading.Lock()
+
+    def get(self, record: SlideRecord, level: int, mpp: float, patch: int, stride: int, threshold: float) -> Candidates:
+        key = (record.slide_id, level, mpp, patch, stride, threshold)
+        with self._lock:
+            found = self._cache.get(key)
+        if found is not None:
+            return found
+        geometry = slide_geometry(record, level, mpp)
+        result = Candidates(geometry, tissue_cells(record, geometry, patch, stride, threshold))
+        with self._lock:
+            self._cache[key] = result
+        return result

@@ -1,0 +1,183 @@
+"""The plan of one epoch: which region every sample index is, and which indices a rank owns.
+
+Every sample is a pure function of (seed, epoch, global index): the order, the coordinates and the
+augmentation parameters do not depend on threads, timing or how many ranks read the epoch. Rank ``r`` of
+``world_size`` owns the global indices ``r, r + W, r + 2W, ...``: disjoint, equal-length shards whose
+union is the epoch (random mode draws a multiple of W samples; grid mode pads with repeats flagged
+``padding``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from loader_service.dataset import DatasetIndex, SlideRecord
+from loader_service.errors import InvalidRequest
+from loader_service.sampling.candidates import CandidateCache, Candidates
+from loader_service.sampling.spec import SamplingSpec
+
+__all__ = ["Sample", "EpochPlan", "ShardCursor", "sample_rng"]
+
+_SALT_SAMPLE = 0x5A17  # distinct streams for sampling and augmentation (augment draws its own)
+_SALT_ORDER = 0x0D3E
+
+
+def sample_rng(seed: int, epoch: int, index: int, salt: int) -> np.random.Generator:
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, epoch, index, salt])))
+
+
+@dataclass(frozen=True)
+class Sample:
+    index: int  # position in the rank's shard
+    global_index: int  # position in the epoch; keys the augmentation parameters
+    record: SlideRecord
+    level: int
+    mpp: float
+    x: int  # in the sample grid (the level's pixels, or the target mpp's)
+    y: int
+    width: int
+    height: int
+    padding: bool = False
+
+
+class EpochPlan:
+    """Samples of one (spec, epoch) over a dataset, and one rank's shard of them."""
+
+    def __init__(self, index: DatasetIndex, spec: SamplingSpec, epoch: int, rank: int, world_size: int,
+                 candidates: CandidateCache) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise InvalidRequest(f"rank {rank} must be in 0..world_size-1 with world_size >= 1 (got {world_size})")
+        self.spec, self.epoch, self.rank, self.world_size = spec, epoch, rank, world_size
+        records = [r for r in index.usable if not spec.split or r.entry.split == spec.split]
+        if not records:
+            split = f" in split {spec.split!r}" if spec.split else ""
+            raise InvalidRequest(f"dataset {index.name} has no usable slides{split}; check the manifest and the server log")
+        self._slides: list[tuple[SlideRecord, Candidates]] = []
+        for record in records:
+            cands = candidates.get(record, spec.level, spec.mpp, spec.patch_size, spec.stride, spec.tissue_threshold)
+            if len(cands.cells):
+                self._slides.append((record, cands))
+        if not self._slides:
+            raise InvalidRequest(
+                f"no {spec.patch_size}px patch of dataset {index.name} passes tissue_threshold={spec.tissue_threshold}; "
+                "lower the threshold, the patch size or the level"
+            )
+        self._label_index = index.label_index
+        self.labels: list[str] = list(index.labels)
+        if spec.mode == "random":
+            self._init_random()
+        else:
+            self._init_grid()
+        self.shard_length = self.epoch_length // world_size
+
+    # --- random mode -------------------------------------------------------------------------------------
+    def _init_random(self) -> None:
+        spec = self.spec
+        if spec.samples_per_epoch < self.world_size:
+            raise InvalidRequest(
+                f"samples_per_epoch ({spec.samples_per_epoch}) is smaller than world_size ({self.world_size})"
+            )
+        self.epoch_length = spec.samples_per_epoch - spec.samples_per_epoch % self.world_size
+        counts = np.array([len(c.cells) for _, c in self._slides], dtype=np.float64)
+        if spec.balance == "area":
+            weights = counts
+        elif spec.balance == "slide":
+            weights = np.ones_like(counts)
+        else:  # label: each label equally likely, slides within a label by tissue area
+            labels = [r.entry.label for r, _ in self._slides]
+            per_label = {lab: counts[[i for i, l in enumerate(labels) if l == lab]].sum() for lab in set(labels)}
+            weights = np.array([c / per_label[lab] for c, lab in zip(counts, labels)]) / len(per_label)
+        self._cdf = np.cumsum(weights / weights.sum())
+
+    def _random_sample(self, global_index: int) -> tuple[int, int, int]:
+        rng = sample_rng(self.spec.seed, self.epoch, global_index, _SALT_SAMPLE)
+        slide = int(np.searchsorted(self._cdf, rng.random(), side="right"))
+        slide = min(slide, len(self._slides) - 1)
+        cands = self._slides[slide][1]
+        cx, cy = cands.cells[int(rng.integers(len(cands.cells)))]
+        size, geo = self.spec.patch_size, cands.geometry
+        jitter = rng.integers(-(size // 2), size // 2 + 1, size=2)
+        x = int(np.clip(cx + jitter[0], 0, geo.width - size))
+        y = int(np.clip(cy + jitter[1], 0, geo.height - size))
+        return slide, x, y
+
+    # --- grid mode ---------------------------------------------------------------------------------------
+    def _init_grid(self) -> None:
+        self._offsets = np.cumsum([0] + [len(c.cells) for _, c in self._slides])
+        self._grid_total = int(self._offsets[-1])
+        w = self.world_size
+        self.epoch_length = -(-self._grid_total // w) * w
+        self._order: np.ndarray | None = None
+        if self.spec.shuffle_grid:
+            self._order = sample_rng(self.spec.seed, self.epoch, 0, _SALT_ORDER).permutation(self._grid_total)
+
+    def _grid_sample(self, global_index: int) -> tuple[int, int, int]:
+        position = global_index % self._grid_total  # padding wraps around to the start
+        if self._order is not None:
+            position = int(self._order[position])
+        slide = int(np.searchsorted(self._offsets, position, side="right")) - 1
+        x, y = self._slides[slide][1].cells[position - self._offsets[slide]]
+        return slide, int(x), int(y)
+
+    # --- public ------------------------------------------------------------------------------------------
+    def sample(self, shard_index: int) -> Sample:
+        if not 0 <= shard_index < self.shard_length:
+            raise IndexError(f"shard index {shard_index} outside 0..{self.shard_length - 1}")
+        global_index = self.rank + shard_index * self.world_size
+        if self.spec.mode == "random":
+            slide, x, y = self._random_sample(global_index)
+            padding = False
+        else:
+            slide, x, y = self._grid_sample(global_index)
+            padding = global_index >= self._grid_total
+        record, cands = self._slides[slide]
+        geo, size = cands.geometry, self.spec.patch_size
+        return Sample(shard_index, global_index, record, geo.level, geo.mpp, x, y, size, size, padding)
+
+    def label_index(self, record: SlideRecord) -> int:
+        return self._label_index[record.entry.label]
+
+
+class ShardCursor:
+    """Walks a rank's shard in batches from a cursor; ``state_dict`` is the resume point."""
+
+    def __init__(self, plan: EpochPlan, batch_size: int, cursor: int = 0, drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise InvalidRequest(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= cursor <= plan.shard_length:
+            raise InvalidRequest(
+                f"cursor {cursor} is outside this rank's shard (0..{plan.shard_length}); was it saved with another "
+                "world_size, samples_per_epoch or dataset?"
+            )
+        self.plan, self.batch_size, self.drop_last = plan, batch_size, drop_last
+        self.cursor = cursor
+
+    def remaining_batches(self) -> int:
+        left = self.plan.shard_length - self.cursor
+        return left // self.batch_size if self.drop_last else -(-left // self.batch_size)
+
+    def next_batch(self) -> list[Sample] | None:
+        """The next batch's samples, advancing the cursor; None at the end of the shard."""
+        left = self.plan.shard_length - self.cursor
+        if left <= 0 or (self.drop_last and left < self.batch_size):
+            return None
+        count = min(self.batch_size, left)
+        samples = [self.plan.sample(i) for i in range(self.cursor, self.cursor + count)]
+        self.cursor += count
+        return samples
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.plan.epoch, "cursor": self.cursor, "rank": self.plan.rank,
+                "world_size": self.plan.world_size, "seed": self.plan.spec.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("epoch", "rank", "world_size", "seed"):
+            mine = self.state_dict()[key]
+            if state[key] != mine:
+                raise ValueError(f"state_dict {key}={state[key]} does not match this cursor's {key}={mine}")
+        if not 0 <= state["cursor"] <= self.plan.shard_length:
+            raise ValueError(f"cursor {state['cursor']} outside 0..{self.plan.shard_length}")
+        self.cursor = int(state["cursor"])

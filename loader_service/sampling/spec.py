@@ -1,0 +1,57 @@
+"""What a session asks to sample: validated once, at session open."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["SamplingSpec", "MODES", "BALANCES"]
+
+MODES = ("random", "grid")
+BALANCES = ("area", "slide", "label")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Patches of ``patch_size`` at a pyramid ``level`` or a target ``mpp`` (µm/px), over tissue.
+
+    ``random``: ``samples_per_epoch`` independent draws, each a pure function of (seed, epoch, index);
+    ``grid``: every grid cell (stride ``grid_stride``) whose tissue fraction passes the threshold.
+    """
+
+    patch_size: int = 256
+    level: int = 0
+    mpp: float = 0.0  # > 0 selects by resolution instead of level
+    mode: str = "random"
+    balance: str = "area"
+    tissue_threshold: float = 0.5
+    samples_per_epoch: int = 4096
+    grid_stride: int = 0  # 0 = patch_size
+    shuffle_grid: bool = False
+    split: str = ""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.patch_size <= 65536:
+            raise ValueError(f"patch_size must be 8..65536 pixels, got {self.patch_size}")
+        if self.level < 0:
+            raise ValueError(f"level must be >= 0 (0 = full resolution), got {self.level}")
+        if self.mpp < 0:
+            raise ValueError(f"mpp must be > 0 µm/px to select by resolution, or 0 to use level; got {self.mpp}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {self.balance!r}")
+        if not 0.0 <= self.tissue_threshold <= 1.0:
+            raise ValueError(f"tissue_threshold is a fraction 0..1, got {self.tissue_threshold}")
+        if self.mode == "random" and self.samples_per_epoch < 1:
+            raise ValueError("samples_per_epoch must be >= 1 in random mode")
+        if self.grid_stride < 0:
+            raise ValueError(f"grid_stride must be >= 0 (0 = patch_size), got {self.grid_stride}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be 0..2**63-1, got {self.seed}")
+
+    @property
+    def stride(self) -> int:
+        if self.mode == "grid":
+            return self.grid_stride or self.patch_size
+        return self.patch_size

@@ -1,0 +1,331 @@
+"""The gRPC server: datasets, on-demand regions and streaming sessions, with health and metrics."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import functools
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from loader_service.config import ServiceConfig
+from loader_service.dataset import DatasetIndex, SlideHandles
+from loader_service.errors import Forbidden, InvalidRequest, NotFound, ServiceError, SlideFailure, TooLarge, Unauthenticated, Unavailable
+from loader_service.metrics import Metrics, MetricsEndpoint
+from loader_service.pipeline import BatchBuilder, BuiltBatch, resolve_device
+from loader_service.requests import SessionRequest, parse_open
+from loader_service.sampling import CandidateCache, EpochPlan
+from loader_service.session import Session, SessionLimits, check_open
+from loader_service.slides import DecodePool, SlideError, TileCache
+from loader_service.tissue import TissueMaskCache
+from loader_service.transport import encode_tensor
+from loader_service.transport.shm import ShmRegistry, SlotPool, probe_is_visible, reclaim_orphans
+from loader_service.jobs import JobRegistry
+from loader_service.sampling.synthetic import SYNTHETIC_DATASET, SyntheticPlan, SyntheticSource
+from wsi_loader.v1 import loader_pb2 as pb
+from wsi_loader.v1 import loader_pb2_grpc as pb_grpc
+
+__all__ = ["LoaderServer"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+SERVICE_NAME = "wsi_loader.v1.Loader"
+
+
+class LoaderServer:
+    """One service instance. ``start()`` indexes the datasets and binds; ``stop()`` drains and closes."""
+
+    def __init__(self, config: ServiceConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.device = resolve_device(config.device)
+        self.draining = threading.Event()
+        self.datasets: dict[str, DatasetIndex] = {}
+        self.candidates: dict[str, CandidateCache] = {}
+        self.port = 0
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        self._server: grpc.Server | None = None
+        self._health = health.HealthServicer()
+        self.jobs = JobRegistry()
+        self.shm = ShmRegistry()
+        self.synthetic = SyntheticSource() if config.synthetic else None
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    def start(self, *, progress: bool | None = None) -> int:
+        cfg = self.config
+        self.tile_cache = TileCache(cfg.tile_cache_bytes)
+        self.metrics.watch_tile_cache(self.tile_cache.stats)
+        self.metrics.watch_shm(self.shm.slots)
+        reclaimed = reclaim_orphans()
+        if reclaimed:
+            self.metrics.shm_reclaimed.inc(reclaimed)
+        self.decode_pool = DecodePool(cfg.workers)
+        self.handles = SlideHandles(cfg.max_open_slides, self.tile_cache, self.decode_pool)
+        self.read_pool = ThreadPoolExecutor(max_workers=2 * cfg.workers, thread_name_prefix="read")
+        self.batch_pool = ThreadPoolExecutor(max_workers=max(2, cfg.workers), thread_name_prefix="batch")
+        self.builder = BatchBuilder(self.handles, self.read_pool, self.device, self.metrics)
+        tissue_cache = TissueMaskCache(cfg.tissue_cache_dir) if cfg.tissue_cache_dir else None
+        for dataset in cfg.datasets:
+            self.datasets[dataset.name] = DatasetIndex.build(
+                dataset, cfg.data_roots, metrics=self.metrics, tissue_cache=tissue_cache,
+                tissue_max_size=cfg.tissue_max_size, workers=cfg.workers, progress=progress,
+            )
+            self.candidates[dataset.name] = CandidateCache()
+        options = [
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ]
+        # Each stream holds one gRPC thread plus one request-reader thread for its whole life.
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=256, thread_name_prefix="grpc"), options=options,
+                                   maximum_concurrent_rpcs=200)
+        pb_grpc.add_LoaderServicer_to_server(_Servicer(self), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self.port = self._bind(self._server)
+        self._server.start()
+        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.metrics_port >= 0:
+            self.metrics_endpoint = MetricsEndpoint(self.metrics, cfg.metrics_host, cfg.metrics_port)
+        log.info("serving %s on %s (port %d), device %s, %d workers%s", ", ".join(self.datasets) or "(none)",
+                 cfg.listen, self.port, self.device, cfg.workers,
+                 f", metrics at {self.metrics_endpoint.url}" if self.metrics_endpoint else "")
+        return self.port
+
+    def _bind(self, server: grpc.Server) -> int:
+        sec = self.config.security
+        if sec.tls:
+            assert sec.tls_cert is not None and sec.tls_key is not None
+            creds = grpc.ssl_server_credentials(
+                [(sec.tls_key.read_bytes(), sec.tls_cert.read_bytes())],
+                root_certificates=sec.tls_client_ca.read_bytes() if sec.tls_client_ca else None,
+                require_client_auth=sec.tls_client_ca is not None,
+            )
+            port = server.add_secure_port(self.config.listen, creds)
+        else:
+            host = self.config.listen.rpartition(":")[0].strip("[]")
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                log.warning("listening on %s WITHOUT TLS: anyone who can reach this address can read the data; "
+                            "set tls_cert/tls_key, or listen on 127.0.0.1", self.config.listen)
+            else:
+                log.info("no TLS configured: listening on loopback only (%s)", self.config.listen)
+            port = server.add_insecure_port(self.config.listen)
+        if port == 0:
+            raise OSError(f"could not bind {self.config.listen}: the address is in use or not local")
+        return port
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: refuse new sessions, let open ones finish the batches already in flight, then close."""
+        if self._server is None:
+            return
+        self.draining.set()
+        self._health.enter_graceful_shutdown()
+        self._server.stop(self.config.shutdown_grace_s if grace is None else grace).wait()
+        self._server = None
+        for pool in (self.batch_pool, self.read_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.decode_pool.close()
+        self.handles.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+            self.metrics_endpoint = None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout) if self._server else True
+
+    def __enter__(self) -> LoaderServer:
+        if self._server is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace=1.0)
+
+    # --- helpers used by the servicer --------------------------------------------------------------------
+    def plan_session(self, request: SessionRequest) -> tuple[EpochPlan | SyntheticPlan, Callable[..., BuiltBatch]]:
+        """The session's epoch plan and its batch-building function."""
+        if self.synthetic is not None and request.dataset == SYNTHETIC_DATASET:
+            plan_s = SyntheticPlan(request.spec, request.epoch, request.rank, request.world_size)
+            return plan_s, functools.partial(self.synthetic.build, output=request.output)
+        ds = self.dataset(request.dataset)
+        plan = EpochPlan(ds, request.spec, request.epoch, request.rank, request.world_size, self.candidates[ds.name])
+        build = functools.partial(self.builder.build, augment=request.augment, seed=request.spec.seed,
+                                  epoch=request.epoch, output=request.output)
+        return plan, build
+
+    def open_slot_pool(self, request: SessionRequest, cond: threading.Condition) -> SlotPool:
+        itemsize = {"uint8": 1, "float16": 2, "float32": 4}[request.output.dtype]
+        slot_bytes = request.batch_size * 3 * request.spec.patch_size**2 * itemsize
+        count = min(request.shm_slots or self.config.max_credits, self.config.max_credits + 8)
+        pool = SlotPool(max(1, count), slot_bytes, cond)
+        self.shm.add(pool)
+        return pool
+
+    def close_slot_pool(self, pool: SlotPool) -> None:
+        with pool.cond:
+            held = pool.held
+        if held:
+            self.metrics.shm_reclaimed.inc(held)
+        self.shm.remove(pool)
+        pool.close()
+
+    def dataset(self, name: str) -> DatasetIndex:
+        found = self.datasets.get(name)
+        if found is None:
+            raise NotFound(f"dataset {name!r} is not served here; known datasets: {sorted(self.datasets)}")
+        return found
+
+    def authorize(self, context: grpc.ServicerContext, dataset: str | None) -> None:
+        tokens = self.config.security.tokens
+        if not tokens:
+            return
+        metadata = dict(context.invocation_metadata())
+        header = str(metadata.get("authorization", ""))
+        if not header.startswith("Bearer "):
+            raise Unauthenticated("this server needs a bearer token: send metadata `authorization: Bearer <token>`")
+        allowed = tokens.get(header[len("Bearer "):])
+        if allowed is None:
+            raise Unauthenticated("the bearer token is not known to this server")
+        if dataset is not None and "*" not in allowed and dataset not in allowed:
+            raise Forbidden(f"this token may read {sorted(allowed)}, not dataset {dataset!r}")
+
+
+def _guard(server: LoaderServer, context: grpc.ServicerContext, call: Callable[[], T]) -> T:
+    """Run a unary handler; typed errors become their gRPC status and are counted."""
+    try:
+        return call()
+    except ServiceError as err:
+        server.metrics.errors.labels(kind=err.kind).inc()
+        context.abort(err.code, str(err))
+    except Exception as err:  # noqa: BLE001 - never crash the server on one request
+        log.exception("internal error")
+        server.metrics.errors.labels(kind="internal").inc()
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+class _Servicer(pb_grpc.LoaderServicer):
+    def __init__(self, server: LoaderServer) -> None:
+        self.s = server
+
+    def ListDatasets(self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext) -> pb.ListDatasetsResponse:
+        def run() -> pb.ListDatasetsResponse:
+            self.s.authorize(context, None)
+            found = [
+                pb.DatasetSummary(name=d.name, slides=len(d.usable), failed_slides=len(d.records) - len(d.usable),
+                                  labels=d.labels)
+                for d in self.s.datasets.values()
+            ]
+            if self.s.synthetic is not None:
+                found.append(pb.DatasetSummary(name=SYNTHETIC_DATASET, labels=["synthetic"]))
+            return pb.ListDatasetsResponse(datasets=found)
+        return _guard(self.s, context, run)
+
+    def DescribeDataset(self, request: pb.DescribeDatasetRequest, context: grpc.ServicerContext) -> pb.DatasetInfo:
+        def run() -> pb.DatasetInfo:
+            self.s.authorize(context, request.dataset)
+            ds = self.s.dataset(request.dataset)
+            return pb.DatasetInfo(name=ds.name, labels=ds.labels, slides=[_slide_summary(r) for r in ds.records])
+        return _guard(self.s, context, run)
+
+    def ReadRegion(self, request: pb.ReadRegionRequest, context: grpc.ServicerContext) -> pb.Tensor:
+        def run() -> pb.Tensor:
+            self.s.authorize(context, request.dataset)
+            ds = self.s.dataset(request.dataset)
+            record = ds.by_id.get(request.slide_id)
+            if record is None:
+                raise NotFound(f"slide {request.slide_id!r} is not in dataset {ds.name!r}; DescribeDataset lists its slides")
+            if not record.usable:
+                raise NotFound(f"slide {request.slide_id!r} is left out of dataset {ds.name!r}: {record.error}")
+            if request.width < 1 or request.height < 1:
+                raise InvalidRequest(f"region size {request.width}×{request.height} must be at least 1×1")
+            if request.width * request.height > self.s.config.max_region_pixels:
+                raise TooLarge(f"region {request.width}×{request.height} exceeds the server's limit of "
+                               f"{self.s.config.max_region_pixels} pixels; read it in smaller pieces")
+            assert record.info is not None
+            if request.mpp <= 0 and not 0 <= request.level < len(record.info.levels):
+                raise InvalidRequest(f"level {request.level} does not exist: slide {request.slide_id} has levels "
+                                     f"0..{len(record.info.levels) - 1}")
+            if request.mpp < 0:
+                raise InvalidRequest(f"mpp must be >= 0 (0 = use level), got {request.mpp}")
+            slide = self.s.handles.get(record.path)
+            try:
+                if request.mpp > 0:
+                    pixels = slide.read_region_mpp(request.mpp, request.x, request.y, request.width, request.height)
+                else:
+                    pixels = slide.read_region(request.level, request.x, request.y, request.width, request.height)
+            except SlideError as err:
+                raise SlideFailure(str(err)) from err
+            except ValueError as err:
+                raise InvalidRequest(str(err)) from err
+            return encode_tensor(pixels)
+        return _guard(self.s, context, run)
+
+    def Stream(self, requests: Iterator[pb.StreamRequest], context: grpc.ServicerContext) -> Iterator[pb.StreamResponse]:
+        s = self.s
+        session: Session | None = None
+        pool: SlotPool | None = None
+        request: SessionRequest | None = None
+        joined = errored = False
+        try:
+            if s.draining.is_set():
+                raise Unavailable("server is shutting down; connect to another replica or retry after restart")
+            request = parse_open(check_open(next(requests, None)), s.config.max_batch_bytes)
+            s.authorize(context, request.dataset)
+            plan, build = s.plan_session(request)
+            s.jobs.join(request)
+            joined = True
+            limits = SessionLimits(s.config.max_credits, s.config.credit_timeout_s)
+            session = Session(request, plan, build, s.batch_pool, s.metrics, limits, s.draining)
+            transport, reason = pb.GRPC, ""
+            if request.transport == pb.SHM:
+                visible, reason = probe_is_visible(request.shm_probe)
+                if visible:
+                    pool = s.open_slot_pool(request, session.gate.cond)
+                    session.use_shm(pool)
+                    transport = pb.SHM
+            context.add_callback(session.on_rpc_done)
+            threading.Thread(target=session.consume_requests, args=(requests,), daemon=True,
+                             name=f"credits-{session.id}").start()
+            s.metrics.sessions.inc()
+            s.metrics.active_sessions.inc()
+            yield pb.StreamResponse(opened=pb.SessionOpened(
+                session_id=session.id, shard_length=plan.shard_length, batches=session.cursor.remaining_batches(),
+                transport=transport, transport_reason=reason, labels=plan.labels,
+            ))
+            yield from session.batches()
+        except ServiceError as err:
+            errored = True
+            s.metrics.errors.labels(kind=err.kind).inc()
+            context.abort(err.code, str(err))
+        except Exception as err:  # noqa: BLE001
+            if context.is_active():
+                errored = True
+                log.exception("session failed")
+                s.metrics.errors.labels(kind="internal").inc()
+                context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+        finally:
+            # Neither finished nor failed: the client cancelled or vanished (gRPC closed this generator).
+            if session is not None:
+                if not session.completed and not errored:
+                    s.metrics.errors.labels(kind="client_gone").inc()
+                s.metrics.active_sessions.dec()
+            if joined and request is not None:
+                s.jobs.leave(request)
+            if pool is not None:
+                s.close_slot_pool(pool)
+
+
+def _slide_summary(record: Any) -> pb.SlideSummary:
+    info = record.info
+    levels = [pb.Level(width=lv.width, height=lv.height, downsample=lv.downsample, tile_width=lv.tile_width,
+                       tile_height=lv.tile_height) for lv in info.levels] if info else []
+    return pb.SlideSummary(
+        slide_id=record.slide_id, label=record.entry.label, split=record.entry.split,
+        vendor=info.vendor if info else "", levels=levels, mpp=(info.mpp or 0.0) if info else 0.0,
+        tissue_fraction=record.tissue.tissue_fraction if record.tissue else 0.0, error=record.error,
+    )

@@ -1,0 +1,230 @@
+"""One streaming session: credits in, batches out, never more in flight than the client granted.
+
+With the shared-memory transport a batch also needs a free slot; slots come back when the client releases
+them (or all at once when the session ends: the segment is unlinked).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+from loader_service.errors import InvalidRequest, Stalled, Unavailable
+from loader_service.metrics import Metrics
+from loader_service.pipeline import BuiltBatch
+from loader_service.requests import SessionRequest
+from loader_service.sampling import EpochPlan, Sample, ShardCursor
+from loader_service.transport import encode_tensor, sample_meta
+from loader_service.transport.shm import SlotPool
+from wsi_loader.v1 import loader_pb2 as pb
+
+__all__ = ["Gate", "Session", "SessionLimits", "check_open"]
+
+log = logging.getLogger(__name__)
+
+class Gate:
+    """Credits the client granted (capped) and, with shared memory, free slots; one condition for both."""
+
+    def __init__(self, cap: int, metrics: Metrics) -> None:
+        self.cond = threading.Condition()
+        self._cap = cap
+        self._credits = 0
+        self._closed = False
+        self._metrics = metrics
+        self.slots: SlotPool | None = None
+
+    def grant(self, n: int) -> None:
+        with self.cond:
+            before = self._credits
+            self._credits = min(self._cap, self._credits + n)
+            self._metrics.credits.inc(self._credits - before)
+            self.cond.notify_all()
+
+    def _ready(self) -> bool:
+        return self._credits > 0 and (self.slots is None or self.slots.free_slots() > 0)
+
+    def try_take(self) -> int | None:
+        """Take one credit (and one slot): the slot id, -1 without shared memory, None if not possible now."""
+        with self.cond:
+            if self._closed or not self._ready():
+                return None
+            self._credits -= 1
+            self._metrics.credits.dec()
+            return self.slots.take() if self.slots is not None else -1
+
+    def wait(self, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: self._ready() or self._closed, timeout=timeout) and not self._closed
+
+    def release(self, slots: list[int]) -> None:
+        if self.slots is not None:
+            with self.cond:
+                self.slots.give_back(slots)
+
+    def close(self) -> None:
+        with self.cond:
+            self._metrics.credits.dec(self._credits)
+            self._credits = 0
+            self._closed = True
+            self.cond.notify_all()
+
+    def starved_reason(self) -> str:
+        with self.cond:
+            if self._credits == 0:
+                return "client granted no credit"
+            return f"client holds all {self.slots.count if self.slots else 0} shared-memory slots (release batches)"
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    max_credits: int
+    credit_timeout_s: float
+    batch_timeout_s: float = 600.0
+
+
+class Session:
+    """Runs one Stream RPC after its `open` message was validated into ``request`` and ``plan``."""
+
+    def __init__(self, request: SessionRequest, plan: EpochPlan, build: Callable[..., BuiltBatch],
+                 batch_pool: ThreadPoolExecutor, metrics: Metrics, limits: SessionLimits,
+                 draining: threading.Event) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.request = request
+        self.plan = plan
+        self.cursor = ShardCursor(plan, request.batch_size, request.cursor, request.drop_last)
+        self.build = build
+        self.batch_pool = batch_pool
+        self.metrics = metrics
+        self.limits = limits
+        self.draining = draining
+        self.gate = Gate(limits.max_credits, metrics)
+        self.gone = threading.Event()
+        self.transport = "grpc"
+        self.completed = False  # the end-of-epoch message was handed to gRPC
+
+    def use_shm(self, pool: SlotPool) -> None:
+        self.gate.slots = pool
+        self.transport = "shm"
+
+    # --- requests from the client ------------------------------------------------------------------------
+    def consume_requests(self, requests: Iterator[pb.StreamRequest]) -> None:
+        """Runs on its own thread: credits and releases until the client half-closes or vanishes."""
+        try:
+            for message in requests:
+                kind = message.WhichOneof("kind")
+                if kind == "credit":
+                    self.gate.grant(message.credit.batches)
+                elif kind == "release":
+                    self.gate.release(list(message.release.slots))
+                else:
+                    log.warning("session %s: second `open` ignored; open a new stream for a new session", self.id)
+        except Exception:  # noqa: BLE001 - the stream broke: the client is gone
+            pass
+
+    def on_rpc_done(self) -> None:
+        self.gone.set()
+        self.gate.close()
+
+    # --- batches to the client ---------------------------------------------------------------------------
+    def _make(self, samples: list[Sample], labels: list[int], slot: int) -> tuple[BuiltBatch, pb.Tensor]:
+        built = self.build(samples, labels)
+        if slot < 0:
+            return built, encode_tensor(built.images)
+        pool = self.gate.slots
+        assert pool is not None
+        images = built.images
+        nbytes = pool.write(slot, images)
+        ref = pb.ShmRef(segment=pool.name, offset=pool.offset(slot), nbytes=nbytes, slot=slot)
+        return built, pb.Tensor(dtype=str(images.dtype).removeprefix("torch."), shape=list(images.shape), shm=ref)
+
+    def _submit(self, slot: int) -> tuple[int, int, Future[tuple[BuiltBatch, pb.Tensor]]] | None:
+        sequence = self.cursor.cursor // self.request.batch_size
+        samples = self.cursor.next_batch()
+        if samples is None:
+            return None
+        labels = [self.plan.label_index(s.record) for s in samples]
+        future = self.batch_pool.submit(self._make, samples, labels, slot)
+        self.metrics.in_flight.inc()
+        return sequence, self.cursor.cursor, future
+
+    def _fill(self, pending: deque[tuple[int, int, Future[tuple[BuiltBatch, pb.Tensor]]]]) -> bool:
+        """Submit builds while credits (and slots) allow. Returns False once the shard is exhausted."""
+        while not self.draining.is_set() and self.cursor.remaining_batches() > 0:
+            slot = self.gate.try_take()
+            if slot is None:
+                return True
+            item = self._submit(slot)
+            assert item is not None
+            pending.append(item)
+        return self.cursor.remaining_batches() > 0
+
+    def batches(self) -> Iterator[pb.StreamResponse]:
+        pending: deque[tuple[int, int, Future[tuple[BuiltBatch, pb.Tensor]]]] = deque()
+        sent = 0
+        try:
+            while True:
+                more = self._fill(pending)
+                if not pending:
+                    if not more:
+                        break
+                    if self.draining.is_set():
+                        raise Unavailable(
+                            f"server is shutting down; reconnect and resume from cursor {self.cursor.cursor}"
+                        )
+                    if not self.gate.wait(self.limits.credit_timeout_s):
+                        if self.gone.is_set():
+                            return
+                        raise Stalled(f"{self.gate.starved_reason()} for {self.limits.credit_timeout_s:.0f}s; "
+                                      "read batches (or send Credit/Release) to keep the session alive")
+                    continue
+                sequence, cursor_after, future = pending[0]
+                try:
+                    built, tensor = future.result(timeout=self.limits.batch_timeout_s)
+                except FutureTimeout as err:
+                    raise Stalled(f"building batch {sequence} took over {self.limits.batch_timeout_s:.0f}s") from err
+                pending.popleft()
+                self.metrics.in_flight.dec()
+                t0 = time.perf_counter()
+                message = pb.StreamResponse(batch=pb.Batch(
+                    sequence=sequence, cursor_after=cursor_after, images=tensor,
+                    labels=encode_tensor(built.labels),
+                    samples=sample_meta(built, self.plan.labels),
+                ))
+                t1 = time.perf_counter()
+                yield message
+                t2 = time.perf_counter()
+                if self.gone.is_set():
+                    return
+                self._count(built, t1 - t0, t2 - t1)
+                sent += len(built.samples)
+            self.completed = True  # before the yield: the client may hang up as soon as it sees the end
+            yield pb.StreamResponse(end=pb.EndOfEpoch(samples=sent, cursor=self.cursor.cursor))
+        finally:
+            for _, _, future in pending:
+                future.cancel()
+                self.metrics.in_flight.dec()
+            self.gate.close()
+
+    def _count(self, built: BuiltBatch, serialize_s: float, send_s: float) -> None:
+        images = built.images
+        nbytes = images.numel() * images.element_size()
+        self.metrics.stage_seconds.labels(stage="serialize").observe(serialize_s)
+        self.metrics.stage_seconds.labels(stage="send").observe(send_s)
+        self.metrics.patches.labels(dataset=self.request.dataset, transport=self.transport).inc(len(built.samples))
+        self.metrics.bytes.labels(transport=self.transport).inc(nbytes)
+        self.metrics.batches.labels(transport=self.transport).inc()
+
+
+def check_open(message: pb.StreamRequest | None) -> pb.OpenSession:
+    if message is None:
+        raise InvalidRequest("the stream closed before `open`: send OpenSession first")
+    if message.WhichOneof("kind") != "open":
+        raise InvalidRequest("the first message of a Stream must be `open` (OpenSession); send it before credits")
+    return message.open

@@ -1,0 +1,117 @@
+"""A decoded-tile LRU cache bounded in bytes, shared across slides, threads and sessions."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["TileCache", "CacheStats"]
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of a :class:`TileCache`'s counters."""
+
+    hits: int
+    misses: int
+    bytes: int
+    capacity: int
+    evictions: int
+    entries: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("hits", "misses", "bytes", "capacity", "evictions", "entries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class TileCache:
+    """Least-recently-used cache of decoded tiles, bounded by the sum of the arrays' ``nbytes``.
+
+    Keys are built by the slides: ``(slide identity, level, tile index, scale)`` where the
+    identity is ``(path, mtime_ns, size)``, so a file rewritten in place is not served stale.
+    Stored arrays are made read-only. All methods are thread-safe. A tile larger than the whole
+    capacity is not stored. ``capacity_bytes=0`` disables caching (every lookup is a miss).
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        self._capacity = int(capacity_bytes)
+        self._data: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+        self._lock = threading.Lock()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def get(self, key: Hashable) -> np.ndarray | None:
+        """The cached array for ``key`` (counted as a hit), or None (counted as a miss)."""
+        with self._lock:
+            arr = self._data.get(key)
+            if arr is None:
+                self._misses += 1
+                return None
+            self._data.move_to_end(key)
+            self._hits += 1
+            return arr
+
+    def put(self, key: Hashable, arr: np.ndarray) -> None:
+        """Store ``arr`` (made read-only) under ``key``, evicting least-recently-used entries."""
+        size = int(arr.nbytes)
+        if size > self._capacity:
+            return
+        if arr.flags.writeable:
+            arr.flags.writeable = False
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= int(old.nbytes)
+            self._data[key] = arr
+            self._bytes += size
+            while self._bytes > self._capacity:
+                _, evicted = self._data.popitem(last=False)
+                self._bytes -= int(evicted.nbytes)
+                self._evictions += 1
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._data
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def clear(self) -> None:
+        """Drop every entry (the counters are kept)."""
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(
+                hits=self._hits,
+                misses=self._misses,
+                bytes=self._bytes,
+                capacity=self._capacity,
+                evictions=self._evictions,
+                entries=len(self._data),
+            )
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return f"TileCache({s.bytes}/{s.capacity} bytes, {s.entries} tiles, hits={s.hits}, misses={s.misses})"

@@ -1,0 +1,112 @@
+"""A thread pool for tile decoding.
+
+The codecs used (libjpeg-turbo through imagecodecs/PIL, OpenJPEG, zlib/libdeflate, LZW) release
+the GIL while decoding and ``os.pread`` releases it while reading, so threads scale with cores.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+from typing import TypeVar
+
+__all__ = ["DecodePool", "available_cores"]
+
+T = TypeVar("T")
+
+_local = threading.local()
+
+
+def available_cores() -> int:
+    """Cores this process may run on (``os.sched_getaffinity`` where available)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _mark_worker() -> None:
+    _local.in_decode_pool = True
+
+
+class DecodePool:
+    """A fixed-size pool of decode threads, sized to the cores given (default: all available).
+
+    Safe to share between slides and threads. Work submitted from inside one of the pool's own
+    threads runs inline (see :meth:`run_all`) so nested use cannot deadlock.
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
+        if threads is None:
+            threads = available_cores()
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = int(threads)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.threads, thread_name_prefix="tile-decode", initializer=_mark_worker
+        )
+        self._closed = False
+
+    @staticmethod
+    def in_worker() -> bool:
+        """True when called from a decode-pool thread (of any pool)."""
+        return bool(getattr(_local, "in_decode_pool", False))
+
+    def submit(self, fn: Callable[..., T], /, *args: object) -> Future[T]:
+        if self._closed:
+            raise RuntimeError("DecodePool is closed")
+        return self._executor.submit(fn, *args)
+
+    def run_all(self, tasks: Iterable[Callable[[], T]]) -> list[T]:
+        """Run the callables in parallel on the pool and return their results in order.
+
+        A single task, or any call made from inside a pool thread, runs inline in the calling
+        thread (no hand-off, no nested-pool deadlock). Every task is waited for; then the first
+        exception, if any, is raised.
+        """
+        tasks = list(tasks)
+        if len(tasks) <= 1 or self.in_worker():
+            return [t() for t in tasks]
+        futures = [self.submit(t) for t in tasks]
+        results: list[T] = []
+        first_error: BaseException | None = None
+        for f in futures:
+            try:
+                results.append(f.result())
+            except BaseException as err:  # noqa: BLE001 - re-raised after all tasks finished
+                if first_error is None:
+                    first_error = err
+        if first_error is not None:
+            raise first_error
+        return results
+
+    def map(self, fn: Callable[..., T], *iterables: Iterable[object]) -> list[T]:
+        """``list(executor.map(fn, ...))`` on the pool (inline inside a pool thread)."""
+        if self.in_worker():
+            return [fn(*args) for args in zip(*iterables)]
+        if self._closed:
+            raise RuntimeError("DecodePool is closed")
+        return list(self._executor.map(fn, *iterables))
+
+    def close(self) -> None:
+        """Wait for running work and stop the threads. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"DecodePool(threads={self.threads}{', closed' if self._closed else ''})"

@@ -1,0 +1,377 @@
+"""The TIFF fast path: tifffile parses the structure once; tiles are read with ``os.pread`` and
+decoded on a :class:`DecodePool`, with decoded tiles kept in a shared :class:`TileCache`.
+
+Handles generic pyramidal tiled TIFF (levels in the main IFD chain), Aperio SVS (thumbnail,
+label and macro images skipped) and OME-TIFF / libvips pyramids stored as SubIFDs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from .base import Slide
+from .cache import TileCache
+from .codecs import COMPRESSION_NAMES, JPEG_SCALES, TileDecoder, UnsupportedTileFormat
+from .errors import SlideOpenError, SlideReadError
+from .info import LevelInfo, SlideInfo
+from .pool import DecodePool
+
+__all__ = ["TiffSlide", "NotFastPathFile", "parse_mpp", "MPP_PLAUSIBLE"]
+
+log = logging.getLogger(__name__)
+
+#: microns-per-pixel values outside this range are treated as "unknown" (e.g. 72 dpi defaults)
+MPP_PLAUSIBLE = (0.01, 100.0)
+#: TIFF files from these vendors need OpenSlide's vendor drivers (overlaps, sparse tiles, ...)
+_DEFER_TO_OPENSLIDE = frozenset({"ndpi", "scn", "philips", "bif"})
+_OME_UNITS_TO_UM = {
+    "pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "μm": 1.0, "micron": 1.0,
+    "mm": 1e3, "cm": 1e4, "dm": 1e5, "m": 1e6, "in": 25400.0, "inch": 25400.0,
+}  # fmt: skip
+
+
+class NotFastPathFile(Exception):
+    """The file is not something the fast path reads; ``open_slide(backend='auto')`` tries OpenSlide."""
+
+
+@dataclass(frozen=True)
+class _Level:
+    info: LevelInfo
+    decoder: TileDecoder
+    offsets: np.ndarray
+    counts: np.ndarray
+    tiles_across: int
+    tiles_down: int
+
+    def __post_init__(self) -> None:
+        n = self.tiles_across * self.tiles_down
+        if self.offsets.shape != (n,) or self.counts.shape != (n,):
+            raise UnsupportedTileFormat(f"expected {n} tile offsets, found {self.offsets.shape[0]}")
+
+
+def _plausible(mpp: float | None) -> float | None:
+    if mpp is None or not math.isfinite(mpp):
+        return None
+    lo, hi = MPP_PLAUSIBLE
+    return mpp if lo <= mpp <= hi else None
+
+
+def _ome_mpp(xml: str) -> tuple[float | None, float | None]:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None, None
+    for el in root.iter():
+        if el.tag.endswith("}Pixels") or el.tag == "Pixels":
+            values = []
+            for axis in ("X", "Y"):
+                v = el.get(f"PhysicalSize{axis}")
+                unit = el.get(f"PhysicalSize{axis}Unit", "µm")
+                factor = _OME_UNITS_TO_UM.get(unit)
+                values.append(float(v) * factor if v is not None and factor is not None else None)
+            return values[0], values[1]
+    return None, None
+
+
+def _resolution_mpp(page: tifffile.TiffPage) -> tuple[float | None, float | None]:
+    unit_tag = page.tags.get("ResolutionUnit")
+    unit = int(unit_tag.value) if unit_tag is not None else 2
+    per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # µm per inch / per centimetre
+    if per_unit is None:
+        return None, None
+    values = []
+    for name in ("XResolution", "YResolution"):
+        tag = page.tags.get(name)
+        if tag is None:
+            values.append(None)
+            continue
+        num, den = tag.value if isinstance(tag.value, tuple) else (tag.value, 1)
+        values.append(per_unit * den / num if num and den else None)
+    return values[0], values[1]
+
+
+def parse_mpp(tf: tifffile.TiffFile, page0: tifffile.TiffPage) -> tuple[float | None, float | None]:
+    """Microns per pixel at level 0 from Aperio ``MPP =``, OME PhysicalSize or X/YResolution."""
+    desc = page0.description or ""
+    if desc.startswith("Aperio"):
+        m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", desc)
+        if m:
+            v = _plausible(float(m.group(1)))
+            if v is not None:
+                return v, v
+    if tf.is_ome and tf.ome_metadata:
+        mx, my = _ome_mpp(tf.ome_metadata)
+        mx, my = _plausible(mx), _plausible(my)
+        if mx is not None or my is not None:
+            return mx, my
+    mx, my = _resolution_mpp(page0)
+    mx, my = _plausible(mx), _plausible(my)
+    if mx is None or my is None:
+        return None, None
+    return mx, my
+
+
+def _level_pages(tf: tifffile.TiffFile) -> list[tifffile.TiffPage]:
+    """The pages that make up the pyramid, finest first."""
+    page0 = tf.pages.first
+    if page0.subifds:
+        pages = [page0]
+        for lvl in tf.series[0].levels[1:]:
+            kf = lvl.keyframe
+            if isinstance(kf, tifffile.TiffPage):
+                pages.append(kf)
+        return pages
+    pages: list[tifffile.TiffPage] = []
+    for page in tf.pages:
+        if not isinstance(page, tifffile.TiffPage) or not page.is_tiled:
+            continue  # Aperio thumbnail/label/macro are stripped images
+        desc = page.description or ""
+        if "\nlabel " in desc or "\nmacro " in desc:
+            continue
+        if pages:
+            prev, first = pages[-1], pages[0]
+            if page.imagewidth >= prev.imagewidth or page.imagelength >= prev.imagelength:
+                continue
+            rx, ry = first.imagewidth / page.imagewidth, first.imagelength / page.imagelength
+            if abs(rx - ry) > 0.1 * max(rx, ry) + 2.0 / min(page.imagewidth, page.imagelength) * max(rx, ry):
+                continue  # not the same picture (different aspect): some associated image
+        pages.append(page)
+    return pages
+
+
+def _make_level(path: str, page: tifffile.TiffPage, w0: int, h0: int, file_size: int) -> _Level:
+    if not page.is_tiled:
+        raise UnsupportedTileFormat(f"page {page.index} is not tiled")
+    if page.imagedepth > 1 or page.tiledepth > 1:
+        raise UnsupportedTileFormat("volumetric tiles are not supported")
+    if page.bitspersample != 8 or page.sampleformat != 1:
+        raise UnsupportedTileFormat(f"{page.bitspersample}-bit samples are not supported")
+    if page.planarconfig != 1 and page.samplesperpixel > 1:
+        raise UnsupportedTileFormat("separate colour planes are not supported")
+    compression = int(page.compression)
+    if compression not in COMPRESSION_NAMES:
+        raise UnsupportedTileFormat(f"compression {compression} ({page.compression.name}) is not supported")
+    decoder = TileDecoder(
+        compression=compression,
+        photometric=int(page.photometric),
+        samples_per_pixel=int(page.samplesperpixel),
+        tile_width=int(page.tilewidth),
+        tile_height=int(page.tilelength),
+        predictor=int(page.predictor),
+        jpeg_tables=bytes(page.jpegtables) if page.jpegtables else None,
+        extra_samples=tuple(int(e) for e in page.extrasamples),
+    )
+    w, h = int(page.imagewidth), int(page.imagelength)
+    offsets = np.asarray(page.dataoffsets, np.int64)
+    counts = np.asarray(page.databytecounts, np.int64)
+    if offsets.size and int((offsets + counts).max()) > file_size:
+        raise SlideOpenError(
+            path,
+            f"the file is truncated: tile data of the image at page {page.index} ends at byte "
+            f"{int((offsets + counts).max())} but the file has {file_size} bytes",
+        )
+    info = LevelInfo(
+        width=w,
+        height=h,
+        downsample=1.0 if (w, h) == (w0, h0) else (w0 / w + h0 / h) / 2.0,
+        tile_width=decoder.tile_width,
+        tile_height=decoder.tile_height,
+        compression=decoder.name,
+    )
+    return _Level(info, decoder, offsets, counts, math.ceil(w / decoder.tile_width), math.ceil(h / decoder.tile_height))
+
+
+def _parse(path: str, file_size: int) -> tuple[SlideInfo, list[_Level]]:
+    try:
+        tf = tifffile.TiffFile(path)
+    except Exception as err:  # tifffile raises TiffFileError, ValueError, struct.error, ...
+        raise NotFastPathFile(f"not a readable TIFF file: {err}") from err
+    with tf:
+        try:
+            flags = tf.flags
+            deferred = flags & _DEFER_TO_OPENSLIDE
+            if deferred:
+                raise NotFastPathFile(f"{'/'.join(sorted(deferred))} TIFF files are read through OpenSlide")
+            page0 = tf.pages.first
+            if not isinstance(page0, tifffile.TiffPage) or not page0.is_tiled:
+                raise NotFastPathFile("the first image of the TIFF file is not tiled")
+            pages = _level_pages(tf)
+            w0, h0 = int(page0.imagewidth), int(page0.imagelength)
+            try:
+                levels = [_make_level(path, p, w0, h0, file_size) for p in pages]
+            except UnsupportedTileFormat as err:
+                raise NotFastPathFile(str(err)) from err
+            desc = page0.description or ""
+            vendor = "aperio" if desc.startswith("Aperio") else ("ome-tiff" if tf.is_ome else "generic-tiff")
+            mpp_x, mpp_y = parse_mpp(tf, page0)
+        except (NotFastPathFile, SlideOpenError):
+            raise
+        except Exception as err:  # malformed tags, unreadable IFDs
+            raise NotFastPathFile(f"the TIFF structure could not be parsed: {err}") from err
+    info = SlideInfo(
+        path=path,
+        vendor=vendor,
+        backend="tiff",
+        levels=tuple(lv.info for lv in levels),
+        mpp_x=mpp_x,
+        mpp_y=mpp_y,
+    )
+    return info, levels
+
+
+class TiffSlide(Slide):
+    """A slide read by the fast path. Create through :func:`open_slide`."""
+
+    def __init__(self, path: str, *, cache: TileCache | None = None, pool: DecodePool | None = None) -> None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            st = os.fstat(fd)
+            if st.st_size == 0:
+                raise SlideOpenError(path, "the file is empty")
+            info, levels = _parse(path, st.st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        super().__init__(info)
+        self._fd = fd
+        self._levels = levels
+        self._cache = cache
+        self._pool = pool
+        self._identity: tuple[str, int, int] = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+        self._close_lock = threading.Lock()
+
+    @property
+    def identity(self) -> tuple[str, int, int]:
+        """(real path, mtime_ns, size): what the tile cache keys on."""
+        return self._identity
+
+    def _scales(self, level: int) -> tuple[int, ...]:
+        return JPEG_SCALES if self._levels[level].decoder.supports_scale else (1,)
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def raw_tile(self, level: int, index: int) -> bytes | None:
+        """The compressed bytes of one tile as stored (None for a sparse tile)."""
+        self._check_level(level)
+        return self._tile_bytes(level, index)
+
+    def _tile_bytes(self, level: int, index: int) -> bytes | None:
+        lv = self._levels[level]
+        offset, count = int(lv.offsets[index]), int(lv.counts[index])
+        if count == 0 or offset == 0:
+            return None  # sparse tile: background
+        fd = self._fd
+        if fd < 0:
+            raise SlideReadError(self.path, "the slide is closed", "open it again")
+        try:
+            data = os.pread(fd, count, offset)
+        except OSError as err:
+            raise SlideReadError(self.path, f"reading tile {index} of level {level} failed: {err}") from err
+        if len(data) != count:
+            raise SlideReadError(
+                self.path,
+                f"the file is truncated: tile {index} of level {level} needs bytes {offset}..{offset + count}",
+            )
+        return data
+
+    def decode_tile(self, level: int, index: int, scale: int = 1) -> np.ndarray:
+        """One tile as RGB (cached when the slide has a cache). Mainly for tools and tests."""
+        key = (self._identity, level, index, scale)
+        if self._cache is not None:
+            tile = self._cache.get(key)
+            if tile is not None:
+                return tile
+        tile = self._decode_uncached(level, index, scale)
+        if self._cache is not None:
+            self._cache.put(key, tile)
+        return tile
+
+    def _decode_uncached(self, level: int, index: int, scale: int) -> np.ndarray:
+        lv = self._levels[level]
+        data = self._tile_bytes(level, index)
+        if data is None:
+            return np.full(lv.decoder.scaled_shape(scale) + (3,), 255, np.uint8)
+        try:
+            return lv.decoder.decode(data, scale)
+        except Exception as err:
+            raise SlideReadError(
+                self.path,
+                f"tile {index} of level {level} ({lv.decoder.name}, {len(data)} bytes at offset "
+                f"{int(lv.offsets[index])}) could not be decoded: {err}",
+            ) from err
+
+    def _fetch(self, level: int, index: int, scale: int, dst: np.ndarray, src: tuple[slice, slice]) -> None:
+        tile = self._decode_uncached(level, index, scale)
+        if self._cache is not None:
+            self._cache.put((self._identity, level, index, scale), tile)
+        dst[...] = tile[src]
+
+    def _read_into(self, level: int, scale: int, x: int, y: int, width: int, height: int, out: np.ndarray) -> None:
+        if self._fd < 0:
+            raise SlideReadError(self.path, "the slide is closed", "open it again")
+        lv = self._levels[level]
+        th, tw = lv.decoder.scaled_shape(scale)
+        W, H = math.ceil(lv.info.width / scale), math.ceil(lv.info.height / scale)
+        ix0, iy0, ix1, iy1 = max(x, 0), max(y, 0), min(x + width, W), min(y + height, H)
+        if ix0 >= ix1 or iy0 >= iy1:
+            out[...] = 255
+            return
+        # white outside the image: only the strips that need it
+        if iy0 > y:
+            out[: iy0 - y] = 255
+        if iy1 < y + height:
+            out[iy1 - y :] = 255
+        if ix0 > x:
+            out[iy0 - y : iy1 - y, : ix0 - x] = 255
+        if ix1 < x + width:
+            out[iy0 - y : iy1 - y, ix1 - x :] = 255
+        tasks: list[Callable[[], None]] = []
+        cache = self._cache
+        for ty in range(iy0 // th, (iy1 - 1) // th + 1):
+            py = ty * th
+            sy0, sy1 = max(iy0, py), min(iy1, py + th)
+            for tx in range(ix0 // tw, (ix1 - 1) // tw + 1):
+                px = tx * tw
+                sx0, sx1 = max(ix0, px), min(ix1, px + tw)
+                index = ty * lv.tiles_across + tx
+                dst = out[sy0 - y : sy1 - y, sx0 - x : sx1 - x]
+                src = (slice(sy0 - py, sy1 - py), slice(sx0 - px, sx1 - px))
+                tile = cache.get((self._identity, level, index, scale)) if cache is not None else None
+                if tile is not None:
+                    dst[...] = tile[src]
+                else:
+                    tasks.append(partial(self._fetch, level, index, scale, dst, src))
+        if not tasks:
+            return
+        if self._pool is not None:
+            self._pool.run_all(tasks)
+        else:
+            for task in tasks:
+                task()
+
+    def tile_layout(self, level: int) -> dict[str, Any]:
+        """Tile grid facts for tools/benchmarks: counts, offsets and byte counts arrays."""
+        lv = self._levels[level]
+        return {
+            "tiles_across": lv.tiles_across,
+            "tiles_down": lv.tiles_down,
+            "offsets": lv.offsets,
+            "counts": lv.counts,
+            "decoder": lv.decoder,
+        }

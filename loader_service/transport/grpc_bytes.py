@@ -1,0 +1,42 @@
+"""The gRPC data plane: tensor bytes inside the Batch message."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from wsi_loader.v1 import loader_pb2 as pb
+
+if TYPE_CHECKING:
+    from loader_service.pipeline import BuiltBatch
+
+__all__ = ["encode_tensor", "encode_batch", "sample_meta"]
+
+
+def encode_tensor(tensor: torch.Tensor | np.ndarray) -> pb.Tensor:
+    array = tensor.numpy() if isinstance(tensor, torch.Tensor) else tensor
+    array = np.ascontiguousarray(array)
+    return pb.Tensor(dtype=array.dtype.name, shape=list(array.shape), data=array.tobytes())
+
+
+def sample_meta(built: BuiltBatch, labels: list[str]) -> list[pb.SampleMeta]:
+    metas = []
+    for sample, label in zip(built.samples, built.labels.tolist()):
+        metas.append(pb.SampleMeta(
+            slide_id=sample.record.slide_id, level=sample.level, mpp=sample.mpp, x=sample.x, y=sample.y,
+            width=sample.width, height=sample.height, label=labels[label], label_index=label,
+            index=sample.index, padding=sample.padding,
+        ))
+    return metas
+
+
+def encode_batch(built: BuiltBatch, sequence: int, cursor_after: int, labels: list[str]) -> pb.Batch:
+    return pb.Batch(
+        sequence=sequence,
+        cursor_after=cursor_after,
+        images=encode_tensor(built.images),
+        labels=encode_tensor(built.labels),
+        samples=sample_meta(built, labels),
+    )

@@ -1,0 +1,179 @@
+"""`trainer-client`: list datasets, measure throughput, train a small model from the stream.
+
+The only module of trainer_client that reads the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+import torch
+
+from trainer_client.client import LoaderClient
+from trainer_client.config import StreamConfig
+from trainer_client.errors import LoaderError
+
+__all__ = ["main"]
+
+log = logging.getLogger("trainer_client")
+
+
+def _client(args: argparse.Namespace) -> LoaderClient:
+    client = LoaderClient(args.endpoint, token=args.token)
+    client.wait_ready()
+    return client
+
+
+def _dataset(client: LoaderClient, name: str | None) -> str:
+    if name:
+        return name
+    datasets = client.datasets()
+    if not datasets:
+        raise LoaderError("the service serves no dataset")
+    return datasets[0].name
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for d in client.datasets():
+            print(json.dumps({"name": d.name, "slides": d.slides, "failed_slides": d.failed_slides,
+                              "labels": list(d.labels)}))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        config = StreamConfig(dataset=_dataset(client, args.dataset), batch_size=args.batch_size,
+                              patch_size=args.patch_size, level=args.level, transport=args.transport,
+                              samples_per_epoch=10**9, credits=args.credits, augment=not args.no_augment,
+                              tissue_threshold=args.tissue_threshold, dtype=args.dtype)
+        stream = client.stream(config)
+        batches = tiles = nbytes = 0
+        start = None
+        deadline = None
+        for batch in stream:
+            now = time.perf_counter()
+            if start is None:  # the first batch pays connection and warm-up: not counted
+                start, deadline = now, now + args.seconds
+                continue
+            images = batch["images"]
+            if args.consume == "copy":  # a consumer that reads every byte (as an H2D copy would)
+                images = images.clone()
+            batches += 1
+            tiles += images.shape[0]
+            nbytes += images.numel() * images.element_size()
+            if now >= deadline:  # type: ignore[operator]
+                break
+        stream.close()
+        elapsed = time.perf_counter() - (start or time.perf_counter())
+        elapsed = max(elapsed, 1e-9)
+        print(json.dumps({
+            "transport": args.transport, "seconds": round(elapsed, 3), "batches": batches, "tiles": tiles,
+            "tiles_per_s": tiles / elapsed, "mpix_per_s": tiles * args.patch_size**2 / elapsed / 1e6,
+            "bytes_per_s": nbytes / elapsed, "batch_size": args.batch_size, "patch_size": args.patch_size,
+            "batch_bytes": nbytes / max(batches, 1), "transport_used": stream.transport,
+        }), flush=True)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torchvision
+
+    torch.manual_seed(args.seed)
+    with _client(args) as client:
+        dataset = _dataset(client, args.dataset)
+        labels = next(d.labels for d in client.datasets() if d.name == dataset)
+        config = StreamConfig(dataset=dataset, batch_size=args.batch_size, patch_size=args.patch_size,
+                              level=args.level, dtype="float32", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                              samples_per_epoch=args.steps * args.batch_size, seed=args.seed, pin_memory=True)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = torchvision.models.resnet18(weights=None, num_classes=max(2, len(labels))).to(device)
+        optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        stream = client.stream(config)
+        start = time.perf_counter()
+        images_seen = 0
+        wait = 0.0
+        t_wait = time.perf_counter()
+        for step, batch in enumerate(stream, start=1):
+            wait += time.perf_counter() - t_wait
+            x = batch["images"].to(device, non_blocking=True)
+            y = batch["labels"].to(device, non_blocking=True)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            images_seen += x.shape[0]
+            if step % args.log_every == 0 or step == 1:
+                rate = images_seen / (time.perf_counter() - start)
+                print(f"step {step:4d}  loss {loss.item():.4f}  {rate:7.1f} images/s", flush=True)
+            t_wait = time.perf_counter()
+        stream.close()
+        elapsed = time.perf_counter() - start
+        print(json.dumps({"steps": step if images_seen else 0, "images": images_seen,
+                          "images_per_s": images_seen / elapsed, "data_wait_fraction": wait / elapsed,
+                          "device": str(device)}), flush=True)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", required=True, help="HOST:PORT of a loader-service")
+    p.add_argument("--token", default=None, help="bearer token, when the service requires one")
+    p.add_argument("--dataset", default=None, help="dataset name (default: the first the service lists)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainer-client", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    datasets = sub.add_parser("datasets", help="list the service's datasets")
+    _common(datasets)
+    datasets.set_defaults(func=_datasets)
+
+    bench = sub.add_parser("bench", help="pull batches for a while and print one JSON line of throughput")
+    _common(bench)
+    bench.add_argument("--seconds", type=float, default=10.0)
+    bench.add_argument("--batch-size", type=int, default=64)
+    bench.add_argument("--patch-size", type=int, default=256)
+    bench.add_argument("--level", type=int, default=0)
+    bench.add_argument("--transport", choices=("auto", "grpc", "shm"), default="grpc")
+    bench.add_argument("--credits", type=int, default=8)
+    bench.add_argument("--tissue-threshold", type=float, default=0.5)
+    bench.add_argument("--no-augment", action="store_true")
+    bench.add_argument("--consume", choices=("none", "copy"), default="none",
+                       help="copy: clone every batch, i.e. read every byte as a trainer's H2D copy would")
+    bench.add_argument("--dtype", choices=("uint8", "float16", "float32"), default="uint8")
+    bench.set_defaults(func=_bench)
+
+    train = sub.add_parser("train", help="train a ResNet-18 patch classifier for a few steps from the stream")
+    _common(train)
+    train.add_argument("--steps", type=int, default=30)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--patch-size", type=int, default=224)
+    train.add_argument("--level", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--log-every", type=int, default=10)
+    train.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except LoaderError as err:
+        print(f"trainer-client: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        print(f"trainer-client: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The trainer's side of the service: unary calls and the batch stream as an ``IterableDataset``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from trainer_client.channel import ConnectionConfig, open_channel
+from trainer_client.config import StreamConfig
+from trainer_client.errors import InvalidRequestError, LoaderError, StalledError, UnavailableError, raise_from_rpc
+from trainer_client.shm import ShmProbe, ShmReceiver, shm_supported
+from wsi_loader.v1 import loader_pb2 as pb
+from wsi_loader.v1 import loader_pb2_grpc as pb_grpc
+
+__all__ = ["LoaderClient", "WSIStream", "decode_tensor", "distributed_rank"]
+
+log = logging.getLogger(__name__)
+_END = object()
+
+
+def decode_tensor(message: pb.Tensor, pin_memory: bool = False) -> torch.Tensor:
+    """A tensor from inline bytes: one copy into a writable (optionally pinned) tensor."""
+    dtype = np.dtype(message.dtype)
+    shape = tuple(message.shape)
+    out = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=pin_memory)
+    if out.numel():
+        out.numpy().reshape(-1)[:] = np.frombuffer(message.data, dtype=dtype)
+    return out
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed when initialised, else from RANK/WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class LoaderClient:
+    """A connection to one service. Thread-safe; close it (or use ``with``) when done."""
+
+    def __init__(self, endpoint: str | ConnectionConfig, **connection: Any) -> None:
+        self.connection = endpoint if isinstance(endpoint, ConnectionConfig) else ConnectionConfig(endpoint, **connection)
+        self.channel = open_channel(self.connection)
+        self.stub = pb_grpc.LoaderStub(self.channel)
+
+    def _call(self, what: str, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.connection.timeout_s, metadata=self.connection.metadata())
+        except grpc.RpcError as err:
+            raise_from_rpc(err, f"{what} at {self.connection.endpoint}")
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        timeout = self.connection.timeout_s if timeout_s is None else timeout_s
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError as err:
+            raise UnavailableError(f"service at {self.connection.endpoint} not reachable within {timeout:.0f}s") from err
+
+    def datasets(self) -> list[pb.DatasetSummary]:
+        return list(self._call("ListDatasets", self.stub.ListDatasets, pb.ListDatasetsRequest()).datasets)
+
+    def describe(self, dataset: str) -> pb.DatasetInfo:
+        return self._call("DescribeDataset", self.stub.DescribeDataset, pb.DescribeDatasetRequest(dataset=dataset))
+
+    def read_region(self, dataset: str, slide_id: str, x: int, y: int, width: int, height: int, *, level: int = 0,
+                    mpp: float = 0.0) -> torch.Tensor:
+        """uint8 (height, width, 3) RGB pixels of one region, without augmentation."""
+        request = pb.ReadRegionRequest(dataset=dataset, slide_id=slide_id, level=level, mpp=mpp, x=x, y=y,
+                                       width=width, height=height)
+        return decode_tensor(self._call("ReadRegion", self.stub.ReadRegion, request))
+
+    def stream(self, config: StreamConfig, **kwargs: Any) -> WSIStream:
+        return WSIStream(config, client=self, **kwargs)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> LoaderClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Call:
+    """One Stream RPC: a request queue feeding gRPC, and a reader thread filling a bounded batch queue."""
+
+    def __init__(self, client: LoaderClient, open_message: pb.OpenSession, credits: int) -> None:
+        self._requests: queue.Queue[pb.StreamRequest | object] = queue.Queue()
+        self._requests.put(pb.StreamRequest(open=open_message))
+        self._requests.put(pb.StreamRequest(credit=pb.Credit(batches=credits)))
+        self.responses: queue.Queue[Any] = queue.Queue(maxsize=credits + 2)
+        self.receiver: ShmReceiver | None = None
+        self._call = client.stub.Stream(self._request_iter(), metadata=client.connection.metadata())
+        self._reader = threading.Thread(target=self._read, daemon=True, name="loader-stream")
+        self._reader.start()
+
+    def _request_iter(self) -> Iterator[pb.StreamRequest]:
+        while True:
+            item = self._requests.get()
+            if item is _END:
+                return
+            assert isinstance(item, pb.StreamRequest)
+            yield item
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self.responses.put(response)
+            self.responses.put(_END)
+        except grpc.RpcError as err:
+            self.responses.put(err)
+
+    def grant(self, n: int = 1) -> None:
+        self._requests.put(pb.StreamRequest(credit=pb.Credit(batches=n)))
+
+    def release(self, slots: list[int]) -> None:
+        """Called from tensor finalizers, on any thread: a queue put only."""
+        self._requests.put(pb.StreamRequest(release=pb.Release(slots=slots)))
+
+    def close(self) -> None:
+        self._requests.put(_END)
+        self._call.cancel()
+        self._reader.join(timeout=5)
+        if self.receiver is not None:
+            self.receiver.close()
+
+
+class WSIStream(IterableDataset):  # type: ignore[type-arg]
+    """Batches of augmented patches as dicts of tensors; one pass of ``iter()`` is one epoch of this rank.
+
+    Usable directly (``for batch in stream``) or in ``DataLoader(stream, batch_size=None)`` with
+    ``num_workers=0`` (the service does the parallel work). ``state_dict()`` taken after a batch resumes right
+    after it: nothing repeated, nothing skipped.
+    """
+
+    def __init__(self, config: StreamConfig, *, client: LoaderClient | None = None, endpoint: str | None = None,
+                 rank: int | None = None, world_size: int | None = None, epoch: int = 0, **connection: Any) -> None:
+        if (client is None) == (endpoint is None):
+            raise ValueError("pass exactly one of client= or endpoint=")
+        self.config = config
+        self._owns_client = client is None
+        self.client = client or LoaderClient(endpoint, **connection)  # type: ignore[arg-type]
+        auto_rank, auto_world = distributed_rank()
+        self.rank = auto_rank if rank is None else rank
+        self.world_size = auto_world if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} must be in 0..world_size-1 (world_size {self.world_size})")
+        self.epoch = epoch
+        self.cursor = 0
+        self.labels: list[str] = []
+        self.shard_length = 0
+        self.transport = ""
+        self._call: _Call | None = None
+
+    # --- state ---------------------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.cursor = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "rank": self.rank, "world_size": self.world_size,
+                "seed": self.config.seed, "dataset": self.config.dataset}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, mine in (("world_size", self.world_size), ("seed", self.config.seed), ("dataset", self.config.dataset)):
+            if state.get(key) != mine:
+                raise ValueError(f"state_dict was saved with {key}={state.get(key)!r}, this stream has {mine!r}; "
+                                 "resume with the same configuration")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+    # --- iteration -----------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:
+            raise InvalidRequestError("use DataLoader(stream, batch_size=None, num_workers=0): the service decodes "
+                                      "in parallel already, and several workers would read the same shard")
+        self.close_stream()
+        want_shm = self.config.transport == "shm" or (self.config.transport == "auto" and shm_supported())
+        probe = ShmProbe() if want_shm else None
+        message = self.config.open_message(self.epoch, self.rank, self.world_size, self.cursor,
+                                           pb.SHM if want_shm else pb.GRPC, probe.name if probe else "")
+        message.shm_slots = self.config.credits + self.config.shm_keep
+        call = self._call = _Call(self.client, message, self.config.credits)
+        try:
+            try:
+                opened = self._next(call).opened
+            finally:
+                if probe is not None:
+                    probe.close()
+            self.labels = list(opened.labels)
+            self.shard_length = opened.shard_length
+            self.transport = "shm" if opened.transport == pb.SHM else "grpc"
+            if want_shm and self.transport != "shm":
+                if self.config.transport == "shm":
+                    raise InvalidRequestError(f"transport=shm asked for, but {opened.transport_reason}; "
+                                              "use transport='auto' to fall back to gRPC bytes")
+                log.info("shared memory not usable, falling back to gRPC bytes: %s", opened.transport_reason)
+            if self.transport == "shm":
+                call.receiver = ShmReceiver(call.release, self.config.shm_keep)
+            while True:
+                response = self._next(call)
+                kind = response.WhichOneof("kind")
+                if kind == "end":
+                    self.epoch, self.cursor = self.epoch + 1, 0
+                    return
+                batch = self._to_dict(response.batch, call.receiver)
+                self.cursor = response.batch.cursor_after
+                call.grant(1)
+                yield batch
+        finally:
+            self.close_stream()
+
+    def _next(self, call: _Call) -> pb.StreamResponse:
+        try:
+            item = call.responses.get(timeout=self.config.timeout_s)
+        except queue.Empty as err:
+            raise StalledError(
+                f"no batch from {self.client.connection.endpoint} for {self.config.timeout_s:.0f}s "
+                f"(dataset {self.config.dataset}, epoch {self.epoch}, cursor {self.cursor})"
+            ) from err
+        if isinstance(item, grpc.RpcError):
+            raise_from_rpc(item, f"stream from {self.client.connection.endpoint}")
+        if item is _END:
+            raise UnavailableError(f"stream from {self.client.connection.endpoint} ended without end-of-epoch; "
+                                   f"resume from cursor {self.cursor}")
+        return item
+
+    def _to_dict(self, batch: pb.Batch, receiver: ShmReceiver | None) -> dict[str, Any]:
+        pin = self.config.pin_memory and torch.cuda.is_available()
+        samples = batch.samples
+        slot = -1
+        if batch.images.HasField("shm"):
+            if receiver is None:
+                raise LoaderError("protocol error: a shared-memory batch on a gRPC-bytes session")
+            images = receiver.tensor(batch.images)
+            slot = int(batch.images.shm.slot)
+        else:
+            images = decode_tensor(batch.images, pin_memory=pin)
+        return {
+            "images": images,
+            "slot": slot,
+            "labels": decode_tensor(batch.labels, pin_memory=pin),
+            "slide_id": [s.slide_id for s in samples],
+            "x": torch.tensor([s.x for s in samples], dtype=torch.int64),
+            "y": torch.tensor([s.y for s in samples], dtype=torch.int64),
+            "level": torch.tensor([s.level for s in samples], dtype=torch.int64),
+            "index": torch.tensor([s.index for s in samples], dtype=torch.int64),
+            "padding": torch.tensor([s.padding for s in samples], dtype=torch.bool),
+        }
+
+    def release(self, batch: dict[str, Any]) -> None:
+        """Give a shared-memory batch's slot back now instead of when its tensor is freed.
+
+        The batch's ``images`` must not be used afterwards (the server will write another batch there).
+        A no-op for gRPC-bytes batches.
+        """
+        call = self._call
+        if batch.get("slot", -1) >= 0 and call is not None and call.receiver is not None:
+            call.receiver.release(int(batch["slot"]))
+
+    def close_stream(self) -> None:
+        if self._call is not None:
+            self._call.close()
+            self._call = None
+
+    def close(self) -> None:
+        self.close_stream()
+        if self._owns_client:
+            self.client.close()
+
+    def __enter__(self) -> WSIStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

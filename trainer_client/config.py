@@ -1,0 +1,77 @@
+"""What a trainer asks the service for: a frozen, validated description of one stream."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsi_loader.v1 import loader_pb2 as pb
+
+__all__ = ["StreamConfig"]
+
+_MODES = {"random": pb.RANDOM, "grid": pb.GRID}
+_BALANCES = {"area": pb.BY_AREA, "slide": pb.BY_SLIDE, "label": pb.BY_LABEL}
+_TRANSPORTS = ("auto", "grpc", "shm")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    dataset: str
+    batch_size: int = 32
+    patch_size: int = 256
+    level: int = 0
+    mpp: float = 0.0  # > 0: sample at this resolution (µm/px) instead of a level
+    mode: str = "random"  # random | grid
+    balance: str = "area"  # area | slide | label
+    tissue_threshold: float = 0.5
+    samples_per_epoch: int = 4096
+    grid_stride: int = 0
+    split: str = ""
+    seed: int = 0
+    augment: bool = True
+    augment_config: dict[str, Any] = field(default_factory=dict)  # AugmentConfig fields; empty = server default
+    dtype: str = "uint8"  # uint8 | float16 | float32
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    channels_last: bool = False
+    drop_last: bool = False
+    credits: int = 4  # batches in flight between server and client
+    transport: str = "auto"  # auto | grpc | shm
+    shm_keep: int = 2  # SHM: batches the trainer may hold zero-copy at once; further ones arrive as copies
+    pin_memory: bool = False
+    timeout_s: float = 120.0  # longest wait for the next batch before StalledError
+    job_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            raise ValueError("dataset is required: one of the names `trainer-client datasets` lists")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.mode not in _MODES:
+            raise ValueError(f"mode must be one of {sorted(_MODES)}, got {self.mode!r}")
+        if self.balance not in _BALANCES:
+            raise ValueError(f"balance must be one of {sorted(_BALANCES)}, got {self.balance!r}")
+        if self.transport not in _TRANSPORTS:
+            raise ValueError(f"transport must be one of {_TRANSPORTS}, got {self.transport!r}")
+        if not 1 <= self.credits <= 64:
+            raise ValueError(f"credits (batches in flight) must be 1..64, got {self.credits}")
+        if not 1 <= self.shm_keep <= 64:
+            raise ValueError(f"shm_keep (batches held zero-copy at once) must be 1..64, got {self.shm_keep}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def open_message(self, epoch: int, rank: int, world_size: int, cursor: int, transport: int,
+                     shm_probe: str = "") -> pb.OpenSession:
+        return pb.OpenSession(
+            dataset=self.dataset, split=self.split, mode=_MODES[self.mode], balance=_BALANCES[self.balance],
+            patch_size=self.patch_size, level=self.level, mpp=self.mpp, tissue_threshold=self.tissue_threshold,
+            samples_per_epoch=self.samples_per_epoch, grid_stride=self.grid_stride, seed=self.seed, epoch=epoch,
+            rank=rank, world_size=world_size, cursor=cursor, batch_size=self.batch_size, drop_last=self.drop_last,
+            augment=pb.Augment(enabled=self.augment,
+                               config_json=json.dumps(self.augment_config) if self.augment_config else ""),
+            output=pb.Output(dtype=self.dtype, mean=self.mean, std=self.std, channels_last=self.channels_last),
+            transport=transport, shm_probe=shm_probe, job_id=self.job_id,
+        )
