@@ -197,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="synthetic slides + service + a trainer for a few steps")
     demo.add_argument("--workdir", default=None, help="where to write the slides (default: a temporary folder)")
     demo.add_argument("--slides", type=int, default=6)
-    demo.add_argument("--steps", type=int, default=30)
+    demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--workers", type=int, default=None)
     demo.set_defaults(func=_demo)
     return parser
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("pyvips").setLevel(logging.WARNING)  # libvips reports every thread pool at INFO
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:

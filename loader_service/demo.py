@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -16,8 +15,6 @@ from loader_service.server import LoaderServer
 from loader_service.synthetic import write_synthetic_dataset
 
 __all__ = ["run_demo"]
-
-log = logging.getLogger(__name__)
 
 
 def run_demo(workdir: str | None, slides: int, steps: int, workers: int | None) -> int:
@@ -34,16 +31,29 @@ def run_demo(workdir: str | None, slides: int, steps: int, workers: int | None) 
             assert server.metrics_endpoint is not None
             endpoint = f"127.0.0.1:{server.port}"
             print(f"service on {endpoint}; metrics at {server.metrics_endpoint.url}", flush=True)
-            cmd = [sys.executable, "-m", "trainer_client.cli", "train", "--endpoint", endpoint, "--dataset", "demo",
-                   "--steps", str(steps), "--batch-size", "32", "--patch-size", "224"]
             env = dict(os.environ, PYTHONUNBUFFERED="1")
-            result = subprocess.run(cmd, env=env, check=False)
+            client = [sys.executable, "-m", "trainer_client.cli"]
+            print(f"training a ResNet-18 for {steps} steps on 128² patches streamed from the service:", flush=True)
+            train = subprocess.run([*client, "train", "--endpoint", endpoint, "--dataset", "demo", "--steps", str(steps),
+                                    "--batch-size", "32", "--patch-size", "128", "--log-every", "5"], env=env, check=False)
+            if train.returncode != 0:
+                return train.returncode
+            print("loader throughput alone (no model), 5 s per transport:", flush=True)
+            for transport in ("grpc", "shm"):
+                bench = subprocess.run([*client, "bench", "--endpoint", endpoint, "--dataset", "demo", "--seconds", "5",
+                                        "--batch-size", "64", "--patch-size", "256", "--transport", transport],
+                                       env=env, check=False)
+                if bench.returncode != 0:
+                    return bench.returncode
             m = server.metrics
+            served = sum(m.sample("wsi_loader_patches_total", {"dataset": "demo", "transport": t}) for t in ("grpc", "shm"))
             summary = {
-                "patches_served": m.sample("wsi_loader_patches_total", {"dataset": "demo", "transport": "grpc"}),
-                "bytes_served": m.sample("wsi_loader_bytes_total", {"transport": "grpc"}),
-                "tile_cache_hit_ratio": m.sample("wsi_loader_tile_cache_hit_ratio"),
+                "patches_served": served,
+                "bytes_served": sum(m.sample("wsi_loader_bytes_total", {"transport": t}) for t in ("grpc", "shm")),
+                "tile_cache_hit_ratio": round(m.sample("wsi_loader_tile_cache_hit_ratio"), 3),
                 "metrics": server.metrics_endpoint.url,
             }
             print("service: " + json.dumps(summary), flush=True)
-            return result.returncode
+            print(f"Prometheus metrics were served at {server.metrics_endpoint.url} while the demo ran "
+                  "(run `loader-service serve` to keep a service up).", flush=True)
+            return 0
