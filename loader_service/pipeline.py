@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from loader_service.augment import AugmentConfig, augment_batch, draw_params, to_output
+from loader_service.augment import AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, render_piece, to_output
 from loader_service.dataset import SlideHandles
 from loader_service.errors import SlideFailure
 from loader_service.metrics import Metrics
 from loader_service.sampling import Sample
 from loader_service.slides import SlideError
+from loader_service.views import PieceSpec
 
 __all__ = ["OutputSpec", "BuiltBatch", "BatchBuilder", "resolve_device"]
 
@@ -58,6 +59,7 @@ class BuiltBatch:
     labels: torch.Tensor  # int64
     samples: list[Sample]
     timings: dict[str, float] = field(default_factory=dict)
+    piece: PieceSpec | None = None  # tiles/shard views: where these pixels lie in the augmented image
 
 
 class BatchBuilder:
@@ -69,13 +71,17 @@ class BatchBuilder:
         self.device = device
         self.metrics = metrics
 
-    def _read_one(self, sample: Sample, out: np.ndarray) -> None:
+    def _read_one(self, sample: Sample, out: np.ndarray, rect: Rect | None = None) -> None:
+        """Read the sample's region (or ``rect`` of it, in region coordinates) into ``out``."""
+        x, y, w, h = sample.x, sample.y, sample.width, sample.height
+        if rect is not None:
+            x, y, w, h = x + rect.x, y + rect.y, rect.width, rect.height
         slide = self.handles.get(sample.record.path)
         try:
             if sample.record.info is not None and sample.mpp > 0 and sample.mpp != _level_mpp(sample):
-                slide.read_region_mpp(sample.mpp, sample.x, sample.y, sample.width, sample.height, out=out)
+                slide.read_region_mpp(sample.mpp, x, y, w, h, out=out)
             else:
-                slide.read_region(sample.level, sample.x, sample.y, sample.width, sample.height, out=out)
+                slide.read_region(sample.level, x, y, w, h, out=out)
         except SlideError as err:
             raise SlideFailure(f"slide {sample.record.slide_id} failed while reading: {err}") from err
 
@@ -111,6 +117,28 @@ class BatchBuilder:
         self.metrics.stage_seconds.labels(stage="read").observe(t1 - t0)
         self.metrics.stage_seconds.labels(stage="augment").observe(t2 - t1)
         return BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, {"read": t1 - t0, "augment": t2 - t1})
+
+
+    def build_piece(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int,
+                    epoch: int, output: OutputSpec, piece: PieceSpec) -> BuiltBatch:
+        """One piece (tile or shard) of one sample's augmented image, reading only the raw pixels it needs."""
+        sample = samples[0]
+        t0 = time.perf_counter()
+        params = draw_params(augment, seed, epoch, sample.global_index) if augment is not None else AugmentParams()
+
+        def read(rect: Rect) -> np.ndarray:
+            out = np.empty((rect.height, rect.width, 3), dtype=np.uint8)
+            self._read_one(sample, out, rect)
+            return out
+
+        chw = render_piece(params, (sample.height, sample.width), piece.rect, read, self.device)
+        images = to_output(chw[None], output.dtype, output.mean or None, output.std or None)
+        if output.channels_last:
+            images = images.permute(0, 2, 3, 1)
+        images = images.contiguous().cpu()
+        self.metrics.samples_decoded.inc(1 if piece.index == 0 else 0)
+        self.metrics.stage_seconds.labels(stage="read").observe(time.perf_counter() - t0)
+        return BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, piece=piece)
 
 
 def _level_mpp(sample: Sample) -> float:

@@ -6,9 +6,10 @@ import json
 from dataclasses import dataclass
 
 from loader_service.augment import AugmentConfig
-from loader_service.errors import InvalidRequest
+from loader_service.errors import InvalidRequest, TooLarge
 from loader_service.pipeline import OutputSpec
 from loader_service.sampling import SamplingSpec
+from loader_service.views import VIEWS, ViewConfig
 from wsi_loader.v1 import loader_pb2 as pb
 
 __all__ = ["SessionRequest", "parse_open", "MODE_NAMES", "BALANCE_NAMES"]
@@ -33,9 +34,10 @@ class SessionRequest:
     shm_probe: str
     job_id: str
     shm_slots: int
+    view: ViewConfig
 
 
-def parse_open(msg: pb.OpenSession, max_batch_bytes: int) -> SessionRequest:
+def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int) -> SessionRequest:
     if not msg.dataset:
         raise InvalidRequest("open.dataset is empty: name one of the datasets ListDatasets returns")
     if msg.mode not in MODE_NAMES:
@@ -48,6 +50,7 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int) -> SessionRequest:
     batch = msg.batch_size or 32
     try:
         spec = _spec(msg)
+        view = _view(msg.view)
         output = OutputSpec(
             dtype=msg.output.dtype or "uint8",
             mean=tuple(msg.output.mean),
@@ -59,9 +62,17 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int) -> SessionRequest:
             augment = AugmentConfig.from_dict(json.loads(msg.augment.config_json)) if msg.augment.config_json else AugmentConfig()
     except (ValueError, TypeError, KeyError) as err:
         raise InvalidRequest(f"invalid session request: {err}") from err
+    if view.view != "patches":
+        if spec.patch_size * spec.height > max_region_pixels and not spec.whole_slide:
+            raise TooLarge(f"a {spec.patch_size}×{spec.height} region exceeds the server's limit of {max_region_pixels} "
+                           "pixels; ask for a smaller region or a coarser level")
+        if (view.pieces_per_sample or spec.whole_slide) and batch != 1:
+            raise InvalidRequest(f"the {view.view} view{' of whole slides' if spec.whole_slide else ''} sends one "
+                                 f"sample at a time: set batch_size=1 (got {batch})")
     itemsize = {"uint8": 1, "float16": 2, "float32": 4}[output.dtype]
-    nbytes = batch * 3 * spec.patch_size**2 * itemsize
-    if nbytes > max_batch_bytes:
+    piece = view.tile_size + 2 * view.overlap if view.view == "tiles" else 0
+    nbytes = batch * 3 * (piece * piece if piece else spec.patch_size * spec.height) * itemsize
+    if nbytes > max_batch_bytes and not (spec.whole_slide or view.view == "shard"):
         raise InvalidRequest(
             f"a batch of {batch}×3×{spec.patch_size}² {output.dtype} is {nbytes / 2**20:.0f} MiB, over the server's "
             f"limit of {max_batch_bytes / 2**20:.0f} MiB; lower batch_size or patch_size"
@@ -69,14 +80,25 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int) -> SessionRequest:
     return SessionRequest(
         dataset=msg.dataset, spec=spec, epoch=msg.epoch, rank=msg.rank, world_size=world, cursor=msg.cursor,
         batch_size=batch, drop_last=msg.drop_last, augment=augment, output=output, transport=msg.transport,
-        shm_probe=msg.shm_probe, job_id=msg.job_id, shm_slots=msg.shm_slots,
+        shm_probe=msg.shm_probe, job_id=msg.job_id, shm_slots=msg.shm_slots, view=view,
     )
+
+
+def _view(msg: pb.ViewSpec) -> ViewConfig:
+    if msg.view >= len(VIEWS):
+        raise ValueError(f"view {msg.view} is unknown; use PATCHES, IMAGE, TILES or SHARD")
+    return ViewConfig(view=VIEWS[msg.view], tile_size=msg.tile_size, overlap=msg.overlap, grid_rows=msg.grid_rows or 1,
+                      grid_cols=msg.grid_cols or 1, shard_row=msg.shard_row, shard_col=msg.shard_col, halo=msg.halo,
+                      align=msg.align or 1)
 
 
 def _spec(msg: pb.OpenSession) -> SamplingSpec:
     threshold = msg.tissue_threshold if msg.HasField("tissue_threshold") else 0.5
+    region = msg.view.view != pb.PATCHES
     return SamplingSpec(
-        patch_size=msg.patch_size or 256,
+        patch_size=(msg.view.region_width if region and msg.view.region_width else msg.patch_size) or 256,
+        patch_height=msg.view.region_height if region else 0,
+        whole_slide=region and msg.view.whole_slide,
         level=msg.level,
         mpp=msg.mpp,
         mode=MODE_NAMES[msg.mode],

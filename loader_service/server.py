@@ -146,16 +146,25 @@ class LoaderServer:
         self.stop(grace=1.0)
 
     # --- helpers used by the servicer --------------------------------------------------------------------
-    def plan_session(self, request: SessionRequest) -> tuple[EpochPlan | SyntheticPlan, Callable[..., BuiltBatch]]:
-        """The session's epoch plan and its batch-building function."""
+    def plan_session(self, request: SessionRequest
+                     ) -> tuple[EpochPlan | SyntheticPlan, Callable[..., BuiltBatch], Callable[..., BuiltBatch]]:
+        """The session's epoch plan and its functions building a batch and a piece (tiles/shard views)."""
         if self.synthetic is not None and request.dataset == SYNTHETIC_DATASET:
+            if request.view.view != "patches":
+                raise InvalidRequest("the synthetic dataset serves the patches view only")
             plan_s = SyntheticPlan(request.spec, request.epoch, request.rank, request.world_size)
-            return plan_s, functools.partial(self.synthetic.build, output=request.output)
+            build_s = functools.partial(self.synthetic.build, output=request.output)
+            return plan_s, build_s, build_s
         ds = self.dataset(request.dataset)
         plan = EpochPlan(ds, request.spec, request.epoch, request.rank, request.world_size, self.candidates[ds.name])
-        build = functools.partial(self.builder.build, augment=request.augment, seed=request.spec.seed,
-                                  epoch=request.epoch, output=request.output)
-        return plan, build
+        if request.spec.whole_slide:
+            limit = self.config.max_region_pixels
+            big = [r.slide_id for r, c in plan.slides if c.geometry.width * c.geometry.height > limit]
+            if big:
+                raise TooLarge(f"whole slides {big[:3]} exceed the server's limit of {limit} pixels at this level; "
+                               "ask for a coarser level or a larger mpp")
+        common = dict(augment=request.augment, seed=request.spec.seed, epoch=request.epoch, output=request.output)
+        return plan, functools.partial(self.builder.build, **common), functools.partial(self.builder.build_piece, **common)
 
     def open_slot_pool(self, request: SessionRequest, cond: threading.Condition) -> SlotPool:
         itemsize = {"uint8": 1, "float16": 2, "float32": 4}[request.output.dtype]
@@ -274,13 +283,14 @@ class _Servicer(pb_grpc.LoaderServicer):
         try:
             if s.draining.is_set():
                 raise Unavailable("server is shutting down; connect to another replica or retry after restart")
-            request = parse_open(check_open(next(requests, None)), s.config.max_batch_bytes)
+            request = parse_open(check_open(next(requests, None)), s.config.max_batch_bytes,
+                                 s.config.max_region_pixels)
             s.authorize(context, request.dataset)
-            plan, build = s.plan_session(request)
+            plan, build, build_piece = s.plan_session(request)
             s.jobs.join(request)
             joined = True
             limits = SessionLimits(s.config.max_credits, s.config.credit_timeout_s)
-            session = Session(request, plan, build, s.batch_pool, s.metrics, limits, s.draining)
+            session = Session(request, plan, build, s.batch_pool, s.metrics, limits, s.draining, build_piece)
             transport, reason = pb.GRPC, ""
             if request.transport == pb.SHM:
                 visible, reason = probe_is_visible(request.shm_probe)

@@ -23,6 +23,8 @@ from loader_service.requests import SessionRequest
 from loader_service.sampling import EpochPlan, Sample, ShardCursor
 from loader_service.transport import encode_tensor, sample_meta
 from loader_service.transport.shm import SlotPool
+from loader_service.views import PieceSpec, view_pieces
+from loader_service.augment import draw_params
 from wsi_loader.v1 import loader_pb2 as pb
 
 __all__ = ["Gate", "Session", "SessionLimits", "check_open"]
@@ -94,12 +96,15 @@ class Session:
 
     def __init__(self, request: SessionRequest, plan: EpochPlan, build: Callable[..., BuiltBatch],
                  batch_pool: ThreadPoolExecutor, metrics: Metrics, limits: SessionLimits,
-                 draining: threading.Event) -> None:
+                 draining: threading.Event, build_piece: Callable[..., BuiltBatch] | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.request = request
         self.plan = plan
         self.cursor = ShardCursor(plan, request.batch_size, request.cursor, request.drop_last)
         self.build = build
+        self.build_piece = build_piece or build
+        self._unit_iter = self._units()
+        self._next_unit: tuple[int, int, list[Sample], list[int], PieceSpec | None] | None = None
         self.batch_pool = batch_pool
         self.metrics = metrics
         self.limits = limits
@@ -133,8 +138,9 @@ class Session:
         self.gate.close()
 
     # --- batches to the client ---------------------------------------------------------------------------
-    def _make(self, samples: list[Sample], labels: list[int], slot: int) -> tuple[BuiltBatch, pb.Tensor]:
-        built = self.build(samples, labels)
+    def _make(self, samples: list[Sample], labels: list[int], slot: int, piece: PieceSpec | None
+              ) -> tuple[BuiltBatch, pb.Tensor]:
+        built = self.build(samples, labels) if piece is None else self.build_piece(samples, labels, piece=piece)
         if slot < 0:
             return built, encode_tensor(built.images)
         pool = self.gate.slots
@@ -144,26 +150,49 @@ class Session:
         ref = pb.ShmRef(segment=pool.name, offset=pool.offset(slot), nbytes=nbytes, slot=slot)
         return built, pb.Tensor(dtype=str(images.dtype).removeprefix("torch."), shape=list(images.shape), shm=ref)
 
-    def _submit(self, slot: int) -> tuple[int, int, Future[tuple[BuiltBatch, pb.Tensor]]] | None:
-        sequence = self.cursor.cursor // self.request.batch_size
-        samples = self.cursor.next_batch()
-        if samples is None:
-            return None
-        labels = [self.plan.label_index(s.record) for s in samples]
-        future = self.batch_pool.submit(self._make, samples, labels, slot)
+    def _units(self) -> Iterator[tuple[int, int, list[Sample], list[int], PieceSpec | None]]:
+        """(sequence, cursor after, samples, labels, piece) for every message still to send, lazily."""
+        sequence = 0
+        view, req = self.request.view, self.request
+        while True:
+            start = self.cursor.cursor
+            samples = self.cursor.next_batch()
+            if samples is None:
+                return
+            labels = [self.plan.label_index(s.record) for s in samples]
+            if not view.pieces_per_sample:
+                yield sequence, self.cursor.cursor, samples, labels, None
+                sequence += 1
+                continue
+            sample = samples[0]
+            params = draw_params(req.augment, req.spec.seed, req.epoch, sample.global_index) if req.augment else None
+            raw_hw = (sample.height, sample.width)
+            pieces = view_pieces(view, params.output_size(*raw_hw) if params else raw_hw)
+            for piece in pieces:  # a sample counts as consumed only with its last piece
+                last = piece is pieces[-1]
+                yield sequence, self.cursor.cursor if last else start, samples, labels, piece
+                sequence += 1
+
+    def _submit(self, slot: int, unit: tuple[int, int, list[Sample], list[int], PieceSpec | None]
+                ) -> tuple[int, int, Future[tuple[BuiltBatch, pb.Tensor]]]:
+        sequence, cursor_after, samples, labels, piece = unit
+        future = self.batch_pool.submit(self._make, samples, labels, slot, piece)
         self.metrics.in_flight.inc()
-        return sequence, self.cursor.cursor, future
+        return sequence, cursor_after, future
 
     def _fill(self, pending: deque[tuple[int, int, Future[tuple[BuiltBatch, pb.Tensor]]]]) -> bool:
-        """Submit builds while credits (and slots) allow. Returns False once the shard is exhausted."""
-        while not self.draining.is_set() and self.cursor.remaining_batches() > 0:
+        """Submit builds while credits (and slots) allow. Returns False once every unit was submitted."""
+        while not self.draining.is_set():
+            if self._next_unit is None:
+                self._next_unit = next(self._unit_iter, None)
+                if self._next_unit is None:
+                    return False
             slot = self.gate.try_take()
             if slot is None:
                 return True
-            item = self._submit(slot)
-            assert item is not None
-            pending.append(item)
-        return self.cursor.remaining_batches() > 0
+            pending.append(self._submit(slot, self._next_unit))
+            self._next_unit = None
+        return True
 
     def batches(self) -> Iterator[pb.StreamResponse]:
         pending: deque[tuple[int, int, Future[tuple[BuiltBatch, pb.Tensor]]]] = deque()

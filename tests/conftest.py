@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from loader_service.server import LoaderServer
     from trainer_client import LoaderClient
 
-pytest_plugins = ["tests.slide_fixtures"] if (Path(__file__).parent / "slide_fixtures.py").exists() else []
+pytest_plugins = ["tests.slide_fixtures"]
 
 SHARED_WSI = Path(__file__).resolve().parents[2] / "shared" / "wsi"
 

@@ -44,6 +44,12 @@ def distributed_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _piece(meta: pb.SampleMeta) -> dict[str, Any]:
+    p = meta.piece
+    return {"image_hw": (p.image_height, p.image_width), "rect": (p.y, p.x, p.height, p.width),
+            "core": (p.core_y, p.core_x, p.core_height, p.core_width), "index": p.index, "count": p.count}
+
+
 class LoaderClient:
     """A connection to one service. Thread-safe; close it (or use ``with``) when done."""
 
@@ -256,6 +262,7 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
             "level": torch.tensor([s.level for s in samples], dtype=torch.int64),
             "index": torch.tensor([s.index for s in samples], dtype=torch.int64),
             "padding": torch.tensor([s.padding for s in samples], dtype=torch.bool),
+            "piece": _piece(samples[0]) if samples and samples[0].HasField("piece") else None,
         }
 
     def release(self, batch: dict[str, Any]) -> None:

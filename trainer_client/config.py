@@ -13,6 +13,7 @@ __all__ = ["StreamConfig"]
 _MODES = {"random": pb.RANDOM, "grid": pb.GRID}
 _BALANCES = {"area": pb.BY_AREA, "slide": pb.BY_SLIDE, "label": pb.BY_LABEL}
 _TRANSPORTS = ("auto", "grpc", "shm")
+_VIEWS = {"patches": pb.PATCHES, "image": pb.IMAGE, "tiles": pb.TILES, "shard": pb.SHARD}
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,17 @@ class StreamConfig:
     pin_memory: bool = False
     timeout_s: float = 120.0  # longest wait for the next batch before StalledError
     job_id: str = ""
+    # Views (DESIGN.md): patches (default) | image | tiles | shard. Regions for the other views:
+    view: str = "patches"
+    region_width: int = 0  # 0 = patch_size
+    region_height: int = 0
+    whole_slide: bool = False  # one sample per slide: the whole level
+    tile_size: int = 0  # tiles view
+    overlap: int = 0
+    grid: tuple[int, int] = (1, 1)  # shard view: (rows, cols) of the spatial group
+    shard: tuple[int, int] = (0, 0)  # shard view: this rank's (row, col)
+    halo: int = 0
+    align: int = 1
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -56,6 +68,10 @@ class StreamConfig:
             raise ValueError(f"transport must be one of {_TRANSPORTS}, got {self.transport!r}")
         if not 1 <= self.credits <= 64:
             raise ValueError(f"credits (batches in flight) must be 1..64, got {self.credits}")
+        if self.view not in _VIEWS:
+            raise ValueError(f"view must be one of {sorted(_VIEWS)}, got {self.view!r}")
+        object.__setattr__(self, "grid", tuple(self.grid))
+        object.__setattr__(self, "shard", tuple(self.shard))
         if not 1 <= self.shm_keep <= 64:
             raise ValueError(f"shm_keep (batches held zero-copy at once) must be 1..64, got {self.shm_keep}")
         if self.timeout_s <= 0:
@@ -74,4 +90,8 @@ class StreamConfig:
                                config_json=json.dumps(self.augment_config) if self.augment_config else ""),
             output=pb.Output(dtype=self.dtype, mean=self.mean, std=self.std, channels_last=self.channels_last),
             transport=transport, shm_probe=shm_probe, job_id=self.job_id,
+            view=pb.ViewSpec(view=_VIEWS[self.view], region_width=self.region_width, region_height=self.region_height,
+                             whole_slide=self.whole_slide, tile_size=self.tile_size, overlap=self.overlap,
+                             grid_rows=self.grid[0], grid_cols=self.grid[1], shard_row=self.shard[0],
+                             shard_col=self.shard[1], halo=self.halo, align=self.align),
         )

@@ -61,28 +61,30 @@ def slide_geometry(record: SlideRecord, level: int, mpp: float) -> SlideGeometry
     return SlideGeometry(level, base_mpp * lv.downsample, lv.downsample, lv.width, lv.height)
 
 
-def tissue_cells(record: SlideRecord, geometry: SlideGeometry, patch: int, stride: int, threshold: float) -> np.ndarray:
-    """Top-left corners of the grid cells whose tissue fraction (from the slide's mask) is >= threshold."""
+def tissue_cells(record: SlideRecord, geometry: SlideGeometry, patch: tuple[int, int], stride: int,
+                 threshold: float) -> np.ndarray:
+    """Top-left corners of the grid cells (``patch`` = (height, width)) whose tissue fraction is >= threshold."""
     mask = record.tissue
     assert mask is not None
-    if geometry.width < patch or geometry.height < patch:
+    ph, pw = patch
+    if geometry.width < pw or geometry.height < ph:
         return np.zeros((0, 2), dtype=np.int64)
-    xs = np.arange(0, geometry.width - patch + 1, stride, dtype=np.int64)
-    ys = np.arange(0, geometry.height - patch + 1, stride, dtype=np.int64)
+    xs = np.arange(0, geometry.width - pw + 1, stride, dtype=np.int64)
+    ys = np.arange(0, geometry.height - ph + 1, stride, dtype=np.int64)
     m = mask.mask.astype(np.float64)
     integral = np.zeros((m.shape[0] + 1, m.shape[1] + 1))
     integral[1:, 1:] = m.cumsum(0).cumsum(1)
     per_mask_px = geometry.scale / mask.downsample  # mask pixels per sample pixel
 
-    def bounds(starts: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    def bounds(starts: np.ndarray, size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
         lo = np.floor(starts * per_mask_px).astype(np.int64)
-        hi = np.ceil((starts + patch) * per_mask_px).astype(np.int64)
+        hi = np.ceil((starts + size) * per_mask_px).astype(np.int64)
         lo = np.clip(lo, 0, limit)
         hi = np.clip(np.maximum(hi, lo + 1), 0, limit)
         return lo, hi
 
-    x0, x1 = bounds(xs, m.shape[1])
-    y0, y1 = bounds(ys, m.shape[0])
+    x0, x1 = bounds(xs, pw, m.shape[1])
+    y0, y1 = bounds(ys, ph, m.shape[0])
     total = (
         integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0]
     )
@@ -99,7 +101,8 @@ class CandidateCache:
         self._cache: dict[tuple[object, ...], Candidates] = {}
         self._lock = threading.Lock()
 
-    def get(self, record: SlideRecord, level: int, mpp: float, patch: int, stride: int, threshold: float) -> Candidates:
+    def get(self, record: SlideRecord, level: int, mpp: float, patch: tuple[int, int], stride: int,
+            threshold: float) -> Candidates:
         key = (record.slide_id, level, mpp, patch, stride, threshold)
         with self._lock:
             found = self._cache.get(key)

@@ -16,7 +16,7 @@ import numpy as np
 
 from loader_service.dataset import DatasetIndex, SlideRecord
 from loader_service.errors import InvalidRequest
-from loader_service.sampling.candidates import CandidateCache, Candidates
+from loader_service.sampling.candidates import CandidateCache, Candidates, slide_geometry
 from loader_service.sampling.spec import SamplingSpec
 
 __all__ = ["Sample", "EpochPlan", "ShardCursor", "sample_rng"]
@@ -56,18 +56,23 @@ class EpochPlan:
             split = f" in split {spec.split!r}" if spec.split else ""
             raise InvalidRequest(f"dataset {index.name} has no usable slides{split}; check the manifest and the server log")
         self._slides: list[tuple[SlideRecord, Candidates]] = []
+        patch = (spec.height, spec.patch_size)
         for record in records:
-            cands = candidates.get(record, spec.level, spec.mpp, spec.patch_size, spec.stride, spec.tissue_threshold)
+            if spec.whole_slide:
+                geo = slide_geometry(record, spec.level, spec.mpp)
+                self._slides.append((record, Candidates(geo, np.zeros((1, 2), dtype=np.int64))))
+                continue
+            cands = candidates.get(record, spec.level, spec.mpp, patch, spec.stride, spec.tissue_threshold)
             if len(cands.cells):
                 self._slides.append((record, cands))
         if not self._slides:
             raise InvalidRequest(
-                f"no {spec.patch_size}px patch of dataset {index.name} passes tissue_threshold={spec.tissue_threshold}; "
-                "lower the threshold, the patch size or the level"
+                f"no {spec.patch_size}×{spec.height} px region of dataset {index.name} passes tissue_threshold="
+                f"{spec.tissue_threshold}; lower the threshold, the region size or the level"
             )
         self._label_index = index.label_index
         self.labels: list[str] = list(index.labels)
-        if spec.mode == "random":
+        if spec.mode == "random" and not spec.whole_slide:
             self._init_random()
         else:
             self._init_grid()
@@ -98,10 +103,11 @@ class EpochPlan:
         slide = min(slide, len(self._slides) - 1)
         cands = self._slides[slide][1]
         cx, cy = cands.cells[int(rng.integers(len(cands.cells)))]
-        size, geo = self.spec.patch_size, cands.geometry
-        jitter = rng.integers(-(size // 2), size // 2 + 1, size=2)
-        x = int(np.clip(cx + jitter[0], 0, geo.width - size))
-        y = int(np.clip(cy + jitter[1], 0, geo.height - size))
+        width, height, geo = self.spec.patch_size, self.spec.height, cands.geometry
+        jx = int(rng.integers(-(width // 2), width // 2 + 1))
+        jy = int(rng.integers(-(height // 2), height // 2 + 1))
+        x = int(np.clip(cx + jx, 0, geo.width - width))
+        y = int(np.clip(cy + jy, 0, geo.height - height))
         return slide, x, y
 
     # --- grid mode ---------------------------------------------------------------------------------------
@@ -111,13 +117,13 @@ class EpochPlan:
         w = self.world_size
         self.epoch_length = -(-self._grid_total // w) * w
         self._order: np.ndarray | None = None
-        if self.spec.shuffle_grid:
+        if self.spec.shuffle_grid or (self.spec.whole_slide and self.spec.mode == "random"):
             self._order = sample_rng(self.spec.seed, self.epoch, 0, _SALT_ORDER).permutation(self._grid_total)
 
     def _grid_sample(self, global_index: int) -> tuple[int, int, int]:
         position = global_index % self._grid_total  # padding wraps around to the start
         if self._order is not None:
-            position = int(self._order[position])
+            position = int(self._order[position])  # grid shuffled, or whole slides in random mode
         slide = int(np.searchsorted(self._offsets, position, side="right")) - 1
         x, y = self._slides[slide][1].cells[position - self._offsets[slide]]
         return slide, int(x), int(y)
@@ -127,18 +133,26 @@ class EpochPlan:
         if not 0 <= shard_index < self.shard_length:
             raise IndexError(f"shard index {shard_index} outside 0..{self.shard_length - 1}")
         global_index = self.rank + shard_index * self.world_size
-        if self.spec.mode == "random":
+        if self.spec.mode == "random" and not self.spec.whole_slide:
             slide, x, y = self._random_sample(global_index)
             padding = False
         else:
             slide, x, y = self._grid_sample(global_index)
             padding = global_index >= self._grid_total
         record, cands = self._slides[slide]
-        geo, size = cands.geometry, self.spec.patch_size
-        return Sample(shard_index, global_index, record, geo.level, geo.mpp, x, y, size, size, padding)
+        geo = cands.geometry
+        if self.spec.whole_slide:
+            return Sample(shard_index, global_index, record, geo.level, geo.mpp, 0, 0, geo.width, geo.height, padding)
+        return Sample(shard_index, global_index, record, geo.level, geo.mpp, x, y, self.spec.patch_size,
+                      self.spec.height, padding)
 
     def label_index(self, record: SlideRecord) -> int:
         return self._label_index[record.entry.label]
+
+    @property
+    def slides(self) -> list[tuple[SlideRecord, Candidates]]:
+        """The slides this plan samples from, with their candidate cells."""
+        return self._slides
 
 
 class ShardCursor:

@@ -18,7 +18,9 @@ class SamplingSpec:
     ``grid``: every grid cell (stride ``grid_stride``) whose tissue fraction passes the threshold.
     """
 
-    patch_size: int = 256
+    patch_size: int = 256  # width (and height, unless patch_height is set) in sample-grid pixels
+    patch_height: int = 0  # 0 = square
+    whole_slide: bool = False  # one sample per slide covering its whole level (patch sizes ignored)
     level: int = 0
     mpp: float = 0.0  # > 0 selects by resolution instead of level
     mode: str = "random"
@@ -33,6 +35,8 @@ class SamplingSpec:
     def __post_init__(self) -> None:
         if not 8 <= self.patch_size <= 65536:
             raise ValueError(f"patch_size must be 8..65536 pixels, got {self.patch_size}")
+        if self.patch_height and not 8 <= self.patch_height <= 65536:
+            raise ValueError(f"patch_height must be 8..65536 pixels (or 0 for square), got {self.patch_height}")
         if self.level < 0:
             raise ValueError(f"level must be >= 0 (0 = full resolution), got {self.level}")
         if self.mpp < 0:
@@ -49,6 +53,10 @@ class SamplingSpec:
             raise ValueError(f"grid_stride must be >= 0 (0 = patch_size), got {self.grid_stride}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be 0..2**63-1, got {self.seed}")
+
+    @property
+    def height(self) -> int:
+        return self.patch_height or self.patch_size
 
     @property
     def stride(self) -> int:

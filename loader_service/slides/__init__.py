@@ -30,6 +30,8 @@ __all__ = [
     "DecodePool",
     "available_cores",
     "slide_identity",
+    "TiffSlide",
+    "OpenSlideSlide",
 ]
 
 _BACKENDS = ("auto", "tiff", "openslide")

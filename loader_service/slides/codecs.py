@@ -36,6 +36,7 @@ __all__ = [
     "jpeg_decoders",
     "ycbcr_to_rgb",
     "JPEG_SCALES",
+    "DEFAULT_JPEG_DECODER",
 ]
 
 JPEG_SCALES = (1, 2, 4, 8)
@@ -137,8 +138,9 @@ def jpeg_decoders() -> dict[str, Callable[[bytes, bool], np.ndarray]]:
     return found
 
 
-#: decoder used at full resolution (see docs/slides.md for the measurements behind the choice)
-DEFAULT_JPEG_DECODER = "imagecodecs"
+#: decoder used at full resolution: simplejpeg scales best across threads when it is installed,
+#: else imagecodecs (see docs/slides.md for the measurements behind the choice)
+DEFAULT_JPEG_DECODER = "simplejpeg" if _simplejpeg is not None else "imagecodecs"
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,8 @@ class TileDecoder:
             raise UnsupportedTileFormat(f"predictor {self.predictor} is not supported")
         if self.jpeg_decoder not in ("imagecodecs", "pil", "simplejpeg"):
             raise ValueError(f"unknown JPEG decoder {self.jpeg_decoder!r}")
+        if self.jpeg_decoder == "simplejpeg" and _simplejpeg is None:
+            raise ValueError("the simplejpeg decoder is not installed")
 
     @property
     def name(self) -> str:
@@ -212,7 +216,7 @@ class TileDecoder:
 
     def _decode_jpeg(self, data: bytes, scale: int) -> np.ndarray:
         rgb_source = self.photometric == _PHOTOMETRIC_RGB
-        if scale == 1 and self.jpeg_decoder == "imagecodecs":
+        if scale == 1 and (self.jpeg_decoder == "imagecodecs" or self.samples_per_pixel < 3):
             return imagecodecs.jpeg8_decode(
                 data,
                 tables=self.jpeg_tables or None,

@@ -22,12 +22,18 @@ def encode_tensor(tensor: torch.Tensor | np.ndarray) -> pb.Tensor:
 
 
 def sample_meta(built: BuiltBatch, labels: list[str]) -> list[pb.SampleMeta]:
+    piece = None
+    if built.piece is not None:
+        p = built.piece
+        piece = pb.Piece(image_height=p.image_hw[0], image_width=p.image_hw[1], y=p.rect.y, x=p.rect.x,
+                         height=p.rect.height, width=p.rect.width, core_y=p.core.y, core_x=p.core.x,
+                         core_height=p.core.height, core_width=p.core.width, index=p.index, count=p.count)
     metas = []
     for sample, label in zip(built.samples, built.labels.tolist()):
         metas.append(pb.SampleMeta(
             slide_id=sample.record.slide_id, level=sample.level, mpp=sample.mpp, x=sample.x, y=sample.y,
             width=sample.width, height=sample.height, label=labels[label], label_index=label,
-            index=sample.index, padding=sample.padding,
+            index=sample.index, padding=sample.padding, piece=piece,
         ))
     return metas
 

@@ -25,6 +25,13 @@ class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSPORT_UNSPECIFIED: _ClassVar[Transport]
     GRPC: _ClassVar[Transport]
     SHM: _ClassVar[Transport]
+
+class View(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PATCHES: _ClassVar[View]
+    IMAGE: _ClassVar[View]
+    TILES: _ClassVar[View]
+    SHARD: _ClassVar[View]
 MODE_UNSPECIFIED: Mode
 RANDOM: Mode
 GRID: Mode
@@ -35,6 +42,10 @@ BY_LABEL: Balance
 TRANSPORT_UNSPECIFIED: Transport
 GRPC: Transport
 SHM: Transport
+PATCHES: View
+IMAGE: View
+TILES: View
+SHARD: View
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()
@@ -152,6 +163,34 @@ class ShmRef(_message.Message):
     slot: int
     def __init__(self, segment: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., slot: _Optional[int] = ...) -> None: ...
 
+class ViewSpec(_message.Message):
+    __slots__ = ("view", "region_width", "region_height", "whole_slide", "tile_size", "overlap", "grid_rows", "grid_cols", "shard_row", "shard_col", "halo", "align")
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    REGION_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    REGION_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_SLIDE_FIELD_NUMBER: _ClassVar[int]
+    TILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    GRID_ROWS_FIELD_NUMBER: _ClassVar[int]
+    GRID_COLS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ROW_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COL_FIELD_NUMBER: _ClassVar[int]
+    HALO_FIELD_NUMBER: _ClassVar[int]
+    ALIGN_FIELD_NUMBER: _ClassVar[int]
+    view: View
+    region_width: int
+    region_height: int
+    whole_slide: bool
+    tile_size: int
+    overlap: int
+    grid_rows: int
+    grid_cols: int
+    shard_row: int
+    shard_col: int
+    halo: int
+    align: int
+    def __init__(self, view: _Optional[_Union[View, str]] = ..., region_width: _Optional[int] = ..., region_height: _Optional[int] = ..., whole_slide: _Optional[bool] = ..., tile_size: _Optional[int] = ..., overlap: _Optional[int] = ..., grid_rows: _Optional[int] = ..., grid_cols: _Optional[int] = ..., shard_row: _Optional[int] = ..., shard_col: _Optional[int] = ..., halo: _Optional[int] = ..., align: _Optional[int] = ...) -> None: ...
+
 class Augment(_message.Message):
     __slots__ = ("enabled", "config_json")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
@@ -173,7 +212,7 @@ class Output(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., channels_last: _Optional[bool] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "shm_slots")
+    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +235,7 @@ class OpenSession(_message.Message):
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     SHM_PROBE_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     SHM_SLOTS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: str
@@ -219,8 +259,9 @@ class OpenSession(_message.Message):
     transport: Transport
     shm_probe: str
     job_id: str
+    view: ViewSpec
     shm_slots: int
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., shm_slots: _Optional[int] = ...) -> None: ...
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
@@ -261,7 +302,7 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., shard_length: _Optional[int] = ..., batches: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., transport_reason: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SampleMeta(_message.Message):
-    __slots__ = ("slide_id", "level", "mpp", "x", "y", "width", "height", "label", "label_index", "index", "padding")
+    __slots__ = ("slide_id", "level", "mpp", "x", "y", "width", "height", "label", "label_index", "index", "padding", "piece")
     SLIDE_ID_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     MPP_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +314,7 @@ class SampleMeta(_message.Message):
     LABEL_INDEX_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
+    PIECE_FIELD_NUMBER: _ClassVar[int]
     slide_id: str
     level: int
     mpp: float
@@ -284,7 +326,36 @@ class SampleMeta(_message.Message):
     label_index: int
     index: int
     padding: bool
-    def __init__(self, slide_id: _Optional[str] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., label: _Optional[str] = ..., label_index: _Optional[int] = ..., index: _Optional[int] = ..., padding: _Optional[bool] = ...) -> None: ...
+    piece: Piece
+    def __init__(self, slide_id: _Optional[str] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., label: _Optional[str] = ..., label_index: _Optional[int] = ..., index: _Optional[int] = ..., padding: _Optional[bool] = ..., piece: _Optional[_Union[Piece, _Mapping]] = ...) -> None: ...
+
+class Piece(_message.Message):
+    __slots__ = ("image_height", "image_width", "y", "x", "height", "width", "core_y", "core_x", "core_height", "core_width", "index", "count")
+    IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CORE_Y_FIELD_NUMBER: _ClassVar[int]
+    CORE_X_FIELD_NUMBER: _ClassVar[int]
+    CORE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CORE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    image_height: int
+    image_width: int
+    y: int
+    x: int
+    height: int
+    width: int
+    core_y: int
+    core_x: int
+    core_height: int
+    core_width: int
+    index: int
+    count: int
+    def __init__(self, image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., y: _Optional[int] = ..., x: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., core_y: _Optional[int] = ..., core_x: _Optional[int] = ..., core_height: _Optional[int] = ..., core_width: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
     __slots__ = ("sequence", "cursor_after", "images", "labels", "samples")

@@ -1,0 +1,84 @@
+"""Whole-image samples and their views: tiles and shards stitched back equal the image view exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer_client import InvalidRequestError, LoaderClient, ResourceExhaustedError, StreamConfig
+from trainer_client.views import crop_core, stitch_tiles
+
+AUGMENT = {"blur_prob": 1.0, "blur_sigma": [0.5, 1.5]}  # blur on every image: pieces need their halo
+
+
+def cfg(**kw: object) -> StreamConfig:
+    values: dict[str, object] = dict(dataset="train", batch_size=1, view="image", region_width=300,
+                                     region_height=220, samples_per_epoch=3, seed=11, transport="grpc",
+                                     augment_config=AUGMENT, timeout_s=60, tissue_threshold=0.2)
+    values.update(kw)
+    return StreamConfig(**values)  # type: ignore[arg-type]
+
+
+def images(client: LoaderClient, config: StreamConfig) -> list[torch.Tensor]:
+    with client.stream(config) as stream:
+        return [b["images"] for b in stream]
+
+
+@pytest.mark.parametrize(("tile", "overlap"), [(64, 0), (96, 16), (128, 7)])
+def test_tiles_stitch_to_the_image_view(client: LoaderClient, tile: int, overlap: int) -> None:
+    whole = images(client, cfg())
+    with client.stream(cfg(view="tiles", tile_size=tile, overlap=overlap)) as stream:
+        pieces = list(stream)
+        stitched = [b["images"] for b in stitch_tiles(pieces)]
+    assert len(whole) == len(stitched) == 3
+    for a, b in zip(whole, stitched):
+        assert a.shape == b.shape and a.shape[2:] in ((220, 300), (300, 220))  # rot90 swaps
+        assert torch.equal(a, b)
+    # Overlap regions are real context, identical to the image's pixels there.
+    for batch in pieces[:4]:
+        y, x, h, w = batch["piece"]["rect"]
+        assert torch.equal(batch["images"], whole[0][..., y:y + h, x:x + w])
+
+
+def test_shards_with_halo_are_crops_of_the_image_view(client: LoaderClient) -> None:
+    whole = images(client, cfg())
+    rows, cols = 2, 3
+    canvas = [torch.zeros_like(w) for w in whole]
+    for r in range(rows):
+        for c in range(cols):
+            with client.stream(cfg(view="shard", grid=(rows, cols), shard=(r, c), halo=9, align=4)) as stream:
+                for i, batch in enumerate(stream):
+                    y, x, h, w = batch["piece"]["rect"]
+                    assert torch.equal(batch["images"], whole[i][..., y:y + h, x:x + w])
+                    cy, cx, ch, cw = batch["piece"]["core"]
+                    assert cy % 4 == 0 and cx % 4 == 0
+                    canvas[i][..., cy:cy + ch, cx:cx + cw] = crop_core(batch)
+    for a, b in zip(whole, canvas):
+        assert torch.equal(a, b)
+
+
+def test_every_rank_of_a_spatial_group_gets_the_same_sample(client: LoaderClient) -> None:
+    seen = []
+    for col in range(2):
+        with client.stream(cfg(view="shard", grid=(1, 2), shard=(0, col))) as stream:
+            seen.append([(b["slide_id"][0], int(b["x"][0]), int(b["y"][0])) for b in stream])
+    assert seen[0] == seen[1]
+
+
+def test_whole_slide_at_a_coarse_level(client: LoaderClient) -> None:
+    info = {s.slide_id: s for s in client.describe("train").slides}
+    with client.stream(cfg(whole_slide=True, level=2, samples_per_epoch=1, augment=False)) as stream:
+        batches = list(stream)
+    assert len(batches) == len(info)
+    for b in batches:
+        level = info[b["slide_id"][0]].levels[2]
+        assert b["images"].shape == (1, 3, level.height, level.width)
+
+
+def test_view_errors(client: LoaderClient) -> None:
+    with client.stream(cfg(view="tiles", tile_size=64, batch_size=2)) as s, pytest.raises(InvalidRequestError, match="batch_size=1"):
+        next(iter(s))
+    with client.stream(cfg(region_width=20000, region_height=20000)) as s, pytest.raises(ResourceExhaustedError):
+        next(iter(s))
+    with client.stream(cfg(view="shard", grid=(2, 2), shard=(2, 0))) as s, pytest.raises(InvalidRequestError, match="outside"):
+        next(iter(s))
