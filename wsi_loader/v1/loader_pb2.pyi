@@ -25,6 +25,7 @@ class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSPORT_UNSPECIFIED: _ClassVar[Transport]
     GRPC: _ClassVar[Transport]
     SHM: _ClassVar[Transport]
+    CUDA_IPC: _ClassVar[Transport]
 
 class View(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +43,7 @@ BY_LABEL: Balance
 TRANSPORT_UNSPECIFIED: Transport
 GRPC: Transport
 SHM: Transport
+CUDA_IPC: Transport
 PATCHES: View
 IMAGE: View
 TILES: View
@@ -140,16 +142,34 @@ class ReadRegionRequest(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., slide_id: _Optional[str] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "shm")
+    __slots__ = ("dtype", "shape", "data", "shm", "cuda")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
+    CUDA_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     shm: ShmRef
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ...) -> None: ...
+    cuda: CudaRef
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., cuda: _Optional[_Union[CudaRef, _Mapping]] = ...) -> None: ...
+
+class CudaRef(_message.Message):
+    __slots__ = ("mem_handle", "offset", "nbytes", "slot", "event_handle", "device_uuid")
+    MEM_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    mem_handle: bytes
+    offset: int
+    nbytes: int
+    slot: int
+    event_handle: bytes
+    device_uuid: str
+    def __init__(self, mem_handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., slot: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., device_uuid: _Optional[str] = ...) -> None: ...
 
 class ShmRef(_message.Message):
     __slots__ = ("segment", "offset", "nbytes", "slot")
