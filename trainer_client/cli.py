@@ -51,8 +51,8 @@ def _bench(args: argparse.Namespace) -> int:
         config = StreamConfig(dataset=_dataset(client, args.dataset), batch_size=args.batch_size,
                               patch_size=args.patch_size, level=args.level, transport=args.transport,
                               samples_per_epoch=10**9, credits=args.credits, augment=not args.no_augment,
-                              tissue_threshold=args.tissue_threshold, dtype=args.dtype)
-        stream = client.stream(config)
+                              tissue_threshold=args.tissue_threshold, dtype=args.dtype, job_id=args.job_id)
+        stream = client.stream(config, rank=args.rank, world_size=args.world_size)
         batches = tiles = nbytes = 0
         start = None
         deadline = None
@@ -148,6 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--consume", choices=("none", "copy"), default="none",
                        help="copy: clone every batch, i.e. read every byte as a trainer's H2D copy would")
     bench.add_argument("--dtype", choices=("uint8", "float16", "float32"), default="uint8")
+    bench.add_argument("--rank", type=int, default=None, help="this trainer's rank (default: RANK or 0)")
+    bench.add_argument("--world-size", type=int, default=None, help="ranks sharing the epoch (default: WORLD_SIZE or 1)")
+    bench.add_argument("--job-id", default="", help="ranks of one job (the server checks they agree)")
     bench.set_defaults(func=_bench)
 
     train = sub.add_parser("train", help="train a ResNet-18 patch classifier for a few steps from the stream")

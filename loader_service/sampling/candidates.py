@@ -90,7 +90,8 @@ def tissue_cells(record: SlideRecord, geometry: SlideGeometry, patch: tuple[int,
     )
     area = (y1 - y0)[:, None] * (x1 - x0)[None, :]
     fraction = np.where(area > 0, total / np.maximum(area, 1), 0.0)
-    iy, ix = np.nonzero(fraction >= max(threshold, 1e-9))
+    # threshold 0: every cell (no tissue filter); otherwise at least that fraction, and some tissue.
+    iy, ix = np.nonzero(fraction >= threshold) if threshold <= 0 else np.nonzero(fraction >= max(threshold, 1e-9))
     return np.stack([xs[ix], ys[iy]], axis=1)
 
 

@@ -1,0 +1,123 @@
+"""Decode at the hardware's speed: the service against what users run today, side by side in one run.
+
+On one synthetic 16384² pyramidal JPEG slide, for 1..cores cores (pinned with sched_setaffinity):
+  (a) codec ceiling: raw level-0 tiles decoded on N threads (libjpeg-turbo), as 256² patches/s;
+  (b) baseline: torch DataLoader(num_workers=N) + OpenSlide read_region, same augmentations;
+  (c) the service (N decode workers) + `trainer-client bench` over gRPC;
+  (d) the same over shared memory.
+Patches are random 256² level-0 regions anywhere on the slide for all four (tissue threshold 0).
+Prints patches/s and the ratios (c)/(b) and (c)/(a); writes a PNG of patches/s against cores.
+
+    python -m bench.bench_pipeline [--size 16384] [--seconds 8] [--png docs/pipeline_cores.png] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.common import median, python_cmd, run_json, service
+
+HERE = Path(__file__).resolve().parents[1]
+
+
+def _pinned(cores: int) -> dict[str, Any]:
+    cpus = sorted(os.sched_getaffinity(0))[:cores]
+    return {"preexec_fn": lambda: os.sched_setaffinity(0, cpus)}
+
+
+def codec(slide: Path, cores: int) -> float:
+    code = ("import json,sys; from bench.bench_decode import run_codec_ceiling; "
+            f"rows = run_codec_ceiling(sys.argv[1], threads=[{cores}], decoders=['imagecodecs'], max_tiles=1024); "
+            "print(json.dumps(max(rows, key=lambda r: r['mp_per_s'])))")
+    out = subprocess.run([sys.executable, "-c", code, str(slide)], capture_output=True, text=True, cwd=HERE,
+                         check=True, **_pinned(cores))
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(row["mp_per_s"]) * 1e6 / 65536
+
+
+def baseline(slide: Path, cores: int, seconds: float) -> float:
+    code = ("import json,sys; from bench.baselines import run_dataloader_baseline; "
+            f"print(json.dumps(run_dataloader_baseline([sys.argv[1]], workers={cores}, seconds={seconds})))")
+    out = subprocess.run([sys.executable, "-c", code, str(slide)], capture_output=True, text=True, cwd=HERE,
+                         check=True, **_pinned(cores))
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["patches_per_s"])
+
+
+def served(manifest: Path, cores: int, seconds: float) -> dict[str, float]:
+    args = ("--manifest", f"bench={manifest}", "--metrics-port", "-1", "--device", "cpu", "--workers", str(cores),
+            "--tissue-cache-dir", str(manifest.parent / ".tissue"))
+    cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cores])
+    rates = {}
+    with service(*args) as (port, proc):
+        os.sched_setaffinity(proc.pid, [int(c) for c in cpus.split(",")])
+        for transport in ("grpc", "shm"):
+            cmd = python_cmd("trainer_client.cli", "bench", "--endpoint", f"127.0.0.1:{port}", "--dataset", "bench",
+                             "--seconds", str(seconds), "--batch-size", "64", "--patch-size", "256",
+                             "--tissue-threshold", "0", "--transport", transport)
+            rates[transport] = float(run_json(cmd)["tiles_per_s"])
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=16384)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--max-cores", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--png", type=Path)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from bench.bench_decode import make_bench_slide
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        slide = make_bench_slide(tmp, args.size)
+        manifest = Path(tmp) / "manifest.csv"
+        manifest.write_text(f"path,label\n{slide.name},x\n")
+        counts = sorted({1, args.max_cores} | {c for c in (2, 4, 8, 16) if c < args.max_cores})
+        for cores in counts:
+            runs: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
+            for _ in range(args.repeats):
+                runs["a"].append(codec(slide, cores))
+                runs["b"].append(baseline(slide, cores, args.seconds))
+                svc = served(manifest, cores, args.seconds)
+                runs["c"].append(svc["grpc"])
+                runs["d"].append(svc["shm"])
+            row = {"cores": cores, **{k: median(v) for k, v in runs.items()}}
+            row["c_over_b"], row["c_over_a"], row["d_over_b"] = row["c"] / row["b"], row["c"] / row["a"], row["d"] / row["b"]
+            rows.append(row)
+            print(f"{cores:2d} cores  (a) codec {row['a']:7.0f}  (b) DataLoader+OpenSlide {row['b']:7.0f}  "
+                  f"(c) service/gRPC {row['c']:7.0f}  (d) service/shm {row['d']:7.0f} patches/s   "
+                  f"(c)/(b) {row['c_over_b']:.2f}  (c)/(a) {row['c_over_a']:.2f}  (d)/(b) {row['d_over_b']:.2f}",
+                  flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        labels = {"a": "(a) codec ceiling", "b": "(b) DataLoader + OpenSlide", "c": "(c) service, gRPC",
+                  "d": "(d) service, shared memory"}
+        for key, label in labels.items():
+            ax.plot([r["cores"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+        ax.set_xlabel("cores")
+        ax.set_ylabel("256² patches/s")
+        ax.set_title(f"random 256² patches, {args.size}² JPEG slide")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
