@@ -135,8 +135,17 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    if args.tls_ca:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=Path(args.tls_ca).read_bytes(),
+            private_key=Path(args.client_key).read_bytes() if args.client_key else None,
+            certificate_chain=Path(args.client_cert).read_bytes() if args.client_cert else None)
+        options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+        channel = grpc.secure_channel(args.endpoint, creds, options=options)
+    else:
+        channel = grpc.insecure_channel(args.endpoint)
     try:
-        with grpc.insecure_channel(args.endpoint) as channel:
+        with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as err:
@@ -192,6 +201,10 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--endpoint", default="127.0.0.1:50051")
     health.add_argument("--service", default="wsi_loader.v1.Loader")
     health.add_argument("--timeout", type=float, default=5.0)
+    health.add_argument("--tls-ca", help="PEM CA of the server's certificate (when the service uses TLS)")
+    health.add_argument("--client-cert", help="PEM client certificate (mutual TLS)")
+    health.add_argument("--client-key", help="PEM client key (mutual TLS)")
+    health.add_argument("--server-name", help="name the server's certificate is for, if not the endpoint's host")
     health.set_defaults(func=_health)
 
     demo = sub.add_parser("demo", help="synthetic slides + service + a trainer for a few steps")

@@ -113,6 +113,9 @@ class LoaderServer:
                             "set tls_cert/tls_key, or listen on 127.0.0.1", self.config.listen)
             else:
                 log.info("no TLS configured: listening on loopback only (%s)", self.config.listen)
+            if sec.tokens and host not in ("127.0.0.1", "localhost", "::1"):
+                log.warning("bearer tokens are configured without TLS on %s: they travel in clear text; "
+                            "set tls_cert/tls_key", self.config.listen)
             port = server.add_insecure_port(self.config.listen)
         if port == 0:
             raise OSError(f"could not bind {self.config.listen}: the address is in use or not local")
@@ -188,10 +191,14 @@ class LoaderServer:
             raise NotFound(f"dataset {name!r} is not served here; known datasets: {sorted(self.datasets)}")
         return found
 
-    def authorize(self, context: grpc.ServicerContext, dataset: str | None) -> None:
+    def authorize(self, context: grpc.ServicerContext, dataset: str | None) -> frozenset[str] | None:
+        """Check the caller's bearer token (and, given a dataset, that it may read it).
+
+        Returns the datasets the caller may read, or None for all (no tokens configured, or a '*' token).
+        """
         tokens = self.config.security.tokens
         if not tokens:
-            return
+            return None
         metadata = dict(context.invocation_metadata())
         header = str(metadata.get("authorization", ""))
         if not header.startswith("Bearer "):
@@ -201,6 +208,7 @@ class LoaderServer:
             raise Unauthenticated("the bearer token is not known to this server")
         if dataset is not None and "*" not in allowed and dataset not in allowed:
             raise Forbidden(f"this token may read {sorted(allowed)}, not dataset {dataset!r}")
+        return None if "*" in allowed else frozenset(allowed)
 
 
 def _guard(server: LoaderServer, context: grpc.ServicerContext, call: Callable[[], T]) -> T:
@@ -223,13 +231,13 @@ class _Servicer(pb_grpc.LoaderServicer):
 
     def ListDatasets(self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext) -> pb.ListDatasetsResponse:
         def run() -> pb.ListDatasetsResponse:
-            self.s.authorize(context, None)
+            allowed = self.s.authorize(context, None)
             found = [
                 pb.DatasetSummary(name=d.name, slides=len(d.usable), failed_slides=len(d.records) - len(d.usable),
                                   labels=d.labels)
-                for d in self.s.datasets.values()
+                for d in self.s.datasets.values() if allowed is None or d.name in allowed
             ]
-            if self.s.synthetic is not None:
+            if self.s.synthetic is not None and (allowed is None or SYNTHETIC_DATASET in allowed):
                 found.append(pb.DatasetSummary(name=SYNTHETIC_DATASET, labels=["synthetic"]))
             return pb.ListDatasetsResponse(datasets=found)
         return _guard(self.s, context, run)
@@ -283,6 +291,7 @@ class _Servicer(pb_grpc.LoaderServicer):
         try:
             if s.draining.is_set():
                 raise Unavailable("server is shutting down; connect to another replica or retry after restart")
+            s.authorize(context, None)  # who is asking, before looking at what is asked
             request = parse_open(check_open(next(requests, None)), s.config.max_batch_bytes,
                                  s.config.max_region_pixels)
             s.authorize(context, request.dataset)

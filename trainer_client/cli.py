@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +26,8 @@ log = logging.getLogger("trainer_client")
 
 
 def _client(args: argparse.Namespace) -> LoaderClient:
-    client = LoaderClient(args.endpoint, token=args.token)
+    client = LoaderClient(args.endpoint, token=args.token, tls_ca=args.tls_ca, client_cert=args.client_cert,
+                          client_key=args.client_key, server_name=args.server_name)
     client.wait_ready()
     return client
 
@@ -91,7 +94,10 @@ def _train(args: argparse.Namespace) -> int:
         config = StreamConfig(dataset=dataset, batch_size=args.batch_size, patch_size=args.patch_size,
                               level=args.level, dtype="float32", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                               samples_per_epoch=args.steps * args.batch_size, seed=args.seed, pin_memory=True)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cpu")
+        if torch.cuda.is_available():  # under torchrun each rank takes its own GPU
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
         model = torchvision.models.resnet18(weights=None, num_classes=max(2, len(labels))).to(device)
         optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         stream = client.stream(config)
@@ -120,9 +126,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_streaming(args: argparse.Namespace) -> int:
+    from trainer_client.train_streaming import run
+
+    with _client(args) as client:
+        dataset = _dataset(client, args.dataset)
+        labels = next(list(d.labels) for d in client.datasets() if d.name == dataset)
+        print(json.dumps(run(args, client, dataset, labels)), flush=True)
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", required=True, help="HOST:PORT of a loader-service")
-    p.add_argument("--token", default=None, help="bearer token, when the service requires one")
+    p.add_argument("--token", default=os.environ.get("WSI_LOADER_TOKEN"),
+                   help="bearer token, when the service requires one (default: $WSI_LOADER_TOKEN)")
+    p.add_argument("--tls-ca", type=Path, default=None, help="PEM CA of the service's certificate: use TLS")
+    p.add_argument("--client-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
+    p.add_argument("--client-key", type=Path, default=None, help="PEM client key (mutual TLS)")
+    p.add_argument("--server-name", default=None, help="name on the service's certificate, if not the endpoint's")
     p.add_argument("--dataset", default=None, help="dataset name (default: the first the service lists)")
 
 
@@ -162,6 +183,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--log-every", type=int, default=10)
     train.set_defaults(func=_train)
+
+    streaming = sub.add_parser("train-streaming", help="train a streaming ResNet on whole regions (tiles view)")
+    _common(streaming)
+    from trainer_client.train_streaming import add_arguments
+
+    add_arguments(streaming)
+    streaming.set_defaults(func=_train_streaming)
     return parser
 
 

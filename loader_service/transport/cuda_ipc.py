@@ -1,0 +1,326 @@
+"""The GPU data plane: batch slots in one raw allocation of the server's GPU, shared by CUDA IPC.
+
+One pool per session: a single ``cudaMalloc`` cut into fixed-size slots, and one interprocess event per
+slot. ``write`` copies a batch into its slot on the current torch stream and records the slot's event on
+that stream; the ``CudaRef`` it returns names the allocation (IPC memory handle), the slot's place in it and
+the event (IPC event handle). The client opens the memory handle once, makes its stream wait on the event
+(so it never reads before the copy finished, with no host synchronisation on either side), and releases the
+slot only after its own work on it completed. Same slot bookkeeping as :class:`~.shm.SlotPool`.
+
+The memory is a raw ``cudaMalloc``, not torch's caching allocator: an IPC memory handle refers to the base
+of an allocation, and torch's blocks are carved out of larger segments. The pool needs NVIDIA's
+``cuda-bindings`` (``cuda.bindings.runtime``) or CuPy; both are imported lazily, so this module imports on
+machines without CUDA. ``WSI_LOADER_CUDA_BACKEND=cupy|cuda-bindings`` forces one of them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+import torch
+
+from wsi_loader.v1 import loader_pb2 as pb
+
+__all__ = ["CudaSlotPool", "cuda_ipc_available", "device_uuid"]
+
+log = logging.getLogger(__name__)
+
+_ALIGN = 4096                   # slot alignment inside the allocation (bytes)
+_HANDLE_BYTES = 64              # sizeof(cudaIpcMemHandle_t) == sizeof(cudaIpcEventHandle_t)
+_CLOSE_TIMEOUT_S = 60.0         # close(): how long the slots' last copies may still run
+_BACKEND_ENV = "WSI_LOADER_CUDA_BACKEND"
+
+
+class _CudaBindings:
+    """The few CUDA runtime calls the pool needs, through NVIDIA's cuda-bindings."""
+
+    name = "cuda-bindings"
+
+    def __init__(self) -> None:
+        try:
+            from cuda.bindings import runtime as rt
+        except ImportError:  # cuda-python < 12.6 spelled it cuda.cudart
+            from cuda import cudart as rt  # type: ignore[no-redef]
+        self.rt: Any = rt
+
+    def _check(self, result: Any, what: str) -> Any:
+        err, *rest = result if isinstance(result, tuple) else (result,)
+        if int(err) != 0:
+            raise RuntimeError(f"{what} failed: {self.rt.cudaGetErrorName(err)[1]!r} ({int(err)})")
+        return rest[0] if len(rest) == 1 else rest
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self._check(self.rt.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
+
+    def free(self, ptr: int) -> None:
+        self._check(self.rt.cudaFree(ptr), "cudaFree")
+
+    def mem_handle(self, ptr: int) -> bytes:
+        handle = self._check(self.rt.cudaIpcGetMemHandle(ptr), "cudaIpcGetMemHandle")
+        return ctypes.string_at(handle.getPtr(), _HANDLE_BYTES)
+
+    def event_create(self) -> Any:
+        flags = self.rt.cudaEventDisableTiming | self.rt.cudaEventInterprocess
+        return self._check(self.rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags(interprocess)")
+
+    def event_handle(self, event: Any) -> bytes:
+        handle = self._check(self.rt.cudaIpcGetEventHandle(event), "cudaIpcGetEventHandle")
+        return ctypes.string_at(handle.getPtr(), _HANDLE_BYTES)
+
+    def event_record(self, event: Any, stream: int) -> None:
+        self._check(self.rt.cudaEventRecord(event, stream), "cudaEventRecord")
+
+    def event_done(self, event: Any) -> bool:
+        err = self.rt.cudaEventQuery(event)[0]
+        if err == self.rt.cudaError_t.cudaErrorNotReady:
+            return False
+        self._check((err,), "cudaEventQuery")
+        return True
+
+    def event_destroy(self, event: Any) -> None:
+        self._check(self.rt.cudaEventDestroy(event), "cudaEventDestroy")
+
+
+class _CuPy:
+    """The same calls through CuPy's runtime module."""
+
+    name = "cupy"
+
+    def __init__(self) -> None:
+        from cupy.cuda import runtime as rt
+        self.rt: Any = rt
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self.rt.malloc(nbytes))
+
+    def free(self, ptr: int) -> None:
+        self.rt.free(ptr)
+
+    def mem_handle(self, ptr: int) -> bytes:
+        return bytes(self.rt.ipcGetMemHandle(ptr))
+
+    def event_create(self) -> Any:
+        return int(self.rt.eventCreateWithFlags(self.rt.eventDisableTiming | self.rt.eventInterprocess))
+
+    def event_handle(self, event: Any) -> bytes:
+        return bytes(self.rt.ipcGetEventHandle(event))
+
+    def event_record(self, event: Any, stream: int) -> None:
+        self.rt.eventRecord(event, stream)
+
+    def event_done(self, event: Any) -> bool:
+        try:
+            return int(self.rt.eventQuery(event)) == 0
+        except self.rt.CUDARuntimeError as err:
+            if err.status == self.rt.errorNotReady:
+                return False
+            raise
+
+    def event_destroy(self, event: Any) -> None:
+        self.rt.eventDestroy(event)
+
+
+def _load_backend() -> _CudaBindings | _CuPy:
+    """cuda-bindings, else CuPy (or the one ``WSI_LOADER_CUDA_BACKEND`` names); ImportError with the reasons."""
+    wanted = os.environ.get(_BACKEND_ENV, "").strip().lower()
+    choices: list[type[_CudaBindings] | type[_CuPy]] = [_CudaBindings, _CuPy]
+    if wanted:
+        choices = [c for c in choices if c.name == wanted]
+        if not choices:
+            raise ImportError(f"{_BACKEND_ENV}={wanted!r}: expected 'cuda-bindings' or 'cupy'")
+    reasons = []
+    for choice in choices:
+        try:
+            return choice()
+        except Exception as err:  # noqa: BLE001 - ImportError, or a CuPy built for another CUDA
+            reasons.append(f"{choice.name}: {err}")
+    raise ImportError("no CUDA runtime binding for CUDA IPC (install cuda-bindings or cupy-cuda12x): "
+                      + "; ".join(reasons))
+
+
+def cuda_ipc_available() -> tuple[bool, str]:
+    """Whether this process can serve CUDA IPC slots: (True, backend name) or (False, why not)."""
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device"
+    try:
+        backend = _load_backend()
+    except ImportError as err:
+        return False, str(err)
+    return True, backend.name
+
+
+def device_uuid(device: torch.device | int) -> str:
+    """The GPU's UUID as ``GPU-xxxxxxxx-...`` (the same under any CUDA_VISIBLE_DEVICES numbering)."""
+    raw = str(torch.cuda.get_device_properties(device).uuid).strip().lower()
+    return raw if raw.startswith("gpu-") else f"GPU-{raw}"
+
+
+class _Raw:
+    """A ``__cuda_array_interface__`` over raw device bytes, so that torch wraps them without a copy."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
+                                         "strides": None, "version": 2}
+
+
+class CudaSlotPool:
+    """``count`` slots of ``slot_bytes`` in one raw allocation on ``device``. Guarded by ``cond`` like SlotPool."""
+
+    def __init__(self, count: int, slot_bytes: int, cond: threading.Condition, device: torch.device) -> None:
+        if count < 1 or slot_bytes < 1:
+            raise ValueError("a slot pool needs at least one slot of at least one byte")
+        ok, reason = cuda_ipc_available()
+        if not ok:
+            raise RuntimeError(f"CUDA IPC slot pool unavailable: {reason}")
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"a CUDA slot pool needs a CUDA device, not {device}")
+        self.device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        self._cuda = _load_backend()
+        self.slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN
+        self.count = count
+        self.cond = cond
+        self.name = f"wsi-cuda-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.device_uuid = device_uuid(self.device)
+        self._events: list[Any] = []
+        self._ptr = 0
+        with torch.cuda.device(self.device):
+            try:
+                self._ptr = self._cuda.malloc(self.slot_bytes * count)
+                self.mem_handle = self._cuda.mem_handle(self._ptr)
+                for _ in range(count):
+                    self._events.append(self._cuda.event_create())
+                self._event_handles = [self._cuda.event_handle(event) for event in self._events]
+            except BaseException:
+                self._release_cuda()
+                raise
+        self._buffer: torch.Tensor | None = torch.as_tensor(_Raw(self._ptr, self.slot_bytes * count),
+                                                            device=self.device)
+        if self._buffer.data_ptr() != self._ptr:
+            raise RuntimeError("torch did not wrap the slot pool's memory in place")
+        self._written = [False] * count
+        self._free = list(range(count - 1, -1, -1))
+        self._held: set[int] = set()  # written and sent, not yet released by the client
+        self._lock = threading.Lock()  # write() vs close()
+
+    # free_slots/take/give_back/held are called with ``cond`` held by the caller, as with SlotPool.
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def take(self) -> int:
+        slot = self._free.pop()
+        self._held.add(slot)
+        return slot
+
+    def give_back(self, slots: list[int]) -> int:
+        """Return slots to the pool; unknown or already-free ids are ignored. Returns how many came back."""
+        returned = 0
+        for slot in slots:
+            if slot in self._held:
+                self._held.remove(slot)
+                self._free.append(slot)
+                returned += 1
+        if returned:
+            self.cond.notify_all()
+        return returned
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    @property
+    def backend(self) -> str:
+        return self._cuda.name
+
+    def offset(self, slot: int) -> int:
+        return slot * self.slot_bytes
+
+    def write(self, slot: int, tensor: torch.Tensor) -> pb.CudaRef:
+        """Copy a batch into a slot on the current stream, record the slot's event, and return its reference.
+
+        Nothing waits on the host: the client's stream waits on the event. ``tensor`` should already be on
+        this pool's GPU (a CPU or other-GPU tensor works, through torch's copy). As everywhere in torch, the
+        caller makes sure ``tensor`` was produced on (or synchronised with) the current stream.
+        """
+        if not 0 <= slot < self.count:
+            raise ValueError(f"slot {slot} outside this pool's {self.count} slots")
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > self.slot_bytes:
+            raise ValueError(f"batch of {nbytes} bytes does not fit a {self.slot_bytes}-byte slot")
+        with self._lock:
+            if self._buffer is None:
+                raise RuntimeError(f"CUDA slot pool {self.name} is closed")
+            start = slot * self.slot_bytes
+            with torch.cuda.device(self.device):
+                stream = torch.cuda.current_stream(self.device)
+                if nbytes:
+                    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+                    self._buffer[start:start + nbytes].copy_(flat, non_blocking=True)
+                self._cuda.event_record(self._events[slot], stream.cuda_stream)
+            self._written[slot] = True
+        return pb.CudaRef(mem_handle=self.mem_handle, offset=start, nbytes=nbytes, slot=slot,
+                          event_handle=self._event_handles[slot], device_uuid=self.device_uuid)
+
+    def slot_tensor(self, slot: int) -> torch.Tensor:
+        """The slot's bytes as a uint8 CUDA tensor (a view of the pool; for tests and diagnostics)."""
+        if self._buffer is None:
+            raise RuntimeError(f"CUDA slot pool {self.name} is closed")
+        return self._buffer[slot * self.slot_bytes:(slot + 1) * self.slot_bytes]
+
+    def synchronize(self, timeout: float = _CLOSE_TIMEOUT_S) -> None:
+        """Wait (polling, at most ``timeout`` s) until every slot's last copy completed; TimeoutError if not."""
+        deadline = time.monotonic() + timeout
+        pause = 1e-5
+        for slot, event in enumerate(self._events):
+            if not self._written[slot]:
+                continue
+            while not self._cuda.event_done(event):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"CUDA slot pool {self.name}: the copy into slot {slot} did not complete "
+                                       f"within {timeout:.0f}s (is the GPU hung or the stream blocked?)")
+                time.sleep(pause)
+                pause = min(pause * 2, 1e-3)
+
+    def close(self, timeout: float = _CLOSE_TIMEOUT_S) -> None:
+        """Wait for the pending copies, then free the memory and destroy the events (idempotent).
+
+        Clients that still map the allocation keep reading whatever the driver leaves there: end sessions
+        after the client released its slots (the client's ``close`` unmaps). If the copies do not complete
+        within ``timeout`` s, the memory is deliberately leaked (freeing it under a running copy is worse).
+        """
+        with self._lock:
+            if self._buffer is None:
+                return
+            self._buffer = None
+            try:
+                with torch.cuda.device(self.device):
+                    self.synchronize(timeout)
+            except TimeoutError as err:
+                log.error("%s; leaking its %d bytes of GPU memory", err, self.slot_bytes * self.count)
+                return
+            self._release_cuda()
+
+    def _release_cuda(self) -> None:
+        with torch.cuda.device(self.device):
+            for event in self._events:
+                try:
+                    self._cuda.event_destroy(event)
+                except Exception as err:  # noqa: BLE001 - keep freeing the rest
+                    log.warning("CUDA slot pool %s: destroying an event failed: %s", self.name, err)
+            self._events = []
+            if self._ptr:
+                try:
+                    self._cuda.free(self._ptr)
+                except Exception as err:  # noqa: BLE001
+                    log.warning("CUDA slot pool %s: cudaFree failed: %s", self.name, err)
+                self._ptr = 0
+
+    def __repr__(self) -> str:
+        return (f"CudaSlotPool({self.name}, {self.count}x{self.slot_bytes} B on {self.device} "
+                f"[{self.device_uuid}], free={len(self._free)})")
