@@ -35,6 +35,7 @@ _ALIGN = 4096                   # slot alignment inside the allocation (bytes)
 _HANDLE_BYTES = 64              # sizeof(cudaIpcMemHandle_t) == sizeof(cudaIpcEventHandle_t)
 _CLOSE_TIMEOUT_S = 60.0         # close(): how long the slots' last copies may still run
 _BACKEND_ENV = "WSI_LOADER_CUDA_BACKEND"
+_NOT_READY = 600                # cudaErrorNotReady
 
 
 class _CudaBindings:
@@ -52,7 +53,9 @@ class _CudaBindings:
     def _check(self, result: Any, what: str) -> Any:
         err, *rest = result if isinstance(result, tuple) else (result,)
         if int(err) != 0:
-            raise RuntimeError(f"{what} failed: {self.rt.cudaGetErrorName(err)[1]!r} ({int(err)})")
+            name = self.rt.cudaGetErrorName(err)[1]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            raise RuntimeError(f"{what} failed: {name} ({int(err)})")
         return rest[0] if len(rest) == 1 else rest
 
     def malloc(self, nbytes: int) -> int:
@@ -115,12 +118,12 @@ class _CuPy:
         self.rt.eventRecord(event, stream)
 
     def event_done(self, event: Any) -> bool:
-        try:
-            return int(self.rt.eventQuery(event)) == 0
-        except self.rt.CUDARuntimeError as err:
-            if err.status == self.rt.errorNotReady:
-                return False
-            raise
+        status = int(self.rt.eventQuery(event))  # CuPy returns the raw cudaError_t here, it does not raise
+        if status == _NOT_READY:
+            return False
+        if status != 0:
+            raise RuntimeError(f"cudaEventQuery failed with CUDA error {status}")
+        return True
 
     def event_destroy(self, event: Any) -> None:
         self.rt.eventDestroy(event)
