@@ -1,0 +1,124 @@
+"""`trainer-client train-streaming`: a streaming ResNet trained on whole regions with slide-level labels.
+
+The service delivers each region as tiles (the `tiles` view), the trainer stitches them into the input,
+and the ResNet's convolutional front runs tile by tile (``trainer_client.streaming``), so activation memory
+is that of one tile while gradients equal full-image backprop. Logs loss, images/s and peak memory; saves
+and resumes checkpoints holding the model, the optimiser and the loader's cursor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from trainer_client.client import LoaderClient
+from trainer_client.config import StreamConfig
+from trainer_client.streaming import StreamingModule, resnet_front, streaming_step
+from trainer_client.views import stitch_tiles
+
+__all__ = ["add_arguments", "run"]
+
+log = logging.getLogger(__name__)
+ARCHS = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.models.resnet34,
+         "resnet50": torchvision.models.resnet50}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", choices=sorted(ARCHS), default="resnet34")
+    p.add_argument("--region", type=int, default=2048, help="side of the square region at --level (pixels)")
+    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--tile-size", type=int, default=None, help="streaming tile side (default: from --memory-budget-mb)")
+    p.add_argument("--memory-budget-mb", type=float, default=None)
+    p.add_argument("--service-tile", type=int, default=512, help="tile side the service sends (tiles view)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--samples-per-epoch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", action="store_true", help="mixed precision on the GPU")
+    p.add_argument("--checkpoint", type=Path, default=None, help="save here every --save-every steps and at the end")
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint (model, optimiser, cursor)")
+    p.add_argument("--log-every", type=int, default=1)
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run(args: argparse.Namespace, client: LoaderClient, dataset: str, labels: list[str]) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = ARCHS[args.arch](weights=None, num_classes=max(2, len(labels))).to(device)
+    front = resnet_front(model)
+    head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
+    budget = int(args.memory_budget_mb * 2**20) if args.memory_budget_mb else None
+    streamer = StreamingModule(front, tile_size=args.tile_size, memory_budget_bytes=budget,
+                               amp=args.amp and device.type == "cuda")
+    optimiser = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    config = StreamConfig(dataset=dataset, batch_size=1, view="tiles", region_width=args.region,
+                          region_height=args.region, tile_size=args.service_tile, level=args.level,
+                          samples_per_epoch=args.samples_per_epoch, seed=args.seed, dtype="float32",
+                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), tissue_threshold=0.2)
+    stream = client.stream(config)
+    step = 0
+    if args.resume:
+        if args.checkpoint is None or not args.checkpoint.exists():
+            raise ValueError("--resume needs an existing --checkpoint file")
+        state = torch.load(args.checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["loader"])
+        step = int(state["step"])
+        log.info("resumed from %s at step %d (epoch %d, cursor %d)", args.checkpoint, step, stream.epoch, stream.cursor)
+
+    def save() -> None:
+        if args.checkpoint is not None:
+            tmp = args.checkpoint.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": optimiser.state_dict(),
+                        "loader": stream.state_dict(), "step": step, "arch": args.arch}, tmp)
+            tmp.replace(args.checkpoint)
+
+    model.train()
+    start, images, last_loss = time.perf_counter(), 0, float("nan")
+    target = step + args.steps
+    try:
+        while step < target:
+            for sample in stitch_tiles(stream):
+                x = sample["images"].to(device, non_blocking=True)
+                y = sample["labels"].to(device)
+                optimiser.zero_grad(set_to_none=True)
+                result = streaming_step(streamer, head, nn.functional.cross_entropy, x, y)
+                optimiser.step()
+                step += 1
+                images += 1
+                last_loss = float(result.loss)
+                if step % args.log_every == 0:
+                    rate = images / (time.perf_counter() - start)
+                    print(f"step {step:5d}  loss {last_loss:.4f}  {rate:6.2f} images/s  "
+                          f"peak {_peak_memory_mib(device):8.0f} MiB", flush=True)
+                if args.checkpoint is not None and step % args.save_every == 0:
+                    save()
+                if step >= target:
+                    break
+    finally:
+        save()
+        stream.close()
+    elapsed = time.perf_counter() - start
+    return {"steps": step, "images": images, "images_per_s": images / elapsed, "loss": last_loss,
+            "peak_memory_mib": _peak_memory_mib(device), "device": str(device), "epoch": stream.epoch,
+            "cursor": stream.cursor}
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    return json.dumps(result)
