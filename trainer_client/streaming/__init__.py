@@ -1,0 +1,25 @@
+"""Streaming CNN: exact tile-by-tile training of the convolutional front of a network on gigapixel inputs.
+
+See ``docs/streaming.md``.
+"""
+
+from .geometry import AxisGeometry, TileSpan, geometry_of, min_tile_size, plan_axis
+from .memory import TileMemoryEstimate, choose_tile_size, estimate_tile_memory, frozen_eval
+from .module import StepResult, StreamingConfig, StreamingModule, resnet_front, streaming_step
+
+__all__ = [
+    "AxisGeometry",
+    "StepResult",
+    "StreamingConfig",
+    "StreamingModule",
+    "TileMemoryEstimate",
+    "TileSpan",
+    "choose_tile_size",
+    "estimate_tile_memory",
+    "frozen_eval",
+    "geometry_of",
+    "min_tile_size",
+    "plan_axis",
+    "resnet_front",
+    "streaming_step",
+]
