@@ -315,6 +315,7 @@ class _Servicer(pb_grpc.LoaderServicer):
             yield pb.StreamResponse(opened=pb.SessionOpened(
                 session_id=session.id, shard_length=plan.shard_length, batches=session.cursor.remaining_batches(),
                 transport=transport, transport_reason=reason, labels=plan.labels,
+                shm_segment=pool.name if pool is not None else "",
             ))
             yield from session.batches()
         except ServiceError as err:

@@ -59,10 +59,13 @@ class PieceSpec:
 
 
 def split_bounds(size: int, parts: int, align: int) -> list[int]:
-    """Boundaries of ``parts`` near-equal intervals of [0, size) at multiples of ``align`` (first 0, last size)."""
+    """Boundaries of ``parts`` near-equal intervals of [0, size) at multiples of ``align`` (first 0, last size).
+
+    With ``align`` 1 this is ``i * size // parts``, the partition `trainer_client.decomposed` uses.
+    """
     bounds = [0]
     for i in range(1, parts):
-        cut = round(size * i / parts / align) * align
+        cut = (size * i // parts) // align * align
         bounds.append(min(max(cut, bounds[-1]), size))
     bounds.append(size)
     if any(b1 - b0 < 1 for b0, b1 in zip(bounds, bounds[1:])):

@@ -17,12 +17,13 @@ from trainer_client.decomposed.verify import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _torchrun(*args: str) -> str:
+def _torchrun(*args: str, source: tuple[str, ...] = ("--synthetic", "--dtype", "float64",
+                                                      "--image-size", "61x70")) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "trainer_client.train_decomposed", "--grid", "1x2", "--synthetic", "--arch", "resnet18",
-           "--image-size", "61x70", "--batch-size", "2", "--dtype", "float64", *args]
+           "-m", "trainer_client.train_decomposed", "--grid", "1x2", "--arch", "resnet18", "--batch-size", "2",
+           *source, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
@@ -43,11 +44,17 @@ def test_train_checkpoint_resume(tmp_path: Path) -> None:
         assert torch.allclose(v.double(), b["model"][k].double(), rtol=1e-12, atol=1e-14), k
 
 
-def test_endpoint_not_yet_supported(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        parse_args(["--endpoint", "loader:7000", "--grid", "2x2"])
-    assert exc.value.code == 2
-    assert "not yet supported, use --synthetic" in capsys.readouterr().err
+def test_trains_from_the_services_shard_view(server: object, tmp_path: Path) -> None:
+    """Each rank receives only its shard of each sample from the service (grid 1x2), and training runs."""
+    endpoint = f"127.0.0.1:{server.port}"  # type: ignore[attr-defined]
+    log = _torchrun("--steps", "2", "--checkpoint-dir", str(tmp_path),
+                    source=("--endpoint", endpoint, "--dataset", "train", "--image-size", "96x96",
+                            "--samples-per-epoch", "8"))
+    assert "train_decomposed summary: step=2" in log
+    log = _torchrun("--steps", "3", "--checkpoint-dir", str(tmp_path), "--resume",
+                    source=("--endpoint", endpoint, "--dataset", "train", "--image-size", "96x96",
+                            "--samples-per-epoch", "8"))
+    assert "at step 2" in log and "train_decomposed summary: step=3" in log
 
 
 def test_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:

@@ -102,8 +102,7 @@ class _Call:
 
     def __init__(self, client: LoaderClient, open_message: pb.OpenSession, credits: int) -> None:
         self._requests: queue.Queue[pb.StreamRequest | object] = queue.Queue()
-        self._requests.put(pb.StreamRequest(open=open_message))
-        self._requests.put(pb.StreamRequest(credit=pb.Credit(batches=credits)))
+        self._requests.put(pb.StreamRequest(open=open_message))  # credits follow once `opened` is handled
         self.responses: queue.Queue[Any] = queue.Queue(maxsize=credits + 2)
         self.receiver: ShmReceiver | None = None
         self._call = client.stub.Stream(self._request_iter(), metadata=client.connection.metadata())
@@ -213,6 +212,8 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
                 log.info("shared memory not usable, falling back to gRPC bytes: %s", opened.transport_reason)
             if self.transport == "shm":
                 call.receiver = ShmReceiver(call.release, self.config.shm_keep)
+                call.receiver.attach(opened.shm_segment)  # mapped before any batch can be sent
+            call.grant(self.config.credits)
             while True:
                 response = self._next(call)
                 kind = response.WhichOneof("kind")

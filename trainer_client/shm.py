@@ -70,6 +70,10 @@ class ShmReceiver:
         self._maps: dict[str, mmap.mmap] = {}
         self._pending: dict[int, weakref.finalize] = {}
 
+    def attach(self, segment: str) -> None:
+        """Map the session's segment now: the server unlinks it when the session ends."""
+        self._map(segment)
+
     def _map(self, segment: str) -> mmap.mmap:
         found = self._maps.get(segment)
         if found is None:

@@ -28,6 +28,7 @@ import torchvision
 
 from trainer_client.decomposed.data import SyntheticImages, shard_batch
 from trainer_client.decomposed.groups import init_layout, parse_grid
+from trainer_client.client import LoaderClient
 from trainer_client.decomposed.model import decompose
 
 __all__ = ["TrainConfig", "main", "parse_args", "train"]
@@ -55,6 +56,9 @@ class TrainConfig:
     resume: bool
     log_every: int
     timeout_s: float
+    endpoint: str | None = None
+    dataset: str | None = None
+    samples_per_epoch: int = 1024
 
     def __post_init__(self) -> None:
         if self.arch not in _ARCHS:
@@ -91,7 +95,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ap.add_argument("--replicas", type=int, default=None, help="data-parallel replicas (default: world/(R*C))")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--synthetic", action="store_true", help="deterministic random images and labels")
-    src.add_argument("--endpoint", metavar="HOST:PORT", help="loader service (not yet supported)")
+    src.add_argument("--endpoint", metavar="HOST:PORT", help="loader service: each rank reads its `shard` view")
+    ap.add_argument("--dataset", default=None, help="dataset of the service (default: its first)")
+    ap.add_argument("--samples-per-epoch", type=int, default=1024)
     ap.add_argument("--arch", default="resnet18", choices=_ARCHS)
     ap.add_argument("--image-size", type=_image_size, default=(256, 256), help="N or HxW")
     ap.add_argument("--batch-size", type=int, default=2, help="images per replica per step")
@@ -107,14 +113,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ap.add_argument("--log-every", type=int, default=1)
     ap.add_argument("--timeout-s", type=float, default=300.0, help="bound on every collective wait")
     a = ap.parse_args(argv)
-    if a.endpoint is not None:
-        ap.error(f"--endpoint {a.endpoint}: reading from the loader service is not yet supported, use --synthetic")
-    if not a.synthetic:
-        ap.error("choose a data source: --synthetic (--endpoint is not yet supported)")
+    if not a.synthetic and a.endpoint is None:
+        ap.error("choose a data source: --endpoint HOST:PORT (the service's shard view) or --synthetic")
     try:
         return TrainConfig(parse_grid(a.grid), a.replicas, a.arch, a.image_size, a.batch_size, a.steps, a.lr,
                            a.momentum, a.seed, a.num_classes, a.dtype, a.checkpoint_dir, a.checkpoint_every,
-                           a.resume, a.log_every, a.timeout_s)
+                           a.resume, a.log_every, a.timeout_s, a.endpoint, a.dataset, a.samples_per_epoch)
     except ValueError as e:
         ap.error(str(e))
     raise AssertionError("unreachable")
@@ -175,15 +179,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             opt.load_state_dict(state["optimizer"])
             step = int(state["step"])
             _LOG.info("resumed from %s at step %d", ckpt, step)
-        data = SyntheticImages(cfg.seed, cfg.batch_size, cfg.image_hw, 3, cfg.num_classes, dtype)
+        data: Any
+        if cfg.endpoint is not None:
+            from trainer_client.decomposed.service_data import ServiceShards
+
+            dataset = cfg.dataset or LoaderClient(cfg.endpoint).datasets()[0].name
+            data = ServiceShards(cfg.endpoint, dataset, cfg.image_hw, cfg.batch_size, cfg.seed, layout.spatial,
+                                 layout.replica, layout.replicas, cfg.samples_per_epoch, dtype)
+            data.seek(step)
+        else:
+            data = SyntheticImages(cfg.seed, cfg.batch_size, cfg.image_hw, 3, cfg.num_classes, dtype)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         loss_val, seen, t_start = float("nan"), 0, time.perf_counter()
         t_log = t_start
         while step < cfg.steps:
-            images, labels = data.batch(step, layout.replica)
-            x = shard_batch(images, layout.spatial).to(device)
-            del images
+            if cfg.endpoint is not None:  # the service sent only this rank's shard
+                x, labels = data.batch(step)
+                x = x.to(device)
+            else:
+                images, labels = data.batch(step, layout.replica)
+                x = shard_batch(images, layout.spatial).to(device)
+                del images
             out = net(x, image_size=cfg.image_hw)
             loss = F.cross_entropy(out, labels.to(device))
             opt.zero_grad(set_to_none=True)
@@ -204,6 +221,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     _save(ckpt, net.module, opt, step, cfg)
                     _LOG.info("saved %s at step %d", ckpt, step)
                 dist.barrier()
+        if cfg.endpoint is not None:
+            data.close()
         elapsed = time.perf_counter() - t_start
         peak = torch.tensor([_peak_mib(device)], dtype=torch.float64, device=device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
