@@ -1,0 +1,182 @@
+"""Peak memory and step time: streaming vs conventional training of a ResNet-34 front + small head.
+
+Every (size, mode) runs in a fresh subprocess so that CPU peak memory can be read
+honestly from ``getrusage(RUSAGE_SELF).ru_maxrss``. The "activation" figure is
+that peak minus the process RSS after model creation, input creation and a small
+warm-up step. On CUDA the figures are ``torch.cuda.max_memory_allocated`` and
+that minus the allocated memory before the timed steps.
+
+Both modes run the front in eval mode (frozen batch-norm statistics), which is
+what streaming computes, so the comparison is of the same mathematics.
+
+    python3 bench/bench_streaming.py --device cpu --sizes 2048 4096
+    python3 bench/bench_streaming.py --device cuda --amp --sizes 4096 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("bench_streaming")
+
+MiB = 1 << 20
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _worker(args: argparse.Namespace) -> dict[str, object]:
+    import torch
+    import torchvision
+    from torch import nn
+
+    from trainer_client.streaming import StreamingModule, resnet_front, streaming_step
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet34(weights=None)
+    front = resnet_front(model, flatten_blocks=True).to(device).eval()
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 2)).to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    split = tuple(int(s) for s in args.split.split(",")) if args.split else ()
+    streamer = StreamingModule(
+        front,
+        tile_size=args.tile or None,
+        memory_budget_bytes=None if args.tile else args.budget_mb * MiB,
+        split_at=split,
+        amp=args.amp,
+    )
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        front.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
+        if args.mode == "conventional":
+            ctx = torch.autocast(device.type, dtype=amp_dtype) if args.amp else torch.autocast(device.type, enabled=False)
+            with ctx:
+                loss = loss_fn(head(front(x)), y)
+            loss.backward()
+        else:
+            streaming_step(streamer, head, loss_fn, x, y)
+        sync()
+
+    y = torch.zeros(args.batch, dtype=torch.long, device=device)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = _rss_now()
+    step(x, y)  # warm-up at the measured size (kernel selection, tile choice), not timed
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step(x, y)
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "mode": args.mode,
+        "size": args.size,
+        "device": args.device,
+        "amp": args.amp,
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
+        "step_s": statistics.median(times),
+        "step_times_s": [round(t, 3) for t in times],
+        "peak_bytes": peak,
+        "baseline_bytes": baseline,
+        "activation_bytes": peak - baseline,
+        "tile_sizes": streamer.tile_sizes if args.mode == "streaming" else None,
+        "split_at": list(split),
+    }
+
+
+def _run_child(args: argparse.Namespace, size: int, mode: str) -> dict[str, object]:
+    cmd = [
+        sys.executable, __file__, "--worker", "--mode", mode, "--size", str(size), "--device", args.device,
+        "--steps", str(args.steps), "--batch", str(args.batch), "--budget-mb", str(args.budget_mb),
+        "--tile", str(args.tile), "--split", args.split, "--threads", str(args.threads),
+    ]  # fmt: skip
+    if args.amp:
+        cmd.append("--amp")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} at {size} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps; the median is reported")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--budget-mb", type=int, default=256, help="streaming per-tile memory budget")
+    parser.add_argument("--tile", type=int, default=0, help="fixed tile size in image pixels (overrides budget)")
+    parser.add_argument("--split", default="8,12,18", help="stage split indices into the flattened front")
+    parser.add_argument("--modes", nargs="+", default=["conventional", "streaming"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="streaming", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(args)))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rows: list[dict[str, object]] = []
+    for size in args.sizes:
+        results = {mode: _run_child(args, size, mode) for mode in args.modes}
+        for result in results.values():
+            print(json.dumps(result), flush=True)
+        if {"conventional", "streaming"} <= results.keys():
+            conv, stream = results["conventional"], results["streaming"]
+            ratio = {
+                "size": size,
+                "peak_ratio": stream["peak_bytes"] / conv["peak_bytes"],  # type: ignore[operator]
+                "activation_ratio": stream["activation_bytes"] / conv["activation_bytes"],  # type: ignore[operator]
+                "time_ratio": stream["step_s"] / conv["step_s"],  # type: ignore[operator]
+            }
+            print(json.dumps(ratio), flush=True)
+            rows.append({**ratio, "conv": conv, "stream": stream})
+    print(f"\n| size | mode | step s (median) | peak MiB | activation MiB | tiles |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        for key in ("conv", "stream"):
+            r = row[key]
+            print(
+                f"| {r['size']} | {r['mode']} | {r['step_s']:.2f} | {r['peak_bytes'] / MiB:.0f} | "  # type: ignore[index]
+                f"{r['activation_bytes'] / MiB:.0f} | {r['tile_sizes']} |"  # type: ignore[index]
+            )
+        print(
+            f"| {row['size']} | streaming/conventional | x{row['time_ratio']:.2f} | x{row['peak_ratio']:.3f} | "
+            f"x{row['activation_ratio']:.3f} | |"
+        )
+
+
+if __name__ == "__main__":
+    main()
