@@ -37,7 +37,7 @@ class OpenSlidePatches(Dataset):  # type: ignore[type-arg]
         slide = self.handles[int(rng.integers(len(self.handles)))]
         w, h = slide.dimensions
         x, y = int(rng.integers(0, w - self.size)), int(rng.integers(0, h - self.size))
-        return torch.from_numpy(np.asarray(slide.read_region((x, y), 0, (self.size, self.size)).convert("RGB")))
+        return torch.from_numpy(np.array(slide.read_region((x, y), 0, (self.size, self.size)).convert("RGB")))
 
 
 def augment_collate(items: list[torch.Tensor]) -> torch.Tensor:
