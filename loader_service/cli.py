@@ -66,7 +66,10 @@ def build_config(args: argparse.Namespace) -> ServiceConfig:
 def _serve(args: argparse.Namespace) -> int:
     from loader_service.server import LoaderServer
 
+    import torch
+
     config = build_config(args)
+    torch.set_num_threads(config.torch_threads)  # a process-wide choice: made here, at the entry point
     server = LoaderServer(config)
     server.start()
     stopping = threading.Event()

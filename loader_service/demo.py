@@ -27,6 +27,9 @@ def run_demo(workdir: str | None, slides: int, steps: int, workers: int | None) 
             datasets=(DatasetConfig("demo", manifest),), listen="127.0.0.1:0", metrics_port=0,
             workers=workers or default_workers(), tissue_cache_dir=root / "tissue-cache",
         )
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
         with LoaderServer(config) as server:
             assert server.metrics_endpoint is not None
             endpoint = f"127.0.0.1:{server.port}"
