@@ -36,6 +36,20 @@ class SessionRequest:
     shm_slots: int
     view: ViewConfig
 
+    def tensor_bytes(self) -> int | None:
+        """The largest images tensor one message of this session carries; None when it depends on the slide.
+
+        Patches and images: the batch. Tiles: one tile with its overlap. Shards: at most the whole region.
+        Whole slides: each slide's size, so unknown in advance.
+        """
+        if self.spec.whole_slide:
+            return None
+        itemsize = {"uint8": 1, "float16": 2, "float32": 4}[self.output.dtype]
+        if self.view.view == "tiles":
+            side = self.view.tile_size + 2 * self.view.overlap
+            return 3 * side * side * itemsize
+        return self.batch_size * 3 * self.spec.patch_size * self.spec.height * itemsize
+
 
 def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int) -> SessionRequest:
     if not msg.dataset:
@@ -69,19 +83,18 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
         if (view.pieces_per_sample or spec.whole_slide) and batch != 1:
             raise InvalidRequest(f"the {view.view} view{' of whole slides' if spec.whole_slide else ''} sends one "
                                  f"sample at a time: set batch_size=1 (got {batch})")
-    itemsize = {"uint8": 1, "float16": 2, "float32": 4}[output.dtype]
-    piece = view.tile_size + 2 * view.overlap if view.view == "tiles" else 0
-    nbytes = batch * 3 * (piece * piece if piece else spec.patch_size * spec.height) * itemsize
-    if nbytes > max_batch_bytes and not (spec.whole_slide or view.view == "shard"):
-        raise InvalidRequest(
-            f"a batch of {batch}×3×{spec.patch_size}² {output.dtype} is {nbytes / 2**20:.0f} MiB, over the server's "
-            f"limit of {max_batch_bytes / 2**20:.0f} MiB; lower batch_size or patch_size"
-        )
-    return SessionRequest(
+    request = SessionRequest(
         dataset=msg.dataset, spec=spec, epoch=msg.epoch, rank=msg.rank, world_size=world, cursor=msg.cursor,
         batch_size=batch, drop_last=msg.drop_last, augment=augment, output=output, transport=msg.transport,
         shm_probe=msg.shm_probe, job_id=msg.job_id, shm_slots=msg.shm_slots, view=view,
     )
+    nbytes = request.tensor_bytes()
+    if nbytes is not None and nbytes > max_batch_bytes and view.view != "shard":
+        raise InvalidRequest(
+            f"a batch of {batch}×3×{spec.patch_size}² {output.dtype} is {nbytes / 2**20:.0f} MiB, over the server's "
+            f"limit of {max_batch_bytes / 2**20:.0f} MiB; lower batch_size or patch_size"
+        )
+    return request
 
 
 def _view(msg: pb.ViewSpec) -> ViewConfig:

@@ -169,9 +169,11 @@ class LoaderServer:
         common = dict(augment=request.augment, seed=request.spec.seed, epoch=request.epoch, output=request.output)
         return plan, functools.partial(self.builder.build, **common), functools.partial(self.builder.build_piece, **common)
 
-    def open_slot_pool(self, request: SessionRequest, cond: threading.Condition) -> SlotPool:
-        itemsize = {"uint8": 1, "float16": 2, "float32": 4}[request.output.dtype]
-        slot_bytes = request.batch_size * 3 * request.spec.patch_size**2 * itemsize
+    def open_slot_pool(self, request: SessionRequest, cond: threading.Condition) -> SlotPool | None:
+        """A slot pool sized for the session's largest message; None when that size is not known up front."""
+        slot_bytes = request.tensor_bytes()
+        if slot_bytes is None:
+            return None
         count = min(request.shm_slots or self.config.max_credits, self.config.max_credits + 8)
         pool = SlotPool(max(1, count), slot_bytes, cond)
         self.shm.add(pool)
@@ -305,8 +307,11 @@ class _Servicer(pb_grpc.LoaderServicer):
                 visible, reason = probe_is_visible(request.shm_probe)
                 if visible:
                     pool = s.open_slot_pool(request, session.gate.cond)
-                    session.use_shm(pool)
-                    transport = pb.SHM
+                    if pool is None:
+                        reason = "whole-slide samples differ in size, so they travel as gRPC bytes"
+                    else:
+                        session.use_shm(pool)
+                        transport = pb.SHM
             context.add_callback(session.on_rpc_done)
             threading.Thread(target=session.consume_requests, args=(requests,), daemon=True,
                              name=f"credits-{session.id}").start()

@@ -65,6 +65,18 @@ def test_every_rank_of_a_spatial_group_gets_the_same_sample(client: LoaderClient
     assert seen[0] == seen[1]
 
 
+def test_non_square_regions_and_pieces_over_shared_memory(client: LoaderClient) -> None:
+    whole = images(client, cfg())
+    over_shm = images(client, cfg(transport="shm"))  # 300×220: the slot is sized width × height
+    assert len(over_shm) == 3 and all(torch.equal(a, b) for a, b in zip(whole, over_shm))
+    with client.stream(cfg(transport="shm", view="tiles", tile_size=96, overlap=16)) as stream:
+        stitched = [b["images"].clone() for b in stitch_tiles(stream)]
+        assert stream.transport == "shm"
+    assert all(torch.equal(a, b) for a, b in zip(whole, stitched))
+    with client.stream(cfg(transport="auto", whole_slide=True, level=2, samples_per_epoch=1)) as stream:
+        assert len(list(stream)) == 4 and stream.transport == "grpc"  # sizes differ per slide: gRPC bytes
+
+
 def test_whole_slide_at_a_coarse_level(client: LoaderClient) -> None:
     info = {s.slide_id: s for s in client.describe("train").slides}
     with client.stream(cfg(whole_slide=True, level=2, samples_per_epoch=1, augment=False)) as stream:
