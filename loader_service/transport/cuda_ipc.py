@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
+from loader_service.transport.shm import SlotBook
 from wsi_loader.v1 import loader_pb2 as pb
 
 __all__ = ["CudaSlotPool", "cuda_ipc_available", "device_uuid"]
 
 log = logging.getLogger(__name__)
 
-_ALIGN = 4096                   # slot alignment inside the allocation (bytes)
 _HANDLE_BYTES = 64              # sizeof(cudaIpcMemHandle_t) == sizeof(cudaIpcEventHandle_t)
 _CLOSE_TIMEOUT_S = 60.0         # close(): how long the slots' last copies may still run
 _BACKEND_ENV = "WSI_LOADER_CUDA_BACKEND"
@@ -172,12 +172,11 @@ class _Raw:
                                          "strides": None, "version": 2}
 
 
-class CudaSlotPool:
+class CudaSlotPool(SlotBook):
     """``count`` slots of ``slot_bytes`` in one raw allocation on ``device``. Guarded by ``cond`` like SlotPool."""
 
     def __init__(self, count: int, slot_bytes: int, cond: threading.Condition, device: torch.device) -> None:
-        if count < 1 or slot_bytes < 1:
-            raise ValueError("a slot pool needs at least one slot of at least one byte")
+        super().__init__(count, slot_bytes, cond)
         ok, reason = cuda_ipc_available()
         if not ok:
             raise RuntimeError(f"CUDA IPC slot pool unavailable: {reason}")
@@ -186,9 +185,6 @@ class CudaSlotPool:
             raise ValueError(f"a CUDA slot pool needs a CUDA device, not {device}")
         self.device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         self._cuda = _load_backend()
-        self.slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN
-        self.count = count
-        self.cond = cond
         self.name = f"wsi-cuda-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.device_uuid = device_uuid(self.device)
         self._events: list[Any] = []
@@ -208,41 +204,12 @@ class CudaSlotPool:
         if self._buffer.data_ptr() != self._ptr:
             raise RuntimeError("torch did not wrap the slot pool's memory in place")
         self._written = [False] * count
-        self._free = list(range(count - 1, -1, -1))
-        self._held: set[int] = set()  # written and sent, not yet released by the client
         self._lock = threading.Lock()  # write() vs close()
-
-    # free_slots/take/give_back/held are called with ``cond`` held by the caller, as with SlotPool.
-    def free_slots(self) -> int:
-        return len(self._free)
-
-    def take(self) -> int:
-        slot = self._free.pop()
-        self._held.add(slot)
-        return slot
-
-    def give_back(self, slots: list[int]) -> int:
-        """Return slots to the pool; unknown or already-free ids are ignored. Returns how many came back."""
-        returned = 0
-        for slot in slots:
-            if slot in self._held:
-                self._held.remove(slot)
-                self._free.append(slot)
-                returned += 1
-        if returned:
-            self.cond.notify_all()
-        return returned
-
-    @property
-    def held(self) -> int:
-        return len(self._held)
 
     @property
     def backend(self) -> str:
         return self._cuda.name
 
-    def offset(self, slot: int) -> int:
-        return slot * self.slot_bytes
 
     def write(self, slot: int, tensor: torch.Tensor) -> pb.CudaRef:
         """Copy a batch into a slot on the current stream, record the slot's event, and return its reference.

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["SHM_DIR", "SEGMENT_PREFIX", "SlotPool", "ShmRegistry", "probe_is_visible", "reclaim_orphans",
+__all__ = ["SHM_DIR", "SEGMENT_PREFIX", "SlotBook", "SlotPool", "ShmRegistry", "probe_is_visible", "reclaim_orphans",
            "process_start_ticks"]
 
 log = logging.getLogger(__name__)
@@ -41,31 +41,21 @@ def _owner_alive(pid: int, ticks: int) -> bool:
     return process_start_ticks(pid) == ticks
 
 
-class SlotPool:
-    """``count`` slots of ``slot_bytes`` in one segment. Acquire and release are guarded by ``cond``."""
+class SlotBook:
+    """Which of ``count`` fixed-size slots are free or held by the client; shared by every slot pool.
+
+    ``free_slots``, ``take``, ``give_back`` and ``held`` are called with ``cond`` held by the caller.
+    """
 
     def __init__(self, count: int, slot_bytes: int, cond: threading.Condition) -> None:
         if count < 1 or slot_bytes < 1:
             raise ValueError("a slot pool needs at least one slot of at least one byte")
         self.slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN
         self.count = count
-        me = os.getpid()
-        self.name = f"{SEGMENT_PREFIX}{me}-{process_start_ticks(me)}-{uuid.uuid4().hex[:12]}"
-        self._path = SHM_DIR / self.name
-        fd = os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        try:
-            os.ftruncate(fd, self.slot_bytes * count)
-            self._mmap: mmap.mmap | None = mmap.mmap(fd, self.slot_bytes * count)
-        except OSError:
-            os.unlink(self._path)
-            raise
-        finally:
-            os.close(fd)
+        self.cond = cond
         self._free = list(range(count - 1, -1, -1))
         self._held: set[int] = set()  # written and sent, not yet released by the client
-        self.cond = cond
 
-    # All methods below are called with ``cond`` held by the caller, except write() and close().
     def free_slots(self) -> int:
         return len(self._free)
 
@@ -90,6 +80,27 @@ class SlotPool:
     def held(self) -> int:
         return len(self._held)
 
+    def offset(self, slot: int) -> int:
+        return slot * self.slot_bytes
+
+
+class SlotPool(SlotBook):
+    """``count`` slots of ``slot_bytes`` in one shared-memory segment. Acquire and release are guarded by ``cond``."""
+
+    def __init__(self, count: int, slot_bytes: int, cond: threading.Condition) -> None:
+        super().__init__(count, slot_bytes, cond)
+        me = os.getpid()
+        self.name = f"{SEGMENT_PREFIX}{me}-{process_start_ticks(me)}-{uuid.uuid4().hex[:12]}"
+        self._path = SHM_DIR / self.name
+        fd = os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, self.slot_bytes * count)
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, self.slot_bytes * count)
+        except OSError:
+            os.unlink(self._path)
+            raise
+        finally:
+            os.close(fd)
     def write(self, slot: int, tensor: torch.Tensor) -> int:
         """Copy a CPU tensor into a slot (the only copy on this data plane); returns its byte size."""
         nbytes = tensor.numel() * tensor.element_size()
@@ -100,9 +111,6 @@ class SlotPool:
         torch.from_numpy(view).copy_(tensor.contiguous().view(torch.uint8).reshape(-1))
         del view
         return nbytes
-
-    def offset(self, slot: int) -> int:
-        return slot * self.slot_bytes
 
     def close(self) -> None:
         """Unlink the segment (the creator's job) and unmap it. Attached clients keep their mappings."""
