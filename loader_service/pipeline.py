@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from loader_service.augment import AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, render_piece, to_output
+from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, render_piece,
+                                    resample_rect, to_output)
 from loader_service.dataset import SlideHandles
 from loader_service.errors import SlideFailure
 from loader_service.metrics import Metrics
@@ -98,14 +99,44 @@ class BatchBuilder:
         self.metrics.samples_decoded.inc(len(samples))
         return buffer
 
+    def read_resampled(self, samples: list[Sample], params: list[AugmentParams]) -> torch.Tensor:
+        """Like :meth:`read`, with each sample's image-level scale and crop applied (``augment.resample``)."""
+        first = samples[0]
+        buffer = torch.empty((len(samples), first.height, first.width, 3), dtype=torch.uint8,
+                             pin_memory=self.device.type == "cuda")
+        array = buffer.numpy()
+
+        def one(i: int) -> None:
+            sample, hw = samples[i], (samples[i].height, samples[i].width)
+            if params[i].resample_is_identity:
+                self._read_one(sample, array[i])
+                return
+            whole = Rect(0, 0, sample.height, sample.width)
+            array[i] = resample_rect(params[i], hw, whole, lambda rect: self._read_rect(sample, rect)).numpy()
+
+        futures = [self.read_pool.submit(one, i) for i in range(len(samples))]
+        for future in futures:
+            future.result()
+        self.metrics.samples_decoded.inc(len(samples))
+        return buffer
+
+    def _read_rect(self, sample: Sample, rect: Rect) -> np.ndarray:
+        """``rect`` in the sample's region coordinates (may reach outside the region; white outside the slide)."""
+        out = np.empty((rect.height, rect.width, 3), dtype=np.uint8)
+        self._read_one(sample, out, rect)
+        return out
+
     def build(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int, epoch: int,
               output: OutputSpec) -> BuiltBatch:
         t0 = time.perf_counter()
-        pixels = self.read(samples)
+        params = [draw_params(augment, seed, epoch, s.global_index) for s in samples] if augment is not None else []
+        if any(not p.resample_is_identity for p in params):
+            pixels = self.read_resampled(samples, params)
+        else:
+            pixels = self.read(samples)
         t1 = time.perf_counter()
         batch = pixels.to(self.device, non_blocking=True)
         if augment is not None:
-            params = [draw_params(augment, seed, epoch, s.global_index) for s in samples]
             images = augment_batch(batch, params)  # uint8 NCHW
         else:
             images = batch.permute(0, 3, 1, 2)
@@ -126,12 +157,8 @@ class BatchBuilder:
         t0 = time.perf_counter()
         params = draw_params(augment, seed, epoch, sample.global_index) if augment is not None else AugmentParams()
 
-        def read(rect: Rect) -> np.ndarray:
-            out = np.empty((rect.height, rect.width, 3), dtype=np.uint8)
-            self._read_one(sample, out, rect)
-            return out
-
-        chw = render_piece(params, (sample.height, sample.width), piece.rect, read, self.device)
+        chw = render_piece(params, (sample.height, sample.width), piece.rect,
+                           lambda rect: self._read_rect(sample, rect), self.device)
         images = to_output(chw[None], output.dtype, output.mean or None, output.std or None)
         if output.channels_last:
             images = images.permute(0, 2, 3, 1)

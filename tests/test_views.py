@@ -57,6 +57,27 @@ def test_shards_with_halo_are_crops_of_the_image_view(client: LoaderClient) -> N
         assert torch.equal(a, b)
 
 
+def test_image_level_scale_and_crop_in_every_view(client: LoaderClient) -> None:
+    """Random zoom and crop are image-level: the tiles and shards of a zoomed image still stitch to its
+    image view exactly, and the zoom really changes the pixels (context comes from the slide around)."""
+    scaled = {**AUGMENT, "scale": 0.4, "crop": 0.15}
+    whole = images(client, cfg(augment_config=scaled))
+    plain = images(client, cfg())
+    assert len(whole) == 3 and not any(torch.equal(a, b) for a, b in zip(whole, plain) if a.shape == b.shape)
+    with client.stream(cfg(augment_config=scaled, view="tiles", tile_size=80, overlap=5)) as stream:
+        stitched = [b["images"] for b in stitch_tiles(stream)]
+    assert all(torch.equal(a, b) for a, b in zip(whole, stitched))
+    canvas = [torch.zeros_like(w) for w in whole]
+    for c in range(2):
+        with client.stream(cfg(augment_config=scaled, view="shard", grid=(1, 2), shard=(0, c), halo=6)) as stream:
+            for i, batch in enumerate(stream):
+                y, x, h, w = batch["piece"]["rect"]
+                assert torch.equal(batch["images"], whole[i][..., y:y + h, x:x + w])
+                cy, cx, ch, cw = batch["piece"]["core"]
+                canvas[i][..., cy:cy + ch, cx:cx + cw] = crop_core(batch)
+    assert all(torch.equal(a, b) for a, b in zip(whole, canvas))
+
+
 def test_every_rank_of_a_spatial_group_gets_the_same_sample(client: LoaderClient) -> None:
     seen = []
     for col in range(2):

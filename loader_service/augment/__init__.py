@@ -3,13 +3,15 @@
 A *sample* is a region of a slide plus one :class:`AugmentParams` drawn from
 ``(seed, epoch, index)``. Its augmented image is virtual: :func:`augment_batch` renders whole
 samples (patch training), :func:`render_piece` renders any rectangle of it (tiles, shards with
-halo), and stitched pieces equal the whole image bit for bit on the same device.
-See ``docs/augment.md``.
+halo), and stitched pieces equal the whole image bit for bit on the same device. Image-level
+scale and crop are read-side: :func:`resample_rect` makes the raw image from the slide around the
+region. See ``docs/augment.md``.
 """
 
 from .config import MAX_BLUR_SIGMA, AugmentConfig
 from .params import PARAMS_SALT, AugmentParams, Rect, draw_params
 from .pipeline import OUTPUT_DTYPES, augment_batch, augment_image, render_piece, source_rect, to_output
+from .resample import resample_rect, source_window
 
 __all__ = [
     "AugmentConfig",
@@ -21,6 +23,8 @@ __all__ = [
     "to_output",
     "source_rect",
     "render_piece",
+    "resample_rect",
+    "source_window",
     "MAX_BLUR_SIGMA",
     "OUTPUT_DTYPES",
     "PARAMS_SALT",

@@ -45,6 +45,10 @@ class AugmentConfig:
       alpha ~ U(1-sigma, 1+sigma) and beta ~ U(-bias, bias), in skimage's ``rgb2hed`` units.
     * ``blur_prob``, ``blur_sigma``: with probability ``blur_prob`` a Gaussian blur whose sigma
       (pixels) is uniform in ``blur_sigma = (low, high)``.
+    * ``scale``: image-level zoom, log-uniform in [1/(1+a), 1+a] (0 = off, the default).
+    * ``crop``: image-level random crop: the window's centre moves by up to ``a`` times the region's
+      height and width (0 = off, the default). Scale and crop resample the slide around the region
+      (``augment.resample``), so context comes from the slide, not from padding.
     """
 
     flip: bool = True
@@ -57,6 +61,8 @@ class AugmentConfig:
     hed_bias: float = 0.01
     blur_prob: float = 0.1
     blur_sigma: tuple[float, float] = (0.1, 1.5)
+    scale: float = 0.0
+    crop: float = 0.0
 
     PRESETS: ClassVar[tuple[str, ...]] = ("none", "pathology")
 
@@ -79,6 +85,10 @@ class AugmentConfig:
                      "it is the HED stain shift amplitude, beta ~ U(-bias, bias); Tellez et al. use 0.01")
         _check_range("blur_prob", self.blur_prob, 0.0, 1.0, False,
                      "it is the probability that a sample is blurred")
+        _check_range("scale", self.scale, 0.0, 1.0, False,
+                     "it is the largest zoom, e.g. 0.2 for a factor log-uniform in [1/1.2, 1.2]")
+        _check_range("crop", self.crop, 0.0, 0.5, False,
+                     "it is the largest shift of the window's centre as a fraction of the region, e.g. 0.1")
         sig = self.blur_sigma
         if (
             not isinstance(sig, tuple)
@@ -92,7 +102,8 @@ class AugmentConfig:
             )
         # Normalise ints to floats so that to_dict()/equality are stable.
         object.__setattr__(self, "blur_sigma", (float(sig[0]), float(sig[1])))
-        for name in ("brightness", "contrast", "saturation", "hue", "hed_sigma", "hed_bias", "blur_prob"):
+        for name in ("brightness", "contrast", "saturation", "hue", "hed_sigma", "hed_bias", "blur_prob", "scale",
+                     "crop"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     # ------------------------------------------------------------------ presets

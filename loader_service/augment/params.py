@@ -10,6 +10,9 @@ import numpy as np
 
 from .config import MAX_BLUR_SIGMA, AugmentConfig
 
+#: Range of AugmentParams.scale; AugmentConfig.scale <= 1 draws within [0.5, 2].
+MIN_SCALE, MAX_SCALE = 0.25, 4.0
+
 __all__ = ["AugmentParams", "Rect", "draw_params", "PARAMS_SALT"]
 
 #: Mixed into every SeedSequence so that augmentation streams never collide with other
@@ -18,7 +21,7 @@ PARAMS_SALT: int = 0xA6_5EED_2026
 
 #: Uniform draws per sample, always all of them and always in this order, so that turning
 #: one op off (or changing its amplitude) never changes what the others draw.
-_N_UNIFORMS = 16
+_N_UNIFORMS = 19  # 16 until scale and crop were added: the first 16 draws are unchanged
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ class AugmentParams:
     * ``hue``: hue rotation in turns, 0.0 = unchanged.
     * ``hed_alpha``/``hed_beta``: per-stain (H, E, D) scale and shift, (1,1,1)/(0,0,0) = unchanged.
     * ``blur_sigma``: Gaussian blur sigma in pixels, 0.0 = no blur.
+    * ``scale``: image-level zoom, 1.0 = unchanged (> 1 zooms in); ``crop_shift``: (rows, columns)
+      offset of the window's centre as a fraction of the region's height and width, (0, 0) =
+      centred. Both are read-side (``augment.resample``): they define the raw image the other ops see.
     """
 
     flip_h: bool = False
@@ -93,6 +99,8 @@ class AugmentParams:
     hed_alpha: tuple[float, float, float] = (1.0, 1.0, 1.0)
     hed_beta: tuple[float, float, float] = (0.0, 0.0, 0.0)
     blur_sigma: float = 0.0
+    scale: float = 1.0
+    crop_shift: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         for name in ("flip_h", "flip_v"):
@@ -104,7 +112,7 @@ class AugmentParams:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= int(k) <= 3:
             raise ValueError(f"AugmentParams.rot90_k must be an int in 0..3 (quarter turns), got {k!r}.")
         object.__setattr__(self, "rot90_k", int(k))
-        for name in ("brightness", "contrast", "saturation", "hue", "blur_sigma"):
+        for name in ("brightness", "contrast", "saturation", "hue", "blur_sigma", "scale"):
             object.__setattr__(self, name, _finite(name, getattr(self, name)))
         if self.brightness <= 0.0:
             raise ValueError(f"AugmentParams.brightness is a factor and must be > 0 (got {self.brightness}).")
@@ -114,6 +122,17 @@ class AugmentParams:
         if not 0.0 <= self.blur_sigma <= MAX_BLUR_SIGMA:
             raise ValueError(f"AugmentParams.blur_sigma must be in [0, {MAX_BLUR_SIGMA:g}] pixels, "
                              f"0 meaning no blur (got {self.blur_sigma}).")
+        if not MIN_SCALE <= self.scale <= MAX_SCALE:
+            raise ValueError(f"AugmentParams.scale is a zoom factor and must be in [{MIN_SCALE}, {MAX_SCALE}] "
+                             f"(got {self.scale}); 1.0 means unchanged.")
+        shift = self.crop_shift
+        if not isinstance(shift, (tuple, list)) or len(shift) != 2:
+            raise ValueError(f"AugmentParams.crop_shift must be 2 numbers (rows, columns) (got {shift!r}).")
+        fy, fx = (_finite("crop_shift", v) for v in shift)
+        if not (-1.0 <= fy <= 1.0 and -1.0 <= fx <= 1.0):
+            raise ValueError(f"AugmentParams.crop_shift values are fractions of the region size in [-1, 1] "
+                             f"(got {shift!r}).")
+        object.__setattr__(self, "crop_shift", (fy, fx))
         object.__setattr__(self, "hed_alpha", _triple("hed_alpha", self.hed_alpha))
         object.__setattr__(self, "hed_beta", _triple("hed_beta", self.hed_beta))
 
@@ -135,6 +154,11 @@ class AugmentParams:
         return self.brightness == 1.0 and self.contrast == 1.0 and self.saturation == 1.0 and self.hue == 0.0
 
     @property
+    def resample_is_identity(self) -> bool:
+        """True when the raw image is the region itself (no image-level scale or crop)."""
+        return self.scale == 1.0 and self.crop_shift == (0.0, 0.0)
+
+    @property
     def hed_is_identity(self) -> bool:
         return self.hed_alpha == (1.0, 1.0, 1.0) and self.hed_beta == (0.0, 0.0, 0.0)
 
@@ -145,7 +169,7 @@ class AugmentParams:
             "brightness": self.brightness, "contrast": self.contrast,
             "saturation": self.saturation, "hue": self.hue,
             "hed_alpha": list(self.hed_alpha), "hed_beta": list(self.hed_beta),
-            "blur_sigma": self.blur_sigma,
+            "blur_sigma": self.blur_sigma, "scale": self.scale, "crop_shift": list(self.crop_shift),
         }
 
     @classmethod
@@ -187,4 +211,6 @@ def draw_params(config: AugmentConfig, seed: int, epoch: int, index: int) -> Aug
         hed_alpha=(1.0 + sym(c.hed_sigma, u[7]), 1.0 + sym(c.hed_sigma, u[8]), 1.0 + sym(c.hed_sigma, u[9])),
         hed_beta=(sym(c.hed_bias, u[10]), sym(c.hed_bias, u[11]), sym(c.hed_bias, u[12])),
         blur_sigma=lo + (hi - lo) * u[14] if u[13] < c.blur_prob else 0.0,
+        scale=(1.0 + c.scale) ** (2.0 * u[16] - 1.0) if c.scale > 0.0 else 1.0,
+        crop_shift=(sym(c.crop, u[17]), sym(c.crop, u[18])),
     )

@@ -27,6 +27,7 @@ from .blur import blur_valid, gaussian_kernel
 from .colour import apply_colour, apply_hed, colour_coefficients, hed_coefficients
 from .geometry import apply_geometry, aug_rect_to_raw, reflect_indices
 from .params import AugmentParams, Rect
+from .resample import resample_rect
 
 __all__ = [
     "augment_batch", "augment_image", "render_piece", "source_rect", "to_output", "OUTPUT_DTYPES",
@@ -228,13 +229,14 @@ def render_piece(
     on ``device``: bit-identical to the same rectangle of ``augment_image(raw, params)`` on that
     device, however the image is cut.
 
-    ``read(rect)`` is called once, with ``source_rect(params, image_hw, piece)`` (always inside the
-    raw region), and must return those raw pixels as uint8 ``HWC`` RGB (tensor or numpy array,
-    any device)."""
+    ``read(rect)`` is called once and must return the source pixels of ``rect`` as uint8 ``HWC`` RGB
+    (tensor or numpy array, any device). Without image-level scale and crop, ``rect`` is
+    ``source_rect(params, image_hw, piece)``, always inside the raw region; with them it is the
+    slide window that ``augment.resample`` needs (region coordinates, possibly outside the region)."""
     device = torch.device(device)
     window = _piece_window(params, image_hw, piece)
     src = aug_rect_to_raw(params, image_hw, window)
-    raw = read(src)
+    raw = read(src) if params.resample_is_identity else resample_rect(params, image_hw, src, read)
     if isinstance(raw, np.ndarray):
         raw = torch.from_numpy(np.ascontiguousarray(raw))
     _check_image("read(rect)", raw, 2)
