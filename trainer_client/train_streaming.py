@@ -1,8 +1,9 @@
 """`trainer-client train-streaming`: a streaming ResNet trained on whole regions with slide-level labels.
 
-The service delivers each region as tiles (the `tiles` view), the trainer stitches them into the input,
-and the ResNet's convolutional front runs tile by tile (``trainer_client.streaming``), so activation memory
-is that of one tile while gradients equal full-image backprop. Logs loss, images/s and peak memory; saves
+The service delivers each region as tiles (the `tiles` view, row-major); a background thread writes them
+into the input as they arrive (``TileFeeder``) and the ResNet's convolutional front runs tile by tile
+(``trainer_client.streaming``), starting on the first row bands while later tiles are still being decoded,
+so activation memory is that of one tile while gradients equal full-image backprop. Logs loss, images/s and peak memory; saves
 and resumes checkpoints holding the model, the optimiser and the loader's cursor.
 """
 
@@ -23,7 +24,7 @@ from torch import nn
 from trainer_client.client import LoaderClient
 from trainer_client.config import StreamConfig
 from trainer_client.streaming import StreamingModule, resnet_front, streaming_step
-from trainer_client.views import stitch_tiles
+from trainer_client.views import TileFeeder
 
 __all__ = ["add_arguments", "run"]
 
@@ -82,24 +83,30 @@ def run(args: argparse.Namespace, client: LoaderClient, dataset: str, labels: li
         step = int(state["step"])
         log.info("resumed from %s at step %d (epoch %d, cursor %d)", args.checkpoint, step, stream.epoch, stream.cursor)
 
+    loader_state = stream.state_dict()  # after the last trained sample (the feeder reads ahead)
+
     def save() -> None:
         if args.checkpoint is not None:
             tmp = args.checkpoint.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": optimiser.state_dict(),
-                        "loader": stream.state_dict(), "step": step, "arch": args.arch}, tmp)
+                        "loader": loader_state, "step": step, "arch": args.arch}, tmp)
             tmp.replace(args.checkpoint)
 
     model.train()
     start, images, last_loss = time.perf_counter(), 0, float("nan")
     target = step + args.steps
+    feeder: TileFeeder | None = None
     try:
         while step < target:
-            for sample in stitch_tiles(stream):
-                x = sample["images"].to(device, non_blocking=True)
-                y = sample["labels"].to(device)
+            feeder = TileFeeder(stream, device, state=stream.state_dict)
+            for arriving in feeder:
+                y = arriving.sample["labels"].to(device)
                 optimiser.zero_grad(set_to_none=True)
-                result = streaming_step(streamer, head, nn.functional.cross_entropy, x, y)
+                result = streaming_step(streamer, head, nn.functional.cross_entropy, arriving.images, y,
+                                        feed=arriving.feed)
                 optimiser.step()
+                assert arriving.loader_state is not None  # the whole image was read
+                loader_state = arriving.loader_state
                 step += 1
                 images += 1
                 last_loss = float(result.loss)
@@ -114,10 +121,12 @@ def run(args: argparse.Namespace, client: LoaderClient, dataset: str, labels: li
     finally:
         save()
         stream.close()
+        if feeder is not None:
+            feeder.close()
     elapsed = time.perf_counter() - start
     return {"steps": step, "images": images, "images_per_s": images / elapsed, "loss": last_loss,
-            "peak_memory_mib": _peak_memory_mib(device), "device": str(device), "epoch": stream.epoch,
-            "cursor": stream.cursor}
+            "peak_memory_mib": _peak_memory_mib(device), "device": str(device),
+            "epoch": loader_state["epoch"], "cursor": loader_state["cursor"]}
 
 
 def summary_line(result: dict[str, Any]) -> str:

@@ -3,12 +3,15 @@
 See ``docs/streaming.md``.
 """
 
+from .feed import FeedStalledError, RowFeed
 from .geometry import AxisGeometry, TileSpan, geometry_of, min_tile_size, plan_axis
 from .memory import TileMemoryEstimate, choose_tile_size, estimate_tile_memory, frozen_eval
 from .module import StepResult, StreamingConfig, StreamingModule, resnet_front, streaming_step
 
 __all__ = [
     "AxisGeometry",
+    "FeedStalledError",
+    "RowFeed",
     "StepResult",
     "StreamingConfig",
     "StreamingModule",

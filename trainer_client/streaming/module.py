@@ -26,6 +26,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from .feed import RowFeed
 from .geometry import AxisGeometry, TileSpan, geometry_of, plan_axis
 from .memory import choose_tile_size, frozen_eval
 
@@ -92,11 +93,14 @@ class _Stage:
     def _crops(self, r: TileSpan, c: TileSpan) -> tuple[slice, slice]:
         return r.crop(self.geom[0].stride), c.crop(self.geom[1].stride)
 
-    def forward(self, x: Tensor, amp: Callable[[], contextlib.AbstractContextManager[None]]) -> Tensor:
+    def forward(self, x: Tensor, amp: Callable[[], contextlib.AbstractContextManager[None]],
+                feed: RowFeed | None = None) -> Tensor:
         out: Tensor | None = None
-        plan = self.plan(x.shape[-2], x.shape[-1])
+        plan = self.plan(x.shape[-2], x.shape[-1])  # row-major: tile rows top to bottom
         n_out = (self.geom[0].out_size(x.shape[-2]), self.geom[1].out_size(x.shape[-1]))
         for r, c in plan:
+            if feed is not None:
+                feed.wait(r.in_hi)  # the input rows this tile reads are final
             with amp():
                 y = self.module(x[..., r.in_lo : r.in_hi, c.in_lo : c.in_hi])
             cr, cc = self._crops(r, c)
@@ -211,19 +215,24 @@ class StreamingModule(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"expected an NCHW tensor, got shape {tuple(x.shape)}")
 
-    def _stage_inputs(self, x: Tensor) -> list[Tensor]:
+    def _stage_inputs(self, x: Tensor, feed: RowFeed | None = None) -> list[Tensor]:
         amp = self._amp(x.device)
         inputs = [x]
         with torch.no_grad(), frozen_eval(self.front):
-            for stage in self._stages:
+            for i, stage in enumerate(self._stages):
                 self._ensure_tile(stage, inputs[-1])
-                inputs.append(stage.forward(inputs[-1], amp))
+                inputs.append(stage.forward(inputs[-1], amp, feed if i == 0 else None))
         return inputs
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Feature map of the whole front, as a detached leaf that requires grad."""
+    def forward(self, x: Tensor, feed: RowFeed | None = None) -> Tensor:
+        """Feature map of the whole front, as a detached leaf that requires grad.
+
+        With ``feed``, ``x`` may still be arriving: the first stage waits for the rows each tile reads
+        (``feed.wait``), so computing starts before the image is whole; the result is the same."""
         self._check_input(x)
-        inputs = self._stage_inputs(x)
+        if feed is not None and feed.height != x.shape[-2]:
+            raise ValueError(f"feed is for {feed.height} rows but the input has {x.shape[-2]}")
+        inputs = self._stage_inputs(x, feed)
         self._saved = (x, inputs[1:-1])
         return inputs[-1].detach().requires_grad_(True)
 
@@ -264,12 +273,14 @@ def streaming_step(
     y: Tensor,
     *,
     input_grad: bool = False,
+    feed: RowFeed | None = None,
 ) -> StepResult:
     """Streamed forward, head + loss, backward; gradients accumulate in ``.grad`` of front and head.
 
-    The caller zeroes gradients and steps the optimizer as usual.
+    The caller zeroes gradients and steps the optimizer as usual. ``feed``: ``x`` is still arriving
+    (see :class:`RowFeed`); the forward starts on the rows already there.
     """
-    fm = streamer(x)
+    fm = streamer(x, feed)
     amp = streamer._amp(x.device)
     with amp():
         output = head(fm)
