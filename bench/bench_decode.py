@@ -11,9 +11,15 @@ our ``Slide.read_region`` on a DecodePool, on one synthetic JPEG pyramidal slide
     OpenSlide and reads random 256² level-0 patches.
 (b') ours: random 256² level-0 patches with Slide.read_region into a batch buffer, the reads
     submitted to a DecodePool of N threads (no tile cache, and with a warm tile cache).
+(c) batched JPEG decode (torchvision.io.decode_jpeg, ``--device cpu`` or ``cuda`` = nvJPEG) vs the
+    per-tile pool: raw tiles in chunks of 4 (what a 256² patch read decodes), 64 and all at once,
+    chunks mapped on N threads -> tiles/s and ratio; and read_region with jpeg_backend
+    batched-cpu/nvjpeg vs cpu. ``--batched-only`` runs just this part:
+
+    python bench/bench_decode.py --size 4096 --threads 1 2 --batched-only --device cpu
 
 Function API (imported by the service benchmark): ``make_bench_slide``, ``run_codec_ceiling``,
-``run_openslide_dataloader``, ``run_slide_reads``.
+``run_openslide_dataloader``, ``run_slide_reads``, ``run_batched_decode``.
 """
 
 from __future__ import annotations
@@ -36,11 +42,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from loader_service.slides import DecodePool, TileCache, available_cores, open_slide  # noqa: E402
+from loader_service.slides.batched import BatchedJpegDecoder, time_backends  # noqa: E402
 from loader_service.slides.codecs import jpeg_decoders, splice_jpeg_tables  # noqa: E402
 from loader_service.slides.tiff import TiffSlide  # noqa: E402
 from loader_service.synthetic import write_synthetic_slide  # noqa: E402
 
-__all__ = ["make_bench_slide", "run_codec_ceiling", "run_openslide_dataloader", "run_slide_reads", "main"]
+__all__ = ["make_bench_slide", "run_codec_ceiling", "run_openslide_dataloader", "run_slide_reads", "run_batched_decode", "main"]
 
 log = logging.getLogger("bench_decode")
 PATCH = 256
@@ -185,6 +192,8 @@ def run_slide_reads(
     patches: int = 4096,
     cache_bytes: int = 0,
     seed: int = 1,
+    jpeg_backend: str = "cpu",
+    jpeg_device: str = "auto",
 ) -> dict[str, Any]:
     """Ours: random 256² level-0 patches, Slide.read_region(out=batch[i]) submitted to a DecodePool.
 
@@ -193,7 +202,7 @@ def run_slide_reads(
     """
     threads = available_cores() if threads is None else threads
     cache = TileCache(cache_bytes) if cache_bytes else None
-    with DecodePool(threads) as pool, open_slide(path, cache=cache, pool=pool) as slide:
+    with DecodePool(threads, jpeg_backend=jpeg_backend, jpeg_device=jpeg_device) as pool, open_slide(path, cache=cache, pool=pool) as slide:
         w, h = slide.info.dimensions
         boxes = _random_boxes(w, h, patches, seed)
         buf = np.empty((batch, PATCH, PATCH, 3), np.uint8)
@@ -218,20 +227,59 @@ def run_slide_reads(
         "patches": patches,
         "cache_bytes": cache_bytes,
         "cache_hit_rate": None if stats is None else round(stats.hit_rate, 3),
+        "jpeg_backend": jpeg_backend,
         "patches_per_s": round(patches / seconds, 1),
     }
+
+
+def run_batched_decode(
+    path: str | os.PathLike[str],
+    threads: Sequence[int],
+    *,
+    device: str = "cpu",
+    chunks: Sequence[int | None] = (4, 64, None),
+    max_tiles: int | None = 512,
+    repeats: int = 3,
+) -> list[dict[str, Any]]:
+    """Per-tile decode on a thread pool vs batched ``decode_jpeg`` on ``device``, raw level-0 tiles
+    in memory, in chunks of ``chunk`` tiles (None: all in one call) mapped on N threads."""
+    tiles, decoder = _tile_payloads(Path(path), max_tiles)
+    batched = BatchedJpegDecoder(device)
+    rows = []
+    for chunk in chunks:
+        size = len(tiles) if chunk is None else chunk
+        for n in threads:
+            pool_rate, batched_rate = time_backends(decoder, tiles, batched, n, chunk=size, repeats=repeats)
+            rows.append({
+                "bench": "batched_decode",
+                "device": batched.device,
+                "chunk": size,
+                "threads": n,
+                "tiles": len(tiles),
+                "pool_tiles_per_s": round(pool_rate, 1),
+                "batched_tiles_per_s": round(batched_rate, 1),
+                "ratio": round(batched_rate / pool_rate, 2),
+            })
+            log.info("batched %s chunk=%d threads=%d: pool %.0f, batched %.0f tiles/s", batched.device, size, n, pool_rate, batched_rate)
+    return rows
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
-        if r["bench"] == "codec_ceiling":
+        if r["bench"] == "batched_decode":
+            lines.append(
+                f"batched decode_jpeg[{r['device']}] chunk={r['chunk']:<4} threads={r['threads']:<2} pool {r['pool_tiles_per_s']:>8.1f} "
+                f"tiles/s  batched {r['batched_tiles_per_s']:>8.1f} tiles/s  ratio {r['ratio']:.2f}"
+            )
+        elif r["bench"] == "codec_ceiling":
             lines.append(f"codec   {r['decoder']:<18} threads={r['threads']:<2} {r['mp_per_s']:>8.1f} MP/s {r['patch_equiv_per_s']:>9.1f} patch-equiv/s")
         elif r["bench"] == "openslide_dataloader":
             lines.append(f"baseline OpenSlide+DataLoader workers={r['workers']:<2}      {r['patches_per_s']:>9.1f} patches/s (startup {r['startup_s']}s)")
         else:
             cache = f"cache {r['cache_bytes'] >> 20} MiB hit {r['cache_hit_rate']}" if r["cache_bytes"] else "no cache"
-            lines.append(f"ours    read_region threads={r['threads']:<2} {cache:<24} {r['patches_per_s']:>9.1f} patches/s")
+            jpeg = r.get("jpeg_backend", "cpu")
+            lines.append(f"ours    read_region threads={r['threads']:<2} jpeg={jpeg:<11} {cache:<24} {r['patches_per_s']:>9.1f} patches/s")
     return "\n".join(lines)
 
 
@@ -247,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--skip-openslide", action="store_true")
     ap.add_argument("--extra-slide", type=Path, default=None, help="also run the codec ceiling on this (real) slide")
     ap.add_argument("--json", type=Path, default=None, help="also write all rows as JSON here")
+    ap.add_argument("--device", default="cpu", help="device of the batched decode_jpeg rows: cpu, cuda or cuda:N (nvJPEG)")
+    ap.add_argument("--batched-only", action="store_true", help="run only (c): batched decode vs the per-tile pool")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("pyvips").setLevel(logging.WARNING)
@@ -256,7 +306,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = make_bench_slide(a.dir or tmp, a.size, quality=a.quality)
         cores = available_cores()
         threads = a.threads or list(range(1, cores + 1))
-        rows = run_codec_ceiling(path, threads, max_tiles=a.max_tiles)
+        batched_backend = "batched-cpu" if a.device == "cpu" else "nvjpeg"
+        rows = run_batched_decode(path, threads, device=a.device, max_tiles=min(a.max_tiles, 512))
+        for n in threads:
+            for backend in ("cpu", batched_backend):
+                rows.append(run_slide_reads(path, threads=n, patches=a.patches, jpeg_backend=backend, jpeg_device=a.device))
+        if a.batched_only:
+            sys.stdout.write(_table(rows) + "\n")
+            if a.json:
+                a.json.parent.mkdir(parents=True, exist_ok=True)
+                a.json.write_text(json.dumps({"slide": {"size": a.size, "quality": a.quality, "tile": 256}, "cores": cores, "rows": rows}, indent=2))
+            return 0
+        rows += run_codec_ceiling(path, threads, max_tiles=a.max_tiles)
         if a.extra_slide is not None:
             extra = run_codec_ceiling(a.extra_slide, threads, max_tiles=a.max_tiles)
             for r in extra:
@@ -264,12 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += extra
         if not a.skip_openslide:
             rows.append(run_openslide_dataloader(path, workers=a.workers, patches=a.patches))
-        for n in threads:
-            rows.append(run_slide_reads(path, threads=n, patches=a.patches))
         rows.append(run_slide_reads(path, threads=cores, patches=a.patches, cache_bytes=1 << 30))
     base = next((r["patches_per_s"] for r in rows if r["bench"] == "openslide_dataloader"), None)
     if base:
         for r in rows:
+            if r["bench"] == "batched_decode":
+                continue
             if r["bench"] != "codec_ceiling":
                 r["vs_baseline"] = round(r["patches_per_s"] / base, 2)
             else:

@@ -43,6 +43,7 @@ def build_config(args: argparse.Namespace) -> ServiceConfig:
         data["datasets"] = [_dataset_arg(m) for m in args.manifest]
     flags = {
         "listen": args.listen, "metrics_port": args.metrics_port, "workers": args.workers, "device": args.device,
+        "jpeg_backend": args.jpeg_backend,
         "synthetic": args.synthetic or None, "metrics_host": args.metrics_host,
         "tissue_cache_dir": args.tissue_cache_dir, "max_credits": args.max_credits,
     }
@@ -172,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help=f"decode threads (default: the cores given, here {default_workers()})")
     serve.add_argument("--config", help="YAML file; flags override it")
     serve.add_argument("--device", help="auto | cpu | cuda | cuda:N (augmentation device)")
+    serve.add_argument("--jpeg-backend", help="auto | cpu | nvjpeg | batched-cpu: JPEG tile decode (default auto)")
     serve.add_argument("--data-root", action="append", help="folder slides may be read from (repeatable)")
     serve.add_argument("--tile-cache-mb", type=float, help="decoded-tile cache size in MiB (default 512)")
     serve.add_argument("--tissue-cache-dir", help="folder to cache tissue masks in")

@@ -79,6 +79,7 @@ class ServiceConfig:
     workers: int = field(default_factory=default_workers)
     torch_threads: int = 1  # intra-op threads for CPU augmentation: batches already run in parallel (measured faster)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    jpeg_backend: str = "auto"  # auto | cpu | nvjpeg | batched-cpu: how JPEG tiles are decoded (docs/slides.md)
     tile_cache_bytes: int = 512 * 1024**2
     tissue_cache_dir: Path | None = None
     tissue_max_size: int = 2048
@@ -112,6 +113,13 @@ class ServiceConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device {self.device!r} must be auto, cpu, cuda or cuda:N")
+        if self.jpeg_backend not in ("auto", "cpu", "nvjpeg", "batched-cpu"):
+            raise ValueError(
+                f"jpeg_backend {self.jpeg_backend!r} must be auto, cpu, nvjpeg or batched-cpu "
+                "(auto: nvJPEG on the GPU when it measures faster, else the CPU decode threads)"
+            )
+        if self.jpeg_backend == "nvjpeg" and self.device == "cpu":
+            raise ValueError("jpeg_backend 'nvjpeg' decodes on the GPU but device is 'cpu'; set device to auto/cuda or jpeg_backend to auto/cpu")
         for name in ("tile_cache_bytes", "max_region_pixels", "max_batch_bytes", "max_credits", "max_open_slides"):
             if getattr(self, name) < (0 if name == "tile_cache_bytes" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -87,17 +87,49 @@ class BatchBuilder:
             raise SlideFailure(f"slide {sample.record.slide_id} failed while reading: {err}") from err
 
     def read(self, samples: list[Sample]) -> torch.Tensor:
-        """Decode the samples' regions into one uint8 NHWC tensor (pinned when the device is a GPU)."""
+        """Decode the samples' regions into one uint8 NHWC tensor (pinned when the device is a GPU).
+
+        Patches cut from one locality region (``Sample.region``) are read together: one read of their
+        bounding box (inside the region), then cut, when that touches no more tiles than reading them one by one.
+        """
         first = samples[0]
         shape = (len(samples), first.height, first.width, 3)
         pin = self.device.type == "cuda"
         buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
         array = buffer.numpy()
-        futures = [self.read_pool.submit(self._read_one, s, array[i]) for i, s in enumerate(samples)]
+        futures = []
+        for group in _region_groups(samples):
+            if len(group) == 1:
+                futures.append(self.read_pool.submit(self._read_one, samples[group[0]], array[group[0]]))
+            else:
+                futures.append(self.read_pool.submit(self._read_cut, [samples[i] for i in group],
+                                                     [array[i] for i in group]))
         for future in futures:
             future.result()
         self.metrics.samples_decoded.inc(len(samples))
         return buffer
+
+    def _read_cut(self, samples: list[Sample], outs: list[np.ndarray]) -> None:
+        """Patches of one region: read their bounding box once and cut them from it (pixels as read alone)."""
+        x0, y0 = min(s.x for s in samples), min(s.y for s in samples)
+        x1, y1 = max(s.x + s.width for s in samples), max(s.y + s.height for s in samples)
+        if not (self._cuttable(samples[0]) and _box_pays(samples, (x0, y0, x1, y1))):
+            for sample, out in zip(samples, outs):
+                self._read_one(sample, out)
+            return
+        block = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        self._read_one(replace(samples[0], x=x0, y=y0, width=x1 - x0, height=y1 - y0), block)
+        for sample, out in zip(samples, outs):
+            out[...] = block[sample.y - y0:sample.y - y0 + sample.height, sample.x - x0:sample.x - x0 + sample.width]
+
+    def _cuttable(self, sample: Sample) -> bool:
+        """Whether a patch cut from a larger read equals the patch read alone (false when resampled to an mpp)."""
+        if sample.record.info is None or sample.mpp <= 0 or sample.mpp == _level_mpp(sample):
+            return True
+        try:
+            return self.handles.get(sample.record.path).level_for_mpp(sample.mpp)[1] == 1.0
+        except (SlideError, ValueError):
+            return False  # read one by one: each read reports the failure
 
     def read_resampled(self, samples: list[Sample], params: list[AugmentParams]) -> torch.Tensor:
         """Like :meth:`read`, with each sample's image-level scale and crop applied (``augment.resample``)."""
@@ -166,6 +198,29 @@ class BatchBuilder:
         self.metrics.samples_decoded.inc(1 if piece.index == 0 else 0)
         self.metrics.stage_seconds.labels(stage="read").observe(time.perf_counter() - t0)
         return BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, piece=piece)
+
+
+def _region_groups(samples: list[Sample]) -> list[list[int]]:
+    """Indices of the samples grouped by locality region (slide, level, mpp, region), in first-seen order."""
+    groups: dict[object, list[int]] = {}
+    for i, s in enumerate(samples):
+        key = (s.record.path, s.level, s.mpp, s.region) if s.region is not None else i
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _box_pays(samples: list[Sample], box: tuple[int, int, int, int]) -> bool:
+    """Reading ``box`` (x0, y0, x1, y1) once decodes no more tiles than reading the patches one by one looks up."""
+    info = samples[0].record.info
+    if info is None:
+        return True
+    level = info.levels[samples[0].level]
+    tw, th = level.tile_width, level.tile_height
+
+    def tiles(x0: int, y0: int, x1: int, y1: int) -> int:
+        return ((x1 - 1) // tw - x0 // tw + 1) * ((y1 - 1) // th - y0 // th + 1)
+
+    return tiles(*box) <= sum(tiles(s.x, s.y, s.x + s.width, s.y + s.height) for s in samples)
 
 
 def _level_mpp(sample: Sample) -> float:

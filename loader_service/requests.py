@@ -9,7 +9,7 @@ from loader_service.augment import AugmentConfig
 from loader_service.errors import InvalidRequest, TooLarge
 from loader_service.pipeline import OutputSpec
 from loader_service.sampling import SamplingSpec
-from loader_service.views import VIEWS, ViewConfig
+from loader_service.views import TILE_ORDERS, VIEWS, ViewConfig
 from wsi_loader.v1 import loader_pb2 as pb
 
 __all__ = ["SessionRequest", "parse_open", "MODE_NAMES", "BALANCE_NAMES"]
@@ -100,9 +100,11 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
 def _view(msg: pb.ViewSpec) -> ViewConfig:
     if msg.view >= len(VIEWS):
         raise ValueError(f"view {msg.view} is unknown; use PATCHES, IMAGE, TILES or SHARD")
+    if msg.tile_order >= len(TILE_ORDERS):
+        raise ValueError(f"tile_order {msg.tile_order} is unknown; use ROW_MAJOR, COLUMN_MAJOR or SERPENTINE")
     return ViewConfig(view=VIEWS[msg.view], tile_size=msg.tile_size, overlap=msg.overlap, grid_rows=msg.grid_rows or 1,
                       grid_cols=msg.grid_cols or 1, shard_row=msg.shard_row, shard_col=msg.shard_col, halo=msg.halo,
-                      align=msg.align or 1)
+                      align=msg.align or 1, tile_order=TILE_ORDERS[msg.tile_order])
 
 
 def _spec(msg: pb.OpenSession) -> SamplingSpec:
@@ -121,4 +123,7 @@ def _spec(msg: pb.OpenSession) -> SamplingSpec:
         grid_stride=msg.grid_stride,
         split=msg.split,
         seed=msg.seed,
+        patches_per_region=msg.patches_per_region or 1,
+        locality_window=msg.locality_window or 16,
+        locality_region_size=msg.locality_region_size,
     )

@@ -63,7 +63,7 @@ class LoaderServer:
         reclaimed = reclaim_orphans()
         if reclaimed:
             self.metrics.shm_reclaimed.inc(reclaimed)
-        self.decode_pool = DecodePool(cfg.workers)
+        self.decode_pool = DecodePool(cfg.workers, jpeg_backend=cfg.jpeg_backend, jpeg_device=cfg.device)
         self.handles = SlideHandles(cfg.max_open_slides, self.tile_cache, self.decode_pool)
         self.read_pool = ThreadPoolExecutor(max_workers=2 * cfg.workers, thread_name_prefix="read")
         self.batch_pool = ThreadPoolExecutor(max_workers=max(2, cfg.workers), thread_name_prefix="batch")

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 from loader_service.augment import Rect
 
-__all__ = ["VIEWS", "ViewConfig", "PieceSpec", "view_pieces", "split_bounds"]
+__all__ = ["VIEWS", "TILE_ORDERS", "ViewConfig", "PieceSpec", "view_pieces", "split_bounds"]
 
 VIEWS = ("patches", "image", "tiles", "shard")
+TILE_ORDERS = ("row-major", "column-major", "serpentine")  # the proto's TileOrder, in enum order
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,13 @@ class ViewConfig:
     shard_col: int = 0
     halo: int = 0
     align: int = 1
+    tile_order: str = "row-major"
 
     def __post_init__(self) -> None:
         if self.view not in VIEWS:
             raise ValueError(f"view must be one of {VIEWS}, got {self.view!r}")
+        if self.tile_order not in TILE_ORDERS:
+            raise ValueError(f"tile_order must be one of {TILE_ORDERS}, got {self.tile_order!r}")
         if self.view == "tiles" and self.tile_size < 16:
             raise ValueError(f"the tiles view needs tile_size >= 16, got {self.tile_size}")
         if self.overlap < 0 or self.halo < 0:
@@ -85,7 +89,14 @@ def view_pieces(config: ViewConfig, image_hw: tuple[int, int]) -> list[PieceSpec
     h, w = image_hw
     if config.view == "tiles":
         t = config.tile_size
-        cores = [Rect(y, x, min(t, h - y), min(t, w - x)) for y in range(0, h, t) for x in range(0, w, t)]
+        ys, xs = list(range(0, h, t)), list(range(0, w, t))
+        if config.tile_order == "column-major":
+            corners = [(y, x) for x in xs for y in ys]
+        elif config.tile_order == "serpentine":
+            corners = [(y, x) for i, y in enumerate(ys) for x in (xs if i % 2 == 0 else xs[::-1])]
+        else:
+            corners = [(y, x) for y in ys for x in xs]
+        cores = [Rect(y, x, min(t, h - y), min(t, w - x)) for y, x in corners]
         return [PieceSpec(image_hw, _grow(c, config.overlap, image_hw), c, i, len(cores)) for i, c in enumerate(cores)]
     if config.view == "shard":
         rows = split_bounds(h, config.grid_rows, config.align)

@@ -40,6 +40,23 @@ def test_tiles_stitch_to_the_image_view(client: LoaderClient, tile: int, overlap
         assert torch.equal(batch["images"], whole[0][..., y:y + h, x:x + w])
 
 
+@pytest.mark.parametrize("order", ["column-major", "serpentine"])
+def test_tile_orders(client: LoaderClient, order: str) -> None:
+    """Tiles come in the asked order (piece index = position), and stitch to the image view in any order."""
+    whole = images(client, cfg(samples_per_epoch=1))
+    with client.stream(cfg(samples_per_epoch=1, view="tiles", tile_size=64, tile_order=order)) as stream:
+        pieces = list(stream)
+    corners = [(b["piece"]["core"][0], b["piece"]["core"][1]) for b in pieces]
+    assert [b["piece"]["index"] for b in pieces] == list(range(len(pieces)))
+    ys, xs = sorted({y for y, _ in corners}), sorted({x for _, x in corners})
+    if order == "column-major":
+        assert corners == [(y, x) for x in xs for y in ys]
+    else:
+        assert corners == [(y, x) for i, y in enumerate(ys) for x in (xs if i % 2 == 0 else xs[::-1])]
+    stitched = [b["images"] for b in stitch_tiles(pieces)]
+    assert len(stitched) == 1 and torch.equal(stitched[0], whole[0])
+
+
 def test_shards_with_halo_are_crops_of_the_image_view(client: LoaderClient) -> None:
     whole = images(client, cfg())
     rows, cols = 2, 3

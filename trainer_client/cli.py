@@ -54,7 +54,9 @@ def _bench(args: argparse.Namespace) -> int:
         config = StreamConfig(dataset=_dataset(client, args.dataset), batch_size=args.batch_size,
                               patch_size=args.patch_size, level=args.level, transport=args.transport,
                               samples_per_epoch=10**9, credits=args.credits, augment=not args.no_augment,
-                              tissue_threshold=args.tissue_threshold, dtype=args.dtype, job_id=args.job_id)
+                              tissue_threshold=args.tissue_threshold, dtype=args.dtype, job_id=args.job_id,
+                              patches_per_region=args.patches_per_region, locality_window=args.locality_window,
+                              locality_region_size=args.locality_region_size, seed=args.seed)
         stream = client.stream(config, rank=args.rank, world_size=args.world_size)
         batches = tiles = nbytes = 0
         start = None
@@ -172,6 +174,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--rank", type=int, default=None, help="this trainer's rank (default: RANK or 0)")
     bench.add_argument("--world-size", type=int, default=None, help="ranks sharing the epoch (default: WORLD_SIZE or 1)")
     bench.add_argument("--job-id", default="", help="ranks of one job (the server checks they agree)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--patches-per-region", type=int, default=1,
+                       help="locality: patches cut from one region read once (1 = independent patches)")
+    bench.add_argument("--locality-window", type=int, default=16, help="locality: regions shuffled together")
+    bench.add_argument("--locality-region-size", type=int, default=0,
+                       help="locality: region side in pixels (0 = ceil(sqrt(patches-per-region)) patches)")
     bench.set_defaults(func=_bench)
 
     train = sub.add_parser("train", help="train a ResNet-18 patch classifier for a few steps from the stream")

@@ -14,6 +14,7 @@ _MODES = {"random": pb.RANDOM, "grid": pb.GRID}
 _BALANCES = {"area": pb.BY_AREA, "slide": pb.BY_SLIDE, "label": pb.BY_LABEL}
 _TRANSPORTS = ("auto", "grpc", "shm")
 _VIEWS = {"patches": pb.PATCHES, "image": pb.IMAGE, "tiles": pb.TILES, "shard": pb.SHARD}
+_TILE_ORDERS = {"row-major": pb.ROW_MAJOR, "column-major": pb.COLUMN_MAJOR, "serpentine": pb.SERPENTINE}
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class StreamConfig:
     grid_stride: int = 0
     split: str = ""
     seed: int = 0
+    # Locality (random mode): patches cut from one region, shuffled across a window of regions (docs/architecture.md)
+    patches_per_region: int = 1  # 1 = independent patches
+    locality_window: int = 16  # regions whose patches are shuffled together
+    locality_region_size: int = 0  # region side in sample pixels; 0 = ceil(sqrt(patches_per_region)) patches
     augment: bool = True
     augment_config: dict[str, Any] = field(default_factory=dict)  # AugmentConfig fields; empty = server default
     dtype: str = "uint8"  # uint8 | float16 | float32
@@ -50,6 +55,7 @@ class StreamConfig:
     whole_slide: bool = False  # one sample per slide: the whole level
     tile_size: int = 0  # tiles view
     overlap: int = 0
+    tile_order: str = "row-major"  # tiles view: row-major | column-major | serpentine
     grid: tuple[int, int] = (1, 1)  # shard view: (rows, cols) of the spatial group
     shard: tuple[int, int] = (0, 0)  # shard view: this rank's (row, col)
     halo: int = 0
@@ -70,10 +76,21 @@ class StreamConfig:
             raise ValueError(f"credits (batches in flight) must be 1..64, got {self.credits}")
         if self.view not in _VIEWS:
             raise ValueError(f"view must be one of {sorted(_VIEWS)}, got {self.view!r}")
+        if self.tile_order not in _TILE_ORDERS:
+            raise ValueError(f"tile_order must be one of {sorted(_TILE_ORDERS)}, got {self.tile_order!r}")
         object.__setattr__(self, "grid", tuple(self.grid))
         object.__setattr__(self, "shard", tuple(self.shard))
         if not 1 <= self.shm_keep <= 64:
             raise ValueError(f"shm_keep (batches held zero-copy at once) must be 1..64, got {self.shm_keep}")
+        if not 1 <= self.patches_per_region <= 1024:
+            raise ValueError(f"patches_per_region must be 1..1024 (1 = independent patches), got {self.patches_per_region}")
+        if self.patches_per_region > 1 and self.mode != "random":
+            raise ValueError(f"patches_per_region={self.patches_per_region} applies to mode='random' only; "
+                             "set patches_per_region=1 for grid mode")
+        if not 1 <= self.locality_window <= 4096:
+            raise ValueError(f"locality_window must be 1..4096 regions, got {self.locality_window}")
+        if self.locality_region_size < 0:
+            raise ValueError(f"locality_region_size must be >= 0 (0 = auto), got {self.locality_region_size}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -90,8 +107,11 @@ class StreamConfig:
                                config_json=json.dumps(self.augment_config) if self.augment_config else ""),
             output=pb.Output(dtype=self.dtype, mean=self.mean, std=self.std, channels_last=self.channels_last),
             transport=transport, shm_probe=shm_probe, job_id=self.job_id,
+            patches_per_region=self.patches_per_region, locality_window=self.locality_window,
+            locality_region_size=self.locality_region_size,
             view=pb.ViewSpec(view=_VIEWS[self.view], region_width=self.region_width, region_height=self.region_height,
                              whole_slide=self.whole_slide, tile_size=self.tile_size, overlap=self.overlap,
                              grid_rows=self.grid[0], grid_cols=self.grid[1], shard_row=self.shard[0],
-                             shard_col=self.shard[1], halo=self.halo, align=self.align),
+                             shard_col=self.shard[1], halo=self.halo, align=self.align,
+                             tile_order=_TILE_ORDERS[self.tile_order]),
         )

@@ -5,6 +5,12 @@ augmentation parameters do not depend on threads, timing or how many ranks read 
 ``world_size`` owns the global indices ``r, r + W, r + 2W, ...``: disjoint, equal-length shards whose
 union is the epoch (random mode draws a multiple of W samples; grid mode pads with repeats flagged
 ``padding``).
+
+Locality (random mode, ``patches_per_region`` k > 1): global indices are cut into groups of
+``locality_window`` (here L) times k. Region ``group * L + r`` (r < L) is placed over tissue from its own
+stream, and its k patches from the same stream; the group's L·k (region, patch) pairs are ordered by a
+permutation keyed by (seed, epoch, group). A sample is still a pure function of (seed, epoch, global
+index), so sharding and cursors behave exactly as with independent draws.
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ __all__ = ["Sample", "EpochPlan", "ShardCursor", "sample_rng"]
 
 _SALT_SAMPLE = 0x5A17  # distinct streams for sampling and augmentation (augment draws its own)
 _SALT_ORDER = 0x0D3E
+_SALT_GROUP = 0x6A0C  # locality: the order of a group's (region, patch) pairs
+_SALT_REGION = 0x5E61  # locality: a region's placement and its patches' positions
+_CACHE_GROUPS = 64  # locality groups (and their regions) kept per plan: consecutive batches reuse them
+
+Rect4 = tuple[int, int, int, int]  # (x, y, width, height) in the sample grid
 
 
 def sample_rng(seed: int, epoch: int, index: int, salt: int) -> np.random.Generator:
@@ -41,6 +52,7 @@ class Sample:
     width: int
     height: int
     padding: bool = False
+    region: Rect4 | None = None  # locality sampling: the region this patch was cut from (contains the patch)
 
 
 class EpochPlan:
@@ -56,18 +68,21 @@ class EpochPlan:
             split = f" in split {spec.split!r}" if spec.split else ""
             raise InvalidRequest(f"dataset {index.name} has no usable slides{split}; check the manifest and the server log")
         self._slides: list[tuple[SlideRecord, Candidates]] = []
-        patch = (spec.height, spec.patch_size)
+        patch = spec.region_shape  # the patch itself unless patches_per_region > 1
+        stride = spec.stride if spec.patches_per_region == 1 else min(patch)
         for record in records:
             if spec.whole_slide:
                 geo = slide_geometry(record, spec.level, spec.mpp)
                 self._slides.append((record, Candidates(geo, np.zeros((1, 2), dtype=np.int64))))
                 continue
-            cands = candidates.get(record, spec.level, spec.mpp, patch, spec.stride, spec.tissue_threshold)
+            cands = candidates.get(record, spec.level, spec.mpp, patch, stride, spec.tissue_threshold)
             if len(cands.cells):
                 self._slides.append((record, cands))
         if not self._slides:
+            locality = (f" (a locality region of {spec.patches_per_region} patches; lower patches_per_region or "
+                        "locality_region_size)") if spec.patches_per_region > 1 else ""
             raise InvalidRequest(
-                f"no {spec.patch_size}×{spec.height} px region of dataset {index.name} passes tissue_threshold="
+                f"no {patch[1]}×{patch[0]} px region{locality} of dataset {index.name} passes tissue_threshold="
                 f"{spec.tissue_threshold}; lower the threshold, the region size or the level"
             )
         self._label_index = index.label_index
@@ -96,19 +111,66 @@ class EpochPlan:
             per_label = {lab: counts[[i for i, l in enumerate(labels) if l == lab]].sum() for lab in set(labels)}
             weights = np.array([c / per_label[lab] for c, lab in zip(counts, labels)]) / len(per_label)
         self._cdf = np.cumsum(weights / weights.sum())
+        self._groups: dict[int, np.ndarray] = {}
+        self._regions: dict[int, tuple[int, Rect4, np.ndarray]] = {}
 
     def _random_sample(self, global_index: int) -> tuple[int, int, int]:
         rng = sample_rng(self.spec.seed, self.epoch, global_index, _SALT_SAMPLE)
+        return self._place(rng, self.spec.patch_size, self.spec.height)
+
+    def _place(self, rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int]:
+        """A slide (by the balance), a tissue cell of it, then a jitter of half the size: (slide, x, y)."""
         slide = int(np.searchsorted(self._cdf, rng.random(), side="right"))
         slide = min(slide, len(self._slides) - 1)
         cands = self._slides[slide][1]
         cx, cy = cands.cells[int(rng.integers(len(cands.cells)))]
-        width, height, geo = self.spec.patch_size, self.spec.height, cands.geometry
+        geo = cands.geometry
         jx = int(rng.integers(-(width // 2), width // 2 + 1))
         jy = int(rng.integers(-(height // 2), height // 2 + 1))
         x = int(np.clip(cx + jx, 0, geo.width - width))
         y = int(np.clip(cy + jy, 0, geo.height - height))
         return slide, x, y
+
+    # --- random mode with locality -------------------------------------------------------------------------
+    def _local_sample(self, global_index: int) -> tuple[int, int, int, Rect4]:
+        k, window = self.spec.patches_per_region, self.spec.locality_window
+        group, position = divmod(global_index, window * k)
+        order = self._groups.get(group)
+        if order is None:
+            order = sample_rng(self.spec.seed, self.epoch, group, _SALT_GROUP).permutation(window * k)
+            if len(self._groups) >= _CACHE_GROUPS:
+                self._groups.clear()
+            self._groups[group] = order
+        region, patch = divmod(int(order[position]), k)
+        slide, rect, offsets = self._region(group * window + region)
+        return slide, rect[0] + int(offsets[patch, 0]), rect[1] + int(offsets[patch, 1]), rect
+
+    def _region(self, region_index: int) -> tuple[int, Rect4, np.ndarray]:
+        """(slide, region rect, (k, 2) patch offsets in it) of one region: a pure function of its index.
+
+        The patches take k distinct cells of the region's patch grid (no overlap) when it has k cells,
+        otherwise k uniform positions (they may overlap).
+        """
+        found = self._regions.get(region_index)
+        if found is not None:
+            return found
+        spec, k = self.spec, self.spec.patches_per_region
+        rh, rw = spec.region_shape
+        rng = sample_rng(spec.seed, self.epoch, region_index, _SALT_REGION)
+        slide, rx, ry = self._place(rng, rw, rh)
+        pw, ph = spec.patch_size, spec.height
+        cols, rows = rw // pw, rh // ph
+        if cols * rows >= k:
+            cells = rng.choice(cols * rows, size=k, replace=False)
+            ox, oy = rng.integers(0, rw - cols * pw + 1), rng.integers(0, rh - rows * ph + 1)  # the grid's slack
+            offsets = np.stack([ox + (cells % cols) * pw, oy + (cells // cols) * ph], axis=1)
+        else:
+            offsets = np.stack([rng.integers(0, rw - pw + 1, size=k), rng.integers(0, rh - ph + 1, size=k)], axis=1)
+        result = (slide, (rx, ry, rw, rh), offsets.astype(np.int64))
+        if len(self._regions) >= _CACHE_GROUPS * spec.locality_window:
+            self._regions.clear()
+        self._regions[region_index] = result
+        return result
 
     # --- grid mode ---------------------------------------------------------------------------------------
     def _init_grid(self) -> None:
@@ -133,9 +195,12 @@ class EpochPlan:
         if not 0 <= shard_index < self.shard_length:
             raise IndexError(f"shard index {shard_index} outside 0..{self.shard_length - 1}")
         global_index = self.rank + shard_index * self.world_size
-        if self.spec.mode == "random" and not self.spec.whole_slide:
+        region: Rect4 | None = None
+        padding = False
+        if self.spec.mode == "random" and not self.spec.whole_slide and self.spec.patches_per_region > 1:
+            slide, x, y, region = self._local_sample(global_index)
+        elif self.spec.mode == "random" and not self.spec.whole_slide:
             slide, x, y = self._random_sample(global_index)
-            padding = False
         else:
             slide, x, y = self._grid_sample(global_index)
             padding = global_index >= self._grid_total
@@ -144,7 +209,7 @@ class EpochPlan:
         if self.spec.whole_slide:
             return Sample(shard_index, global_index, record, geo.level, geo.mpp, 0, 0, geo.width, geo.height, padding)
         return Sample(shard_index, global_index, record, geo.level, geo.mpp, x, y, self.spec.patch_size,
-                      self.spec.height, padding)
+                      self.spec.height, padding, region)
 
     def label_index(self, record: SlideRecord) -> int:
         return self._label_index[record.entry.label]

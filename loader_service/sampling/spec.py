@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 __all__ = ["SamplingSpec", "MODES", "BALANCES"]
@@ -16,6 +17,12 @@ class SamplingSpec:
 
     ``random``: ``samples_per_epoch`` independent draws, each a pure function of (seed, epoch, index);
     ``grid``: every grid cell (stride ``grid_stride``) whose tissue fraction passes the threshold.
+
+    Locality (random mode): with ``patches_per_region`` k > 1 the epoch is cut into groups of
+    ``locality_window`` W times k indices; each group places W regions over tissue (side
+    ``locality_region_size``, 0 = ceil(sqrt(k)) patch sides), k patches inside each, and a permutation of
+    the W·k (region, patch) pairs keyed by (seed, epoch, group) orders them. The read path reads each
+    region once per batch and cuts its patches from it. k = 1 is independent draws, as before.
     """
 
     patch_size: int = 256  # width (and height, unless patch_height is set) in sample-grid pixels
@@ -31,6 +38,9 @@ class SamplingSpec:
     shuffle_grid: bool = False
     split: str = ""
     seed: int = 0
+    patches_per_region: int = 1  # k: patches cut from one region (random mode); 1 = independent patches
+    locality_window: int = 16  # W: regions whose patches are shuffled together (random mode, k > 1)
+    locality_region_size: int = 0  # region side in sample pixels; 0 = ceil(sqrt(k)) patch sides
 
     def __post_init__(self) -> None:
         if not 8 <= self.patch_size <= 65536:
@@ -53,10 +63,41 @@ class SamplingSpec:
             raise ValueError(f"grid_stride must be >= 0 (0 = patch_size), got {self.grid_stride}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be 0..2**63-1, got {self.seed}")
+        self._check_locality()
+
+    def _check_locality(self) -> None:
+        k, window = self.patches_per_region, self.locality_window
+        if not 1 <= k <= 1024:
+            raise ValueError(f"patches_per_region must be 1..1024 (1 = independent patches), got {k}")
+        if not 1 <= window <= 4096:
+            raise ValueError(f"locality_window must be 1..4096 regions shuffled together, got {window}")
+        if self.locality_region_size < 0:
+            raise ValueError(f"locality_region_size must be >= 0 (0 = ceil(sqrt(patches_per_region)) patch sides), "
+                             f"got {self.locality_region_size}")
+        if k == 1:
+            return
+        if self.mode != "random" or self.whole_slide:
+            what = "whole-slide sampling" if self.whole_slide else "grid mode"
+            raise ValueError(f"patches_per_region={k} applies to random mode only ({what} enumerates every region "
+                             "once); set patches_per_region=1 or mode=random")
+        if self.locality_region_size and self.locality_region_size < max(self.patch_size, self.height):
+            raise ValueError(f"locality_region_size {self.locality_region_size} is smaller than a "
+                             f"{self.patch_size}×{self.height} patch; use 0 (auto) or at least "
+                             f"{max(self.patch_size, self.height)}")
 
     @property
     def height(self) -> int:
         return self.patch_height or self.patch_size
+
+    @property
+    def region_shape(self) -> tuple[int, int]:
+        """(height, width) of a locality region in sample pixels (the patch itself when k = 1)."""
+        if self.patches_per_region == 1:
+            return self.height, self.patch_size
+        if self.locality_region_size:
+            return self.locality_region_size, self.locality_region_size
+        side = math.isqrt(self.patches_per_region - 1) + 1  # ceil(sqrt(k))
+        return side * self.height, side * self.patch_size
 
     @property
     def stride(self) -> int:

@@ -230,6 +230,11 @@ class TileDecoder:
             return _decode_simplejpeg(stream, rgb_source, scale)
         return _decode_pil(stream, rgb_source, scale)
 
+    def to_rgb(self, arr: np.ndarray, scale: int = 1) -> np.ndarray:
+        """A decoded (h, w[, c]) uint8 tile -> RGB of ``scaled_shape(scale)`` (grey expanded, alpha
+        composited over white, short edge tiles padded with white); for decoders outside this class."""
+        return self._to_rgb(arr, self.scaled_shape(scale))
+
     def _decode_raster(self, data: bytes) -> np.ndarray:
         nbytes = self.tile_width * self.tile_height * self.samples_per_pixel
         if self.compression == 1:

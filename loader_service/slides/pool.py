@@ -13,6 +13,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TypeVar
 
+from .batched import BatchedJpegDecoder, JpegBackendChoice, JpegBackendSelector
+from .codecs import TileDecoder
+
 __all__ = ["DecodePool", "available_cores"]
 
 T = TypeVar("T")
@@ -37,14 +40,21 @@ class DecodePool:
 
     Safe to share between slides and threads. Work submitted from inside one of the pool's own
     threads runs inline (see :meth:`run_all`) so nested use cannot deadlock.
+
+    ``jpeg_backend`` (see ``batched.JPEG_BACKENDS``) says how full-resolution JPEG tiles are
+    decoded: 'cpu' (default) per tile on these threads; 'nvjpeg' batched per region read on the
+    GPU (``jpeg_device``: 'cuda', 'cuda:N', or the service's 'auto'/'cpu' device setting);
+    'auto' nvjpeg when a CUDA device is there and it measures faster on the first JPEG slide
+    opened with this pool (else 'cpu'); 'batched-cpu' the batched code on the CPU.
     """
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, *, jpeg_backend: str = "cpu", jpeg_device: str = "auto") -> None:
         if threads is None:
             threads = available_cores()
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = int(threads)
+        self._jpeg = JpegBackendSelector(jpeg_backend, jpeg_device, self.threads)
         self._executor = ThreadPoolExecutor(
             max_workers=self.threads, thread_name_prefix="tile-decode", initializer=_mark_worker
         )
@@ -54,6 +64,21 @@ class DecodePool:
     def in_worker() -> bool:
         """True when called from a decode-pool thread (of any pool)."""
         return bool(getattr(_local, "in_decode_pool", False))
+
+    @property
+    def jpeg_choice(self) -> JpegBackendChoice | None:
+        """How JPEG tiles are decoded (with the measured rates for 'auto'); None until 'auto' on a
+        CUDA machine has seen its first JPEG slide."""
+        return self._jpeg.choice
+
+    @property
+    def batched_jpeg(self) -> BatchedJpegDecoder | None:
+        """The batched JPEG decoder in use, or None for per-tile decode on the pool."""
+        return self._jpeg.batched
+
+    def choose_jpeg_backend(self, decoder: TileDecoder, tiles: list[bytes]) -> JpegBackendChoice:
+        """Resolve ``jpeg_backend='auto'`` by timing both backends on these raw tiles (once)."""
+        return self._jpeg.probe(decoder, tiles)
 
     def submit(self, fn: Callable[..., T], /, *args: object) -> Future[T]:
         if self._closed:
@@ -109,4 +134,6 @@ class DecodePool:
         self.close()
 
     def __repr__(self) -> str:
-        return f"DecodePool(threads={self.threads}{', closed' if self._closed else ''})"
+        choice = self._jpeg.choice
+        jpeg = "auto (pending)" if choice is None else choice.backend
+        return f"DecodePool(threads={self.threads}, jpeg={jpeg}{', closed' if self._closed else ''})"

@@ -22,6 +22,7 @@ import numpy as np
 import tifffile
 
 from .base import Slide
+from .batched import BatchedJpegDecoder, batchable
 from .cache import TileCache
 from .codecs import COMPRESSION_NAMES, JPEG_SCALES, TileDecoder, UnsupportedTileFormat
 from .errors import SlideOpenError, SlideReadError
@@ -251,6 +252,23 @@ class TiffSlide(Slide):
         self._pool = pool
         self._identity: tuple[str, int, int] = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
         self._close_lock = threading.Lock()
+        if pool is not None and pool.jpeg_choice is None:
+            self._probe_jpeg_backend(pool)
+
+    def _probe_jpeg_backend(self, pool: DecodePool, n: int = 32) -> None:
+        """``jpeg_backend='auto'`` on a CUDA machine: time CPU vs nvJPEG on this slide's largest
+        (tissue-rich) level-0 tiles, once per pool."""
+        lv = self._levels[0]
+        if not batchable(lv.decoder, 1):
+            return  # decided on the first JPEG slide instead
+        order = np.argsort(lv.counts)[::-1][:n]
+        try:
+            tiles = [t for t in (self._tile_bytes(0, int(i)) for i in order) if t is not None]
+        except SlideReadError as err:  # the reads themselves will report it
+            log.debug("%s: no tiles to choose the JPEG backend with: %s", self.path, err)
+            return
+        if tiles:
+            pool.choose_jpeg_backend(lv.decoder, tiles)
 
     @property
     def identity(self) -> tuple[str, int, int]:
@@ -341,7 +359,7 @@ class TiffSlide(Slide):
             out[iy0 - y : iy1 - y, : ix0 - x] = 255
         if ix1 < x + width:
             out[iy0 - y : iy1 - y, ix1 - x :] = 255
-        tasks: list[Callable[[], None]] = []
+        misses: list[tuple[int, np.ndarray, tuple[slice, slice]]] = []
         cache = self._cache
         for ty in range(iy0 // th, (iy1 - 1) // th + 1):
             py = ty * th
@@ -356,14 +374,41 @@ class TiffSlide(Slide):
                 if tile is not None:
                     dst[...] = tile[src]
                 else:
-                    tasks.append(partial(self._fetch, level, index, scale, dst, src))
-        if not tasks:
+                    misses.append((index, dst, src))
+        if not misses:
             return
+        batched = self._pool.batched_jpeg if self._pool is not None else None
+        if batched is not None and batchable(lv.decoder, scale) and self._fetch_batched(batched, level, misses):
+            return
+        tasks: list[Callable[[], None]] = [partial(self._fetch, level, i, scale, dst, src) for i, dst, src in misses]
         if self._pool is not None:
             self._pool.run_all(tasks)
         else:
             for task in tasks:
                 task()
+
+    def _fetch_batched(
+        self, batched: BatchedJpegDecoder, level: int, misses: list[tuple[int, np.ndarray, tuple[slice, slice]]]
+    ) -> bool:
+        """Decode a region's missing JPEG tiles in one batched call; False -> use the per-tile path
+        (which also names the tile when one is corrupt)."""
+        lv = self._levels[level]
+        payloads = [self._tile_bytes(level, index) for index, _, _ in misses]
+        present = [p for p in payloads if p is not None]
+        try:
+            decoded = iter(batched.decode(lv.decoder, present))
+        except Exception as err:  # noqa: BLE001 - corrupt tile, unsupported stream: per-tile path decides
+            log.debug("%s: batched decode of %d tiles of level %d failed (%s); decoding per tile", self.path, len(present), level, err)
+            return False
+        for (index, dst, src), payload in zip(misses, payloads):
+            if payload is None:
+                tile = np.full(lv.decoder.scaled_shape(1) + (3,), 255, np.uint8)
+            else:
+                tile = next(decoded)
+            if self._cache is not None:
+                self._cache.put((self._identity, level, index, 1), tile)
+            dst[...] = tile[src]
+        return True
 
     def tile_layout(self, level: int) -> dict[str, Any]:
         """Tile grid facts for tools/benchmarks: counts, offsets and byte counts arrays."""

@@ -33,6 +33,12 @@ class View(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMAGE: _ClassVar[View]
     TILES: _ClassVar[View]
     SHARD: _ClassVar[View]
+
+class TileOrder(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROW_MAJOR: _ClassVar[TileOrder]
+    COLUMN_MAJOR: _ClassVar[TileOrder]
+    SERPENTINE: _ClassVar[TileOrder]
 MODE_UNSPECIFIED: Mode
 RANDOM: Mode
 GRID: Mode
@@ -48,6 +54,9 @@ PATCHES: View
 IMAGE: View
 TILES: View
 SHARD: View
+ROW_MAJOR: TileOrder
+COLUMN_MAJOR: TileOrder
+SERPENTINE: TileOrder
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()
@@ -184,7 +193,7 @@ class ShmRef(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., slot: _Optional[int] = ...) -> None: ...
 
 class ViewSpec(_message.Message):
-    __slots__ = ("view", "region_width", "region_height", "whole_slide", "tile_size", "overlap", "grid_rows", "grid_cols", "shard_row", "shard_col", "halo", "align")
+    __slots__ = ("view", "region_width", "region_height", "whole_slide", "tile_size", "overlap", "grid_rows", "grid_cols", "shard_row", "shard_col", "halo", "align", "tile_order")
     VIEW_FIELD_NUMBER: _ClassVar[int]
     REGION_WIDTH_FIELD_NUMBER: _ClassVar[int]
     REGION_HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +206,7 @@ class ViewSpec(_message.Message):
     SHARD_COL_FIELD_NUMBER: _ClassVar[int]
     HALO_FIELD_NUMBER: _ClassVar[int]
     ALIGN_FIELD_NUMBER: _ClassVar[int]
+    TILE_ORDER_FIELD_NUMBER: _ClassVar[int]
     view: View
     region_width: int
     region_height: int
@@ -209,7 +219,8 @@ class ViewSpec(_message.Message):
     shard_col: int
     halo: int
     align: int
-    def __init__(self, view: _Optional[_Union[View, str]] = ..., region_width: _Optional[int] = ..., region_height: _Optional[int] = ..., whole_slide: _Optional[bool] = ..., tile_size: _Optional[int] = ..., overlap: _Optional[int] = ..., grid_rows: _Optional[int] = ..., grid_cols: _Optional[int] = ..., shard_row: _Optional[int] = ..., shard_col: _Optional[int] = ..., halo: _Optional[int] = ..., align: _Optional[int] = ...) -> None: ...
+    tile_order: TileOrder
+    def __init__(self, view: _Optional[_Union[View, str]] = ..., region_width: _Optional[int] = ..., region_height: _Optional[int] = ..., whole_slide: _Optional[bool] = ..., tile_size: _Optional[int] = ..., overlap: _Optional[int] = ..., grid_rows: _Optional[int] = ..., grid_cols: _Optional[int] = ..., shard_row: _Optional[int] = ..., shard_col: _Optional[int] = ..., halo: _Optional[int] = ..., align: _Optional[int] = ..., tile_order: _Optional[_Union[TileOrder, str]] = ...) -> None: ...
 
 class Augment(_message.Message):
     __slots__ = ("enabled", "config_json")
@@ -232,7 +243,7 @@ class Output(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., channels_last: _Optional[bool] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots")
+    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots", "patches_per_region", "locality_window", "locality_region_size")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +268,9 @@ class OpenSession(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     VIEW_FIELD_NUMBER: _ClassVar[int]
     SHM_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    PATCHES_PER_REGION_FIELD_NUMBER: _ClassVar[int]
+    LOCALITY_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    LOCALITY_REGION_SIZE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: str
     mode: Mode
@@ -281,7 +295,10 @@ class OpenSession(_message.Message):
     job_id: str
     view: ViewSpec
     shm_slots: int
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ...) -> None: ...
+    patches_per_region: int
+    locality_window: int
+    locality_region_size: int
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ..., patches_per_region: _Optional[int] = ..., locality_window: _Optional[int] = ..., locality_region_size: _Optional[int] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
