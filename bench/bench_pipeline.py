@@ -5,10 +5,14 @@ On one synthetic 16384² pyramidal JPEG slide, for 1..cores cores (pinned with s
   (b) baseline: torch DataLoader(num_workers=N) + OpenSlide read_region, same augmentations;
   (c) the service (N decode workers) + `trainer-client bench` over gRPC;
   (d) the same over shared memory.
-Patches are random 256² level-0 regions anywhere on the slide for all four (tissue threshold 0).
+Patches are random 256² level-0 regions anywhere on the slide for all four (tissue threshold 0). Every
+process of (b), (c) and (d) (service and trainer alike) is pinned to the same N cores.
 Prints patches/s and the ratios (c)/(b) and (c)/(a); writes a PNG of patches/s against cores.
+``--no-augment`` drops the augmentation from (b)-(d) (the read/decode/transport paths alone);
+``--patches-per-region K`` turns on locality sampling in (c)/(d).
 
     python -m bench.bench_pipeline [--size 16384] [--seconds 8] [--png docs/pipeline_cores.png] [--json out.json]
+    python -m bench.bench_pipeline --no-augment --patches-per-region 4 --locality-window 16
 """
 
 from __future__ import annotations
@@ -42,25 +46,27 @@ def codec(slide: Path, cores: int) -> float:
     return float(row["mp_per_s"]) * 1e6 / 65536
 
 
-def baseline(slide: Path, cores: int, seconds: float) -> float:
+def baseline(slide: Path, cores: int, seconds: float, augment: bool = True) -> float:
     code = ("import json,sys; from bench.baselines import run_dataloader_baseline; "
-            f"print(json.dumps(run_dataloader_baseline([sys.argv[1]], workers={cores}, seconds={seconds})))")
+            f"print(json.dumps(run_dataloader_baseline([sys.argv[1]], workers={cores}, seconds={seconds}, "
+            f"augment={augment})))")
     out = subprocess.run([sys.executable, "-c", code, str(slide)], capture_output=True, text=True, cwd=HERE,
                          check=True, **_pinned(cores))
     return float(json.loads(out.stdout.strip().splitlines()[-1])["patches_per_s"])
 
 
-def served(manifest: Path, cores: int, seconds: float) -> dict[str, float]:
+def served(manifest: Path, cores: int, seconds: float, extra: tuple[str, ...] = ()) -> dict[str, float]:
     args = ("--manifest", f"bench={manifest}", "--metrics-port", "-1", "--device", "cpu", "--workers", str(cores),
             "--tissue-cache-dir", str(manifest.parent / ".tissue"))
     cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cores])
     rates = {}
-    with service(*args) as (port, proc):
-        os.sched_setaffinity(proc.pid, [int(c) for c in cpus.split(",")])
+    with service(*args, prefix=("taskset", "-c", cpus)) as (port, _):  # every thread of it on the N cores
         for transport in ("grpc", "shm"):
-            cmd = python_cmd("trainer_client.cli", "bench", "--endpoint", f"127.0.0.1:{port}", "--dataset", "bench",
-                             "--seconds", str(seconds), "--batch-size", "64", "--patch-size", "256",
-                             "--tissue-threshold", "0", "--transport", transport)
+            # the trainer shares the same N cores as the service: (b) pins its whole process tree too
+            cmd = ["taskset", "-c", cpus, *python_cmd(
+                "trainer_client.cli", "bench", "--endpoint", f"127.0.0.1:{port}", "--dataset", "bench",
+                "--seconds", str(seconds), "--batch-size", "64", "--patch-size", "256",
+                "--tissue-threshold", "0", "--transport", transport, *extra)]
             rates[transport] = float(run_json(cmd)["tiles_per_s"])
     return rates
 
@@ -73,7 +79,16 @@ def main() -> None:
     parser.add_argument("--max-cores", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--png", type=Path)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--no-augment", action="store_true",
+                        help="no augmentation in (b), (c) and (d): compare the read/decode/transport paths alone")
+    parser.add_argument("--patches-per-region", type=int, default=1,
+                        help="(c)/(d): locality sampling, patches cut from one region read (the baseline cannot)")
+    parser.add_argument("--locality-window", type=int, default=16, help="(c)/(d): regions shuffled together")
     args = parser.parse_args()
+    extra: tuple[str, ...] = ("--patches-per-region", str(args.patches_per_region),
+                              "--locality-window", str(args.locality_window))
+    if args.no_augment:
+        extra += ("--no-augment",)
     from bench.bench_decode import make_bench_slide
 
     rows = []
@@ -86,8 +101,8 @@ def main() -> None:
             runs: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
             for _ in range(args.repeats):
                 runs["a"].append(codec(slide, cores))
-                runs["b"].append(baseline(slide, cores, args.seconds))
-                svc = served(manifest, cores, args.seconds)
+                runs["b"].append(baseline(slide, cores, args.seconds, augment=not args.no_augment))
+                svc = served(manifest, cores, args.seconds, extra)
                 runs["c"].append(svc["grpc"])
                 runs["d"].append(svc["shm"])
             row = {"cores": cores, **{k: median(v) for k, v in runs.items()}}

@@ -19,9 +19,10 @@ def python_cmd(module: str, *args: str) -> list[str]:
 
 
 @contextmanager
-def service(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[int, subprocess.Popen[str]]]:
-    """`loader-service serve ARGS` on a free loopback port; yields (port, process)."""
-    cmd = python_cmd("loader_service.cli", "--log-level", "WARNING", "serve", "--listen", "127.0.0.1:0", *args)
+def service(*args: str, env: dict[str, str] | None = None,
+            prefix: tuple[str, ...] = ()) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    """`loader-service serve ARGS` on a free loopback port (``prefix``: e.g. ``taskset -c 0``); yields (port, process)."""
+    cmd = [*prefix, *python_cmd("loader_service.cli", "--log-level", "WARNING", "serve", "--listen", "127.0.0.1:0", *args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     try:
         assert proc.stdout is not None

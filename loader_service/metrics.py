@@ -36,6 +36,7 @@ METRIC_NAMES = (
     "wsi_loader_tile_cache_hit_ratio",
     "wsi_loader_shm_slots",
     "wsi_loader_shm_slots_reclaimed_total",
+    "wsi_loader_cuda_slots",
 )
 
 
@@ -53,6 +54,7 @@ class _LiveCollector(Collector):
     def __init__(self) -> None:
         self._cache: Callable[[], Any] | None = None
         self._shm: Callable[[], tuple[int, int]] | None = None
+        self._cuda: Callable[[], tuple[int, int]] | None = None
 
     def collect(self) -> Iterator[Any]:
         if self._cache is not None:
@@ -72,6 +74,13 @@ class _LiveCollector(Collector):
         if self._shm is not None:
             in_use, free = self._shm()
             family = GaugeMetricFamily("wsi_loader_shm_slots", "Shared-memory batch slots by state", labels=["state"])
+            family.add_metric(["in_use"], in_use)
+            family.add_metric(["free"], free)
+            yield family
+        if self._cuda is not None:
+            in_use, free = self._cuda()
+            family = GaugeMetricFamily("wsi_loader_cuda_slots", "CUDA IPC batch slots (GPU memory) by state",
+                                       labels=["state"])
             family.add_metric(["in_use"], in_use)
             family.add_metric(["free"], free)
             yield family
@@ -120,6 +129,9 @@ class Metrics:
 
     def watch_shm(self, slots: Callable[[], tuple[int, int]]) -> None:
         self._live._shm = slots
+
+    def watch_cuda(self, slots: Callable[[], tuple[int, int]]) -> None:
+        self._live._cuda = slots
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current value of one sample (for tests and the CLI summary); 0 when absent."""

@@ -1,7 +1,8 @@
 """Building one batch: region reads on the read pool, straight into the batch buffer, then augmentation.
 
 Pixels are written once by the decoder into the batch buffer (pinned host memory when the service has a
-GPU). Augmentation runs batch-wise on tensors, on the service's GPU when it has one.
+GPU). Augmentation runs batch-wise on tensors, on the service's GPU when it has one. The result comes back
+to the CPU, except with ``on_device=True`` (CUDA IPC sessions: the batch stays on the service's device).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class OutputSpec:
 
 @dataclass
 class BuiltBatch:
-    images: torch.Tensor  # on the CPU, contiguous, in the requested dtype and layout
+    images: torch.Tensor  # contiguous, in the requested dtype and layout; on the CPU unless built on_device
     labels: torch.Tensor  # int64
     samples: list[Sample]
     timings: dict[str, float] = field(default_factory=dict)
@@ -159,7 +160,8 @@ class BatchBuilder:
         return out
 
     def build(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int, epoch: int,
-              output: OutputSpec) -> BuiltBatch:
+              output: OutputSpec, on_device: bool = False) -> BuiltBatch:
+        """One batch of augmented images; on the service's device with ``on_device``, else on the CPU."""
         t0 = time.perf_counter()
         params = [draw_params(augment, seed, epoch, s.global_index) for s in samples] if augment is not None else []
         if any(not p.resample_is_identity for p in params):
@@ -175,7 +177,7 @@ class BatchBuilder:
         images = to_output(images, output.dtype, output.mean or None, output.std or None)
         if output.channels_last:
             images = images.permute(0, 2, 3, 1)
-        images = images.contiguous().cpu()
+        images = _placed(images, on_device)
         t2 = time.perf_counter()
         self.metrics.stage_seconds.labels(stage="read").observe(t1 - t0)
         self.metrics.stage_seconds.labels(stage="augment").observe(t2 - t1)
@@ -183,8 +185,11 @@ class BatchBuilder:
 
 
     def build_piece(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int,
-                    epoch: int, output: OutputSpec, piece: PieceSpec) -> BuiltBatch:
-        """One piece (tile or shard) of one sample's augmented image, reading only the raw pixels it needs."""
+                    epoch: int, output: OutputSpec, piece: PieceSpec, on_device: bool = False) -> BuiltBatch:
+        """One piece (tile or shard) of one sample's augmented image, reading only the raw pixels it needs.
+
+        On the service's device with ``on_device``, else on the CPU.
+        """
         sample = samples[0]
         t0 = time.perf_counter()
         params = draw_params(augment, seed, epoch, sample.global_index) if augment is not None else AugmentParams()
@@ -194,10 +199,16 @@ class BatchBuilder:
         images = to_output(chw[None], output.dtype, output.mean or None, output.std or None)
         if output.channels_last:
             images = images.permute(0, 2, 3, 1)
-        images = images.contiguous().cpu()
+        images = _placed(images, on_device)
         self.metrics.samples_decoded.inc(1 if piece.index == 0 else 0)
         self.metrics.stage_seconds.labels(stage="read").observe(time.perf_counter() - t0)
         return BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, piece=piece)
+
+
+def _placed(images: torch.Tensor, on_device: bool) -> torch.Tensor:
+    """The finished batch, contiguous: where it was built (the service's device) or copied to the CPU."""
+    images = images.contiguous()
+    return images if on_device else images.cpu()
 
 
 def _region_groups(samples: list[Sample]) -> list[list[int]]:

@@ -23,6 +23,7 @@ from loader_service.session import Session, SessionLimits, check_open
 from loader_service.slides import DecodePool, SlideError, TileCache
 from loader_service.tissue import TissueMaskCache
 from loader_service.transport import encode_tensor
+from loader_service.transport.cuda_ipc import CudaSlotPool, cuda_ipc_available
 from loader_service.transport.shm import ShmRegistry, SlotPool, probe_is_visible, reclaim_orphans
 from loader_service.jobs import JobRegistry
 from loader_service.sampling.synthetic import SYNTHETIC_DATASET, SyntheticPlan, SyntheticSource
@@ -34,6 +35,7 @@ __all__ = ["LoaderServer"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE_NAME = "wsi_loader.v1.Loader"
+_VARIABLE_SIZE = "whole-slide samples differ in size, so they travel as gRPC bytes"
 
 
 class LoaderServer:
@@ -52,6 +54,7 @@ class LoaderServer:
         self._health = health.HealthServicer()
         self.jobs = JobRegistry()
         self.shm = ShmRegistry()
+        self.cuda_pools = ShmRegistry()
         self.synthetic = SyntheticSource() if config.synthetic else None
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -60,6 +63,7 @@ class LoaderServer:
         self.tile_cache = TileCache(cfg.tile_cache_bytes)
         self.metrics.watch_tile_cache(self.tile_cache.stats)
         self.metrics.watch_shm(self.shm.slots)
+        self.metrics.watch_cuda(self.cuda_pools.slots)
         reclaimed = reclaim_orphans()
         if reclaimed:
             self.metrics.shm_reclaimed.inc(reclaimed)
@@ -169,22 +173,74 @@ class LoaderServer:
         common = dict(augment=request.augment, seed=request.spec.seed, epoch=request.epoch, output=request.output)
         return plan, functools.partial(self.builder.build, **common), functools.partial(self.builder.build_piece, **common)
 
+    def open_transport(self, request: SessionRequest, session: Session
+                       ) -> tuple[int, str, SlotPool | CudaSlotPool | None]:
+        """The session's data plane: (transport, why not the one asked for, its slot pool or None).
+
+        CUDA IPC falls back to shared memory (when the client's probe is visible here), then to gRPC bytes.
+        """
+        if request.transport not in (pb.SHM, pb.CUDA_IPC):
+            return pb.GRPC, "", None
+        if request.tensor_bytes() is None:
+            return pb.GRPC, _VARIABLE_SIZE, None
+        reason = ""
+        if request.transport == pb.CUDA_IPC:
+            cuda_pool, why = self.open_cuda_pool(request, session.gate.cond)
+            if cuda_pool is not None:
+                session.use_cuda(cuda_pool)
+                return pb.CUDA_IPC, "", cuda_pool
+            reason = f"CUDA IPC not used: {why}"
+            if not request.shm_probe:
+                return pb.GRPC, f"{reason}; no shared-memory probe sent, so gRPC bytes", None
+        visible, why = probe_is_visible(request.shm_probe)
+        if not visible:
+            return pb.GRPC, f"{reason}; {why}" if reason else why, None
+        pool = self.open_slot_pool(request, session.gate.cond)
+        assert pool is not None  # tensor_bytes() is known
+        session.use_shm(pool)
+        return pb.SHM, f"{reason}; shared memory instead" if reason else "", pool
+
+    def _slot_count(self, request: SessionRequest) -> int:
+        return max(1, min(request.shm_slots or self.config.max_credits, self.config.max_credits + 8))
+
     def open_slot_pool(self, request: SessionRequest, cond: threading.Condition) -> SlotPool | None:
         """A slot pool sized for the session's largest message; None when that size is not known up front."""
         slot_bytes = request.tensor_bytes()
         if slot_bytes is None:
             return None
-        count = min(request.shm_slots or self.config.max_credits, self.config.max_credits + 8)
-        pool = SlotPool(max(1, count), slot_bytes, cond)
+        pool = SlotPool(self._slot_count(request), slot_bytes, cond)
         self.shm.add(pool)
         return pool
 
-    def close_slot_pool(self, pool: SlotPool) -> None:
+    def open_cuda_pool(self, request: SessionRequest, cond: threading.Condition) -> tuple[CudaSlotPool | None, str]:
+        """A CUDA IPC slot pool on the service's GPU, sized like the shared-memory one; or None and why not."""
+        if self.device.type != "cuda":
+            return None, f"service has no CUDA device (it runs on {self.device})"
+        slot_bytes = request.tensor_bytes()
+        if slot_bytes is None:
+            return None, _VARIABLE_SIZE
+        ok, why = cuda_ipc_available()
+        if not ok:
+            return None, f"service cannot share GPU memory: {why}"
+        try:
+            pool = CudaSlotPool(self._slot_count(request), slot_bytes, cond, self.device)
+        except (RuntimeError, ValueError) as err:  # cudaMalloc out of memory, IPC not supported, ...
+            log.warning("no CUDA IPC slot pool for a session, falling back: %s", err)
+            return None, f"allocating the GPU slot pool failed: {err}"
+        self.cuda_pools.add(pool)
+        return pool, ""
+
+    def close_slot_pool(self, pool: SlotPool | CudaSlotPool) -> None:
         with pool.cond:
             held = pool.held
-        if held:
-            self.metrics.shm_reclaimed.inc(held)
-        self.shm.remove(pool)
+        if isinstance(pool, CudaSlotPool):
+            if held:
+                log.info("CUDA slot pool %s closed with %d slots still held by the trainer", pool.name, held)
+            self.cuda_pools.remove(pool)
+        else:
+            if held:
+                self.metrics.shm_reclaimed.inc(held)
+            self.shm.remove(pool)
         pool.close()
 
     def dataset(self, name: str) -> DatasetIndex:
@@ -287,7 +343,7 @@ class _Servicer(pb_grpc.LoaderServicer):
     def Stream(self, requests: Iterator[pb.StreamRequest], context: grpc.ServicerContext) -> Iterator[pb.StreamResponse]:
         s = self.s
         session: Session | None = None
-        pool: SlotPool | None = None
+        pool: SlotPool | CudaSlotPool | None = None
         request: SessionRequest | None = None
         joined = errored = False
         try:
@@ -302,16 +358,7 @@ class _Servicer(pb_grpc.LoaderServicer):
             joined = True
             limits = SessionLimits(s.config.max_credits, s.config.credit_timeout_s)
             session = Session(request, plan, build, s.batch_pool, s.metrics, limits, s.draining, build_piece)
-            transport, reason = pb.GRPC, ""
-            if request.transport == pb.SHM:
-                visible, reason = probe_is_visible(request.shm_probe)
-                if visible:
-                    pool = s.open_slot_pool(request, session.gate.cond)
-                    if pool is None:
-                        reason = "whole-slide samples differ in size, so they travel as gRPC bytes"
-                    else:
-                        session.use_shm(pool)
-                        transport = pb.SHM
+            transport, reason, pool = s.open_transport(request, session)
             context.add_callback(session.on_rpc_done)
             threading.Thread(target=session.consume_requests, args=(requests,), daemon=True,
                              name=f"credits-{session.id}").start()
@@ -320,7 +367,7 @@ class _Servicer(pb_grpc.LoaderServicer):
             yield pb.StreamResponse(opened=pb.SessionOpened(
                 session_id=session.id, shard_length=plan.shard_length, batches=session.cursor.remaining_batches(),
                 transport=transport, transport_reason=reason, labels=plan.labels,
-                shm_segment=pool.name if pool is not None else "",
+                shm_segment=pool.name if isinstance(pool, SlotPool) else "",
             ))
             yield from session.batches()
         except ServiceError as err:

@@ -1,7 +1,8 @@
 """One streaming session: credits in, batches out, never more in flight than the client granted.
 
-With the shared-memory transport a batch also needs a free slot; slots come back when the client releases
-them (or all at once when the session ends: the segment is unlinked).
+With the shared-memory or CUDA IPC transport a batch also needs a free slot; slots come back when the client
+releases them (or all at once when the session ends: the segment is unlinked, the GPU pool freed). CUDA IPC
+sessions build their batches on the service's GPU and copy them into a slot there, never through the host.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from loader_service.pipeline import BuiltBatch
 from loader_service.requests import SessionRequest
 from loader_service.sampling import EpochPlan, Sample, ShardCursor
 from loader_service.transport import encode_tensor, sample_meta
-from loader_service.transport.shm import SlotPool
+from loader_service.transport.cuda_ipc import CudaSlotPool
+from loader_service.transport.shm import SlotBook, SlotPool
 from loader_service.views import PieceSpec, view_pieces
 from loader_service.augment import draw_params
 from wsi_loader.v1 import loader_pb2 as pb
@@ -32,7 +34,7 @@ __all__ = ["Gate", "Session", "SessionLimits", "check_open"]
 log = logging.getLogger(__name__)
 
 class Gate:
-    """Credits the client granted (capped) and, with shared memory, free slots; one condition for both."""
+    """Credits the client granted (capped) and, with shared memory or CUDA IPC, free slots; one condition for both."""
 
     def __init__(self, cap: int, metrics: Metrics) -> None:
         self.cond = threading.Condition()
@@ -40,7 +42,8 @@ class Gate:
         self._credits = 0
         self._closed = False
         self._metrics = metrics
-        self.slots: SlotPool | None = None
+        self.slots: SlotBook | None = None
+        self.slot_kind = "shared-memory"
 
     def grant(self, n: int) -> None:
         with self.cond:
@@ -53,7 +56,7 @@ class Gate:
         return self._credits > 0 and (self.slots is None or self.slots.free_slots() > 0)
 
     def try_take(self) -> int | None:
-        """Take one credit (and one slot): the slot id, -1 without shared memory, None if not possible now."""
+        """Take one credit (and one slot): the slot id, -1 without slots (gRPC bytes), None if not possible now."""
         with self.cond:
             if self._closed or not self._ready():
                 return None
@@ -81,7 +84,8 @@ class Gate:
         with self.cond:
             if self._credits == 0:
                 return "client granted no credit"
-            return f"client holds all {self.slots.count if self.slots else 0} shared-memory slots (release batches)"
+            return (f"client holds all {self.slots.count if self.slots else 0} {self.slot_kind} slots "
+                    "(release batches)")
 
 
 @dataclass(frozen=True)
@@ -112,11 +116,18 @@ class Session:
         self.gate = Gate(limits.max_credits, metrics)
         self.gone = threading.Event()
         self.transport = "grpc"
+        self.pool: SlotPool | CudaSlotPool | None = None
         self.completed = False  # the end-of-epoch message was handed to gRPC
 
     def use_shm(self, pool: SlotPool) -> None:
-        self.gate.slots = pool
+        self.pool = self.gate.slots = pool
         self.transport = "shm"
+
+    def use_cuda(self, pool: CudaSlotPool) -> None:
+        """Batches stay on the service's GPU: built there, copied into ``pool``'s slots, sent as CudaRefs."""
+        self.pool = self.gate.slots = pool
+        self.gate.slot_kind = "CUDA IPC"
+        self.transport = "cuda_ipc"
 
     # --- requests from the client ------------------------------------------------------------------------
     def consume_requests(self, requests: Iterator[pb.StreamRequest]) -> None:
@@ -140,15 +151,26 @@ class Session:
     # --- batches to the client ---------------------------------------------------------------------------
     def _make(self, samples: list[Sample], labels: list[int], slot: int, piece: PieceSpec | None
               ) -> tuple[BuiltBatch, pb.Tensor]:
-        built = self.build(samples, labels) if piece is None else self.build_piece(samples, labels, piece=piece)
+        built = self._build(samples, labels, piece)
         if slot < 0:
             return built, encode_tensor(built.images)
-        pool = self.gate.slots
+        pool = self.pool
         assert pool is not None
         images = built.images
+        dtype, shape = str(images.dtype).removeprefix("torch."), list(images.shape)
+        if isinstance(pool, CudaSlotPool):
+            return built, pb.Tensor(dtype=dtype, shape=shape, cuda=pool.write(slot, images))
         nbytes = pool.write(slot, images)
         ref = pb.ShmRef(segment=pool.name, offset=pool.offset(slot), nbytes=nbytes, slot=slot)
-        return built, pb.Tensor(dtype=str(images.dtype).removeprefix("torch."), shape=list(images.shape), shm=ref)
+        return built, pb.Tensor(dtype=dtype, shape=shape, shm=ref)
+
+    def _build(self, samples: list[Sample], labels: list[int], piece: PieceSpec | None) -> BuiltBatch:
+        """Build on the batch thread; CUDA IPC batches stay on the device (``pool.write`` then copies them on
+        this thread's current stream, the one they were made on)."""
+        extra = {"on_device": True} if self.transport == "cuda_ipc" else {}
+        if piece is None:
+            return self.build(samples, labels, **extra)
+        return self.build_piece(samples, labels, piece=piece, **extra)
 
     def _units(self) -> Iterator[tuple[int, int, list[Sample], list[int], PieceSpec | None]]:
         """(sequence, cursor after, samples, labels, piece) for every message still to send, lazily."""

@@ -16,6 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from trainer_client.channel import ConnectionConfig, open_channel
 from trainer_client.config import StreamConfig
+from trainer_client.cuda_ipc import CudaReceiver
 from trainer_client.errors import InvalidRequestError, LoaderError, StalledError, UnavailableError, raise_from_rpc
 from trainer_client.shm import ShmProbe, ShmReceiver, shm_supported
 from wsi_loader.v1 import loader_pb2 as pb
@@ -25,6 +26,9 @@ __all__ = ["LoaderClient", "WSIStream", "decode_tensor", "distributed_rank"]
 
 log = logging.getLogger(__name__)
 _END = object()
+_WIRE = {"grpc": pb.GRPC, "shm": pb.SHM, "cuda_ipc": pb.CUDA_IPC}
+_NAMES = {pb.SHM: "shm", pb.CUDA_IPC: "cuda_ipc"}  # anything else: gRPC bytes
+_FALLBACK_HINT = "use transport='shm' or 'grpc'"
 
 
 def decode_tensor(message: pb.Tensor, pin_memory: bool = False) -> torch.Tensor:
@@ -48,6 +52,19 @@ def _piece(meta: pb.SampleMeta) -> dict[str, Any]:
     p = meta.piece
     return {"image_hw": (p.image_height, p.image_width), "rect": (p.y, p.x, p.height, p.width),
             "core": (p.core_y, p.core_x, p.core_height, p.core_width), "index": p.index, "count": p.count}
+
+
+def _cuda_tensor(receiver: CudaReceiver, message: pb.Tensor) -> torch.Tensor:
+    """A zero-copy CUDA tensor over the server's slot; the client's error family when this process cannot."""
+    try:
+        receiver.device_for(message.cuda.device_uuid)
+    except ValueError as err:
+        raise InvalidRequestError(f"CUDA IPC: {err}; {_FALLBACK_HINT}") from err
+    try:
+        return receiver.tensor(message)
+    except (RuntimeError, ValueError) as err:  # cudaIpcOpenMemHandle refused (containers without --ipc=host, ...)
+        raise InvalidRequestError(f"CUDA IPC: cannot use the server's GPU slot {message.cuda.slot} ({err}); "
+                                  f"{_FALLBACK_HINT}") from err
 
 
 class LoaderClient:
@@ -104,7 +121,7 @@ class _Call:
         self._requests: queue.Queue[pb.StreamRequest | object] = queue.Queue()
         self._requests.put(pb.StreamRequest(open=open_message))  # credits follow once `opened` is handled
         self.responses: queue.Queue[Any] = queue.Queue(maxsize=credits + 2)
-        self.receiver: ShmReceiver | None = None
+        self.receiver: ShmReceiver | CudaReceiver | None = None
         self._call = client.stub.Stream(self._request_iter(), metadata=client.connection.metadata())
         self._reader = threading.Thread(target=self._read, daemon=True, name="loader-stream")
         self._reader.start()
@@ -164,7 +181,8 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
         self.cursor = 0
         self.labels: list[str] = []
         self.shard_length = 0
-        self.transport = ""
+        self.transport = ""          # the transport the service chose: grpc | shm | cuda_ipc
+        self.transport_reason = ""   # the service's reason when that is not the one asked for
         self._call: _Call | None = None
 
     # --- state ---------------------------------------------------------------------------------------------
@@ -190,10 +208,13 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
             raise InvalidRequestError("use DataLoader(stream, batch_size=None, num_workers=0): the service decodes "
                                       "in parallel already, and several workers would read the same shard")
         self.close_stream()
-        want_shm = self.config.transport == "shm" or (self.config.transport == "auto" and shm_supported())
+        asked = self.config.transport
+        # CUDA IPC sends a shared-memory probe too: the service falls back to shared memory when it cannot.
+        want_shm = asked == "shm" or (asked in ("auto", "cuda_ipc") and shm_supported())
         probe = ShmProbe() if want_shm else None
-        message = self.config.open_message(self.epoch, self.rank, self.world_size, self.cursor,
-                                           pb.SHM if want_shm else pb.GRPC, probe.name if probe else "")
+        wire = _WIRE[asked] if asked != "auto" else _WIRE["shm" if want_shm else "grpc"]
+        message = self.config.open_message(self.epoch, self.rank, self.world_size, self.cursor, wire,
+                                           probe.name if probe else "")
         message.shm_slots = self.config.credits + self.config.shm_keep
         call = self._call = _Call(self.client, message, self.config.credits)
         try:
@@ -204,15 +225,10 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
                     probe.close()
             self.labels = list(opened.labels)
             self.shard_length = opened.shard_length
-            self.transport = "shm" if opened.transport == pb.SHM else "grpc"
-            if want_shm and self.transport != "shm":
-                if self.config.transport == "shm":
-                    raise InvalidRequestError(f"transport=shm asked for, but {opened.transport_reason}; "
-                                              "use transport='auto' to fall back to gRPC bytes")
-                log.info("shared memory not usable, falling back to gRPC bytes: %s", opened.transport_reason)
-            if self.transport == "shm":
-                call.receiver = ShmReceiver(call.release, self.config.shm_keep)
-                call.receiver.attach(opened.shm_segment)  # mapped before any batch can be sent
+            self.transport = _NAMES.get(opened.transport, "grpc")
+            self.transport_reason = opened.transport_reason
+            self._check_transport(want_shm)
+            call.receiver = self._receiver(call, opened)  # ready before any batch can be sent
             call.grant(self.config.credits)
             while True:
                 response = self._next(call)
@@ -226,6 +242,31 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
                 yield batch
         finally:
             self.close_stream()
+
+    def _check_transport(self, want_shm: bool) -> None:
+        """Raise if the service did not grant a strict ``shm``; log any other fallback with its reason."""
+        asked, got, reason = self.config.transport, self.transport, self.transport_reason
+        if asked == "shm" and got != "shm":
+            raise InvalidRequestError(f"transport=shm asked for, but {reason}; "
+                                      "use transport='auto' to fall back to gRPC bytes")
+        if asked == "cuda_ipc" and got != "cuda_ipc":
+            log.warning("CUDA IPC not granted, batches arrive as CPU tensors over %s: %s", got, reason)
+        elif asked == "auto" and want_shm and got != "shm":
+            log.info("shared memory not usable, falling back to gRPC bytes: %s", reason)
+
+    def _receiver(self, call: _Call, opened: pb.SessionOpened) -> ShmReceiver | CudaReceiver | None:
+        """The receiver for the granted transport: the session's segment mapped, or CUDA IPC opened."""
+        if self.transport == "shm":
+            shm = ShmReceiver(call.release, self.config.shm_keep)
+            shm.attach(opened.shm_segment)
+            return shm
+        if self.transport != "cuda_ipc":
+            return None
+        try:
+            return CudaReceiver(call.release, self.config.shm_keep)
+        except RuntimeError as err:
+            raise InvalidRequestError(f"the service granted transport='cuda_ipc', but this process cannot open "
+                                      f"CUDA IPC memory ({err}); {_FALLBACK_HINT}") from err
 
     def _next(self, call: _Call) -> pb.StreamResponse:
         try:
@@ -242,15 +283,20 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
                                    f"resume from cursor {self.cursor}")
         return item
 
-    def _to_dict(self, batch: pb.Batch, receiver: ShmReceiver | None) -> dict[str, Any]:
+    def _to_dict(self, batch: pb.Batch, receiver: ShmReceiver | CudaReceiver | None) -> dict[str, Any]:
         pin = self.config.pin_memory and torch.cuda.is_available()
         samples = batch.samples
         slot = -1
         if batch.images.HasField("shm"):
-            if receiver is None:
-                raise LoaderError("protocol error: a shared-memory batch on a gRPC-bytes session")
+            if not isinstance(receiver, ShmReceiver):
+                raise LoaderError(f"protocol error: a shared-memory batch on a {self.transport} session")
             images = receiver.tensor(batch.images)
             slot = int(batch.images.shm.slot)
+        elif batch.images.HasField("cuda"):
+            if not isinstance(receiver, CudaReceiver):
+                raise LoaderError(f"protocol error: a CUDA IPC batch on a {self.transport} session")
+            images = _cuda_tensor(receiver, batch.images)
+            slot = int(batch.images.cuda.slot)
         else:
             images = decode_tensor(batch.images, pin_memory=pin)
         return {
@@ -267,10 +313,10 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
         }
 
     def release(self, batch: dict[str, Any]) -> None:
-        """Give a shared-memory batch's slot back now instead of when its tensor is freed.
+        """Give a shared-memory or CUDA IPC batch's slot back now instead of when its tensor is freed.
 
-        The batch's ``images`` must not be used afterwards (the server will write another batch there).
-        A no-op for gRPC-bytes batches.
+        The batch's ``images`` must not be used afterwards (the server will write another batch there; with
+        CUDA IPC, once the GPU work queued on it so far completed). A no-op for gRPC-bytes batches.
         """
         call = self._call
         if batch.get("slot", -1) >= 0 and call is not None and call.receiver is not None:

@@ -12,7 +12,7 @@ __all__ = ["StreamConfig"]
 
 _MODES = {"random": pb.RANDOM, "grid": pb.GRID}
 _BALANCES = {"area": pb.BY_AREA, "slide": pb.BY_SLIDE, "label": pb.BY_LABEL}
-_TRANSPORTS = ("auto", "grpc", "shm")
+_TRANSPORTS = ("auto", "grpc", "shm", "cuda_ipc")
 _VIEWS = {"patches": pb.PATCHES, "image": pb.IMAGE, "tiles": pb.TILES, "shard": pb.SHARD}
 _TILE_ORDERS = {"row-major": pb.ROW_MAJOR, "column-major": pb.COLUMN_MAJOR, "serpentine": pb.SERPENTINE}
 
@@ -43,8 +43,10 @@ class StreamConfig:
     channels_last: bool = False
     drop_last: bool = False
     credits: int = 4  # batches in flight between server and client
-    transport: str = "auto"  # auto | grpc | shm
-    shm_keep: int = 2  # SHM: batches the trainer may hold zero-copy at once; further ones arrive as copies
+    # auto (shared memory if the service sees this node's /dev/shm, else gRPC bytes) | grpc | shm | cuda_ipc
+    # (batches stay on the service's GPU: same node and GPU visible here; the service falls back to shm/grpc)
+    transport: str = "auto"
+    shm_keep: int = 2  # SHM/CUDA IPC: batches the trainer may hold zero-copy at once; further ones arrive as copies
     pin_memory: bool = False
     timeout_s: float = 120.0  # longest wait for the next batch before StalledError
     job_id: str = ""

@@ -47,7 +47,9 @@ class SyntheticSource:
         self._cache: dict[tuple[int, int, str, bool], torch.Tensor] = {}
         self._lock = threading.Lock()
 
-    def build(self, samples: list[Sample], labels: list[int], output: OutputSpec) -> BuiltBatch:
+    def build(self, samples: list[Sample], labels: list[int], output: OutputSpec, on_device: bool = False) -> BuiltBatch:
+        """Cached random pixels, always on the CPU (``on_device`` is accepted like the real builder's: a CUDA slot
+        pool copies them up)."""
         size = samples[0].height
         key = (len(samples), size, output.dtype, output.channels_last)
         with self._lock:

@@ -127,17 +127,17 @@ class SlotPool(SlotBook):
 
 
 class ShmRegistry:
-    """Every live slot pool of this server, for metrics; and orphan reclamation at start."""
+    """Every live slot pool of one kind (shared memory, or CUDA IPC) of this server, for metrics."""
 
     def __init__(self) -> None:
-        self._pools: set[SlotPool] = set()
+        self._pools: set[SlotBook] = set()
         self._lock = threading.Lock()
 
-    def add(self, pool: SlotPool) -> None:
+    def add(self, pool: SlotBook) -> None:
         with self._lock:
             self._pools.add(pool)
 
-    def remove(self, pool: SlotPool) -> None:
+    def remove(self, pool: SlotBook) -> None:
         with self._lock:
             self._pools.discard(pool)
 
