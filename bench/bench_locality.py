@@ -21,39 +21,16 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from bench.common import median, python_cmd, run_json
+from bench.common import median, python_cmd, run_json, serve
 
 BATCH, PATCH = 64, 256
-
-
-@contextmanager
-def _service(*args: str) -> Iterator[dict[str, Any]]:
-    """`loader-service serve ARGS` on free loopback ports; yields its `serving` line (port, metrics URL)."""
-    cmd = python_cmd("loader_service.cli", "--log-level", "WARNING", "serve", "--listen", "127.0.0.1:0", *args)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"service did not start: {' '.join(cmd)}")
-        yield json.loads(line)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _cache_counts(url: str) -> tuple[float, float]:
@@ -64,10 +41,10 @@ def _cache_counts(url: str) -> tuple[float, float]:
 
 
 def throughput(manifest: Path, k: int, window: int, augment: bool, args: argparse.Namespace) -> dict[str, float]:
-    serve = ("--manifest", f"bench={manifest}", "--metrics-port", "0", "--device", "cpu", "--workers",
+    serve_args = ("--manifest", f"bench={manifest}", "--metrics-port", "0", "--device", "cpu", "--workers",
              str(args.workers), "--tile-cache-mb", str(args.tile_cache_mb), "--tissue-cache-dir",
              str(manifest.parent / ".tissue"))
-    with _service(*serve) as info:
+    with serve(*serve_args) as (info, _):
         cmd = python_cmd("trainer_client.cli", "bench", "--endpoint", f"127.0.0.1:{info['port']}", "--dataset", "bench",
                          "--seconds", str(args.seconds), "--batch-size", str(BATCH), "--patch-size", str(PATCH),
                          "--tissue-threshold", "0", "--transport", "grpc", "--patches-per-region", str(k),

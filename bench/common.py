@@ -19,9 +19,10 @@ def python_cmd(module: str, *args: str) -> list[str]:
 
 
 @contextmanager
-def service(*args: str, env: dict[str, str] | None = None,
-            prefix: tuple[str, ...] = ()) -> Iterator[tuple[int, subprocess.Popen[str]]]:
-    """`loader-service serve ARGS` on a free loopback port (``prefix``: e.g. ``taskset -c 0``); yields (port, process)."""
+def serve(*args: str, env: dict[str, str] | None = None,
+          prefix: tuple[str, ...] = ()) -> Iterator[tuple[dict[str, Any], subprocess.Popen[str]]]:
+    """`loader-service serve ARGS` on a free loopback port (``prefix``: e.g. ``taskset -c 0``); yields its
+    `serving` line (port, metrics address) and the process."""
     cmd = [*prefix, *python_cmd("loader_service.cli", "--log-level", "WARNING", "serve", "--listen", "127.0.0.1:0", *args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     try:
@@ -29,13 +30,21 @@ def service(*args: str, env: dict[str, str] | None = None,
         line = proc.stdout.readline()
         if not line:
             raise RuntimeError(f"service did not start: {' '.join(cmd)}")
-        yield json.loads(line)["port"], proc
+        yield json.loads(line), proc
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextmanager
+def service(*args: str, env: dict[str, str] | None = None,
+            prefix: tuple[str, ...] = ()) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    """Like :func:`serve`, yielding (port, process)."""
+    with serve(*args, env=env, prefix=prefix) as (info, proc):
+        yield int(info["port"]), proc
 
 
 def run_json(cmd: list[str], timeout: float = 600) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.cuda_fakes import FakeStream as _FakeStream, HostView as _HostView
 from wsi_loader.v1 import loader_pb2 as pb
 
 BACKEND_ENV = "WSI_LOADER_CUDA_BACKEND"
@@ -144,19 +145,6 @@ class _FakeCuda:
 
     def stream_wait(self, stream: int, event: Any) -> None:
         self.waits.append(event)
-
-
-class _HostView:
-    """What torch.as_tensor sees on CPU: the owner's bytes through __array_interface__, holding the owner."""
-
-    def __init__(self, owner: Any) -> None:
-        cai = owner.__cuda_array_interface__
-        self.owner = owner
-        self.__array_interface__ = {"shape": cai["shape"], "typestr": "|u1", "data": cai["data"], "version": 3}
-
-
-class _FakeStream:
-    cuda_stream = 0
 
 
 @pytest.fixture

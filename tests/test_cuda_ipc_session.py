@@ -31,6 +31,7 @@ import trainer_client.cuda_ipc as client_cuda
 from loader_service.requests import parse_open
 from loader_service.server import LoaderServer
 from tests.conftest import make_config
+from tests.cuda_fakes import FakeStream as _FakeStream, HostView as _HostView
 from trainer_client import InvalidRequestError, LoaderClient, StreamConfig
 from wsi_loader.v1 import loader_pb2 as pb
 
@@ -164,19 +165,6 @@ class _SameProcessCuda:
 
     def stream_wait(self, stream: int, event: Any) -> None:
         self.waits += 1
-
-
-class _HostView:
-    """What torch.as_tensor wraps on CPU: the owner's bytes through __array_interface__, holding the owner."""
-
-    def __init__(self, owner: Any) -> None:
-        cai = owner.__cuda_array_interface__
-        self.owner = owner
-        self.__array_interface__ = {"shape": cai["shape"], "typestr": "|u1", "data": cai["data"], "version": 3}
-
-
-class _FakeStream:
-    cuda_stream = 0
 
 
 @pytest.fixture
