@@ -37,24 +37,29 @@ print(json.dumps({"tiles_per_s": result["patches_per_s"]}), flush=True)
 
 
 class PssSampler:
-    """Peak of the summed PSS of a set of process trees, sampled every 0.5 s."""
+    """Peak of the summed PSS of a set of process trees, sampled every 0.5 s, with the split at the peak:
+    ``parts[i]`` = (PSS of root ``i`` itself, PSS of its descendants)."""
 
     def __init__(self, roots: list[int]) -> None:
         self.roots, self.peak, self._stop = roots, 0, threading.Event()
+        self.parts: list[tuple[int, int]] = [(0, 0)] * len(roots)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = 0
+            parts = []
             for pid in self.roots:
                 try:
                     root = psutil.Process(pid)
-                    for proc in [root, *root.children(recursive=True)]:
-                        total += proc.memory_full_info().pss
+                    own = root.memory_full_info().pss
+                    children = sum(c.memory_full_info().pss for c in root.children(recursive=True))
                 except psutil.Error:
-                    continue
-            self.peak = max(self.peak, total)
+                    own = children = 0
+                parts.append((own, children))
+            total = sum(a + b for a, b in parts)
+            if total > self.peak:
+                self.peak, self.parts = total, parts
             self._stop.wait(0.5)
 
     def stop(self) -> int:
@@ -75,7 +80,9 @@ def run_ours(manifest: Path, trainers: int, seconds: float, cores: int) -> dict[
         sampler = PssSampler([proc.pid, *(p.pid for p in procs)])
         outs = [json.loads(p.communicate(timeout=seconds + 300)[0].strip().splitlines()[-1]) for p in procs]
         peak = sampler.stop()
-    return {"patches_per_s": sum(o["tiles_per_s"] for o in outs), "pss_mib": peak / 2**20}
+    service_mib = sum(sampler.parts[0]) / 2**20
+    return {"patches_per_s": sum(o["tiles_per_s"] for o in outs), "pss_mib": peak / 2**20,
+            "service_mib": service_mib, "trainers_mib": peak / 2**20 - service_mib}
 
 
 def run_baseline(slides: list[str], trainers: int, seconds: float, cores: int) -> dict[str, Any]:
@@ -86,7 +93,9 @@ def run_baseline(slides: list[str], trainers: int, seconds: float, cores: int) -
     sampler = PssSampler([p.pid for p in procs])
     outs = [json.loads(p.communicate(timeout=seconds + 300)[0].strip().splitlines()[-1]) for p in procs]
     peak = sampler.stop()
-    return {"patches_per_s": sum(o["tiles_per_s"] for o in outs), "pss_mib": peak / 2**20, "workers_each": workers}
+    workers_mib = sum(b for _, b in sampler.parts) / 2**20
+    return {"patches_per_s": sum(o["tiles_per_s"] for o in outs), "pss_mib": peak / 2**20, "workers_each": workers,
+            "trainers_mib": peak / 2**20 - workers_mib, "workers_mib": workers_mib}
 
 
 def main() -> None:
@@ -109,9 +118,10 @@ def main() -> None:
               "throughput_ratio": ours["patches_per_s"] / baseline["patches_per_s"]}
     print(f"{args.trainers} trainers, {args.cores} cores")
     print(f"  baseline (DataLoader+OpenSlide, {baseline['workers_each']} worker each): "
-          f"{baseline['patches_per_s']:7.1f} patches/s, PSS {baseline['pss_mib']:7.0f} MiB")
+          f"{baseline['patches_per_s']:7.1f} patches/s, PSS {baseline['pss_mib']:7.0f} MiB "
+          f"(trainer processes {baseline['trainers_mib']:.0f}, their workers {baseline['workers_mib']:.0f})")
     print(f"  ours (one service, shared memory):            {ours['patches_per_s']:7.1f} patches/s, "
-          f"PSS {ours['pss_mib']:7.0f} MiB")
+          f"PSS {ours['pss_mib']:7.0f} MiB (service {ours['service_mib']:.0f}, trainers {ours['trainers_mib']:.0f})")
     print(f"  memory ours/baseline {result['memory_ratio']:.2f}  throughput ours/baseline {result['throughput_ratio']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
