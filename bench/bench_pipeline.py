@@ -9,7 +9,8 @@ Patches are random 256² level-0 regions anywhere on the slide for all four (tis
 process of (b), (c) and (d) (service and trainer alike) is pinned to the same N cores.
 Prints patches/s and the ratios (c)/(b) and (c)/(a); writes a PNG of patches/s against cores.
 ``--no-augment`` drops the augmentation from (b)-(d) (the read/decode/transport paths alone);
-``--patches-per-region K`` turns on locality sampling in (c)/(d).
+``--patches-per-region K`` turns on locality sampling in (c)/(d). For (c) and (d) it also prints where the
+service's threads spent their time, per patch and stage (its ``wsi_loader_stage_seconds`` metric).
 
     python -m bench.bench_pipeline [--size 16384] [--seconds 8] [--png docs/pipeline_cores.png] [--json out.json]
     python -m bench.bench_pipeline --no-augment --patches-per-region 4 --locality-window 16
@@ -20,13 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import median, python_cmd, run_json, service
+from bench.common import median, python_cmd, run_json, serve
 
 HERE = Path(__file__).resolve().parents[1]
 
@@ -55,19 +58,36 @@ def baseline(slide: Path, cores: int, seconds: float, augment: bool = True) -> f
     return float(json.loads(out.stdout.strip().splitlines()[-1])["patches_per_s"])
 
 
-def served(manifest: Path, cores: int, seconds: float, extra: tuple[str, ...] = ()) -> dict[str, float]:
-    args = ("--manifest", f"bench={manifest}", "--metrics-port", "-1", "--device", "cpu", "--workers", str(cores),
+STAGES = ("read", "augment", "serialize", "send")
+
+
+def stage_seconds(metrics_url: str) -> dict[str, float]:
+    """The service's cumulative thread-seconds per pipeline stage (``wsi_loader_stage_seconds_sum``)."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    found = re.findall(r'^wsi_loader_stage_seconds_sum\{stage="(\w+)"\} ([0-9.e+-]+)$', text, re.M)
+    return {stage: float(value) for stage, value in found}
+
+
+def served(manifest: Path, cores: int, seconds: float, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """patches/s over gRPC and shared memory, and where the service's threads spent their time (ms per patch)."""
+    args = ("--manifest", f"bench={manifest}", "--metrics-port", "0", "--device", "cpu", "--workers", str(cores),
             "--tissue-cache-dir", str(manifest.parent / ".tissue"))
     cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cores])
-    rates = {}
-    with service(*args, prefix=("taskset", "-c", cpus)) as (port, _):  # every thread of it on the N cores
+    rates: dict[str, Any] = {}
+    with serve(*args, prefix=("taskset", "-c", cpus)) as (info, _):  # every thread of it on the N cores
         for transport in ("grpc", "shm"):
+            before = stage_seconds(info["metrics"])
             # the trainer shares the same N cores as the service: (b) pins its whole process tree too
             cmd = ["taskset", "-c", cpus, *python_cmd(
-                "trainer_client.cli", "bench", "--endpoint", f"127.0.0.1:{port}", "--dataset", "bench",
+                "trainer_client.cli", "bench", "--endpoint", f"127.0.0.1:{info['port']}", "--dataset", "bench",
                 "--seconds", str(seconds), "--batch-size", "64", "--patch-size", "256",
                 "--tissue-threshold", "0", "--transport", transport, *extra)]
-            rates[transport] = float(run_json(cmd)["tiles_per_s"])
+            result = run_json(cmd)
+            after = stage_seconds(info["metrics"])
+            patches = max(1.0, float(result["tiles"]))
+            rates[transport] = float(result["tiles_per_s"])
+            rates[f"{transport}_ms_per_patch"] = {st: 1e3 * (after.get(st, 0.0) - before.get(st, 0.0)) / patches
+                                                  for st in STAGES}
     return rates
 
 
@@ -99,19 +119,27 @@ def main() -> None:
         counts = sorted({1, args.max_cores} | {c for c in (2, 4, 8, 16) if c < args.max_cores})
         for cores in counts:
             runs: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
+            profiles: dict[str, list[dict[str, float]]] = {"grpc": [], "shm": []}
             for _ in range(args.repeats):
                 runs["a"].append(codec(slide, cores))
                 runs["b"].append(baseline(slide, cores, args.seconds, augment=not args.no_augment))
                 svc = served(manifest, cores, args.seconds, extra)
                 runs["c"].append(svc["grpc"])
                 runs["d"].append(svc["shm"])
-            row = {"cores": cores, **{k: median(v) for k, v in runs.items()}}
+                for transport in profiles:
+                    profiles[transport].append(svc[f"{transport}_ms_per_patch"])
+            row: dict[str, Any] = {"cores": cores, **{k: median(v) for k, v in runs.items()}}
+            row["profile_ms_per_patch"] = {t: {st: median([p[st] for p in ps]) for st in STAGES}
+                                           for t, ps in profiles.items()}
             row["c_over_b"], row["c_over_a"], row["d_over_b"] = row["c"] / row["b"], row["c"] / row["a"], row["d"] / row["b"]
             rows.append(row)
             print(f"{cores:2d} cores  (a) codec {row['a']:7.0f}  (b) DataLoader+OpenSlide {row['b']:7.0f}  "
                   f"(c) service/gRPC {row['c']:7.0f}  (d) service/shm {row['d']:7.0f} patches/s   "
                   f"(c)/(b) {row['c_over_b']:.2f}  (c)/(a) {row['c_over_a']:.2f}  (d)/(b) {row['d_over_b']:.2f}",
                   flush=True)
+            for transport, stages in row["profile_ms_per_patch"].items():
+                spent = "  ".join(f"{st} {ms:.2f}" for st, ms in stages.items())
+                print(f"         service thread-ms per patch ({transport}): {spent}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.png:
