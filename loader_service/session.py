@@ -22,7 +22,7 @@ from loader_service.metrics import Metrics
 from loader_service.pipeline import BuiltBatch
 from loader_service.requests import SessionRequest
 from loader_service.sampling import EpochPlan, Sample, ShardCursor
-from loader_service.transport import encode_tensor, sample_meta
+from loader_service.transport import batch_response, encode_tensor
 from loader_service.transport.cuda_ipc import CudaSlotPool
 from loader_service.transport.shm import SlotBook, SlotPool
 from loader_service.views import PieceSpec, view_pieces
@@ -243,11 +243,7 @@ class Session:
                 pending.popleft()
                 self.metrics.in_flight.dec()
                 t0 = time.perf_counter()
-                message = pb.StreamResponse(batch=pb.Batch(
-                    sequence=sequence, cursor_after=cursor_after, images=tensor,
-                    labels=encode_tensor(built.labels),
-                    samples=sample_meta(built, self.plan.labels),
-                ))
+                message = batch_response(built, tensor, sequence, cursor_after, self.plan.labels)
                 t1 = time.perf_counter()
                 yield message
                 t2 = time.perf_counter()
