@@ -22,7 +22,7 @@ from loader_service.metrics import Metrics
 from loader_service.pipeline import BuiltBatch
 from loader_service.requests import SessionRequest
 from loader_service.sampling import EpochPlan, Sample, ShardCursor
-from loader_service.transport import batch_response, encode_tensor
+from loader_service.transport import batch_response
 from loader_service.transport.cuda_ipc import CudaSlotPool
 from loader_service.transport.shm import SlotBook, SlotPool
 from loader_service.views import PieceSpec, view_pieces
@@ -149,20 +149,26 @@ class Session:
         self.gate.close()
 
     # --- batches to the client ---------------------------------------------------------------------------
-    def _make(self, samples: list[Sample], labels: list[int], slot: int, piece: PieceSpec | None
-              ) -> tuple[BuiltBatch, pb.Tensor]:
+    def _make(self, samples: list[Sample], labels: list[int], slot: int, piece: PieceSpec | None, sequence: int,
+              cursor_after: int) -> tuple[BuiltBatch, pb.StreamResponse]:
+        """Build the batch and its whole message on a batch thread: the sending thread only yields it."""
         built = self._build(samples, labels, piece)
-        if slot < 0:
-            return built, encode_tensor(built.images)
-        pool = self.pool
-        assert pool is not None
-        images = built.images
-        dtype, shape = str(images.dtype).removeprefix("torch."), list(images.shape)
-        if isinstance(pool, CudaSlotPool):
-            return built, pb.Tensor(dtype=dtype, shape=shape, cuda=pool.write(slot, images))
-        nbytes = pool.write(slot, images)
-        ref = pb.ShmRef(segment=pool.name, offset=pool.offset(slot), nbytes=nbytes, slot=slot)
-        return built, pb.Tensor(dtype=dtype, shape=shape, shm=ref)
+        t0 = time.perf_counter()
+        tensor: pb.Tensor | None = None  # None: the pixels travel as bytes in the message
+        if slot >= 0:
+            pool = self.pool
+            assert pool is not None
+            images = built.images
+            dtype, shape = str(images.dtype).removeprefix("torch."), list(images.shape)
+            if isinstance(pool, CudaSlotPool):
+                tensor = pb.Tensor(dtype=dtype, shape=shape, cuda=pool.write(slot, images))
+            else:
+                nbytes = pool.write(slot, images)
+                ref = pb.ShmRef(segment=pool.name, offset=pool.offset(slot), nbytes=nbytes, slot=slot)
+                tensor = pb.Tensor(dtype=dtype, shape=shape, shm=ref)
+        message = batch_response(built, sequence, cursor_after, self.plan.labels, tensor)
+        built.timings["serialize"] = time.perf_counter() - t0
+        return built, message
 
     def _build(self, samples: list[Sample], labels: list[int], piece: PieceSpec | None) -> BuiltBatch:
         """Build on the batch thread; CUDA IPC batches stay on the device (``pool.write`` then copies them on
@@ -196,13 +202,13 @@ class Session:
                 sequence += 1
 
     def _submit(self, slot: int, unit: tuple[int, int, list[Sample], list[int], PieceSpec | None]
-                ) -> tuple[int, int, Future[tuple[BuiltBatch, pb.Tensor]]]:
+                ) -> tuple[int, int, Future[tuple[BuiltBatch, pb.StreamResponse]]]:
         sequence, cursor_after, samples, labels, piece = unit
-        future = self.batch_pool.submit(self._make, samples, labels, slot, piece)
+        future = self.batch_pool.submit(self._make, samples, labels, slot, piece, sequence, cursor_after)
         self.metrics.in_flight.inc()
         return sequence, cursor_after, future
 
-    def _fill(self, pending: deque[tuple[int, int, Future[tuple[BuiltBatch, pb.Tensor]]]]) -> bool:
+    def _fill(self, pending: deque[tuple[int, int, Future[tuple[BuiltBatch, pb.StreamResponse]]]]) -> bool:
         """Submit builds while credits (and slots) allow. Returns False once every unit was submitted."""
         while not self.draining.is_set():
             if self._next_unit is None:
@@ -217,17 +223,18 @@ class Session:
         return True
 
     def batches(self) -> Iterator[pb.StreamResponse]:
-        pending: deque[tuple[int, int, Future[tuple[BuiltBatch, pb.Tensor]]]] = deque()
+        pending: deque[tuple[int, int, Future[tuple[BuiltBatch, pb.StreamResponse]]]] = deque()
         sent = 0
+        sent_cursor = self.cursor.cursor  # the cursor after the last batch handed to gRPC
         try:
             while True:
                 more = self._fill(pending)
                 if not pending:
                     if not more:
                         break
-                    if self.draining.is_set():
+                    if self.draining.is_set():  # every batch built was sent: resume after the last one
                         raise Unavailable(
-                            f"server is shutting down; reconnect and resume from cursor {self.cursor.cursor}"
+                            f"server is shutting down; reconnect and resume from cursor {sent_cursor}"
                         )
                     if not self.gate.wait(self.limits.credit_timeout_s):
                         if self.gone.is_set():
@@ -237,19 +244,18 @@ class Session:
                     continue
                 sequence, cursor_after, future = pending[0]
                 try:
-                    built, tensor = future.result(timeout=self.limits.batch_timeout_s)
+                    built, message = future.result(timeout=self.limits.batch_timeout_s)
                 except FutureTimeout as err:
                     raise Stalled(f"building batch {sequence} took over {self.limits.batch_timeout_s:.0f}s") from err
                 pending.popleft()
                 self.metrics.in_flight.dec()
                 t0 = time.perf_counter()
-                message = batch_response(built, tensor, sequence, cursor_after, self.plan.labels)
-                t1 = time.perf_counter()
                 yield message
-                t2 = time.perf_counter()
+                sent_cursor = cursor_after
+                sent_s = time.perf_counter() - t0
                 if self.gone.is_set():
                     return
-                self._count(built, t1 - t0, t2 - t1)
+                self._count(built, built.timings.get("serialize", 0.0), sent_s)
                 sent += len(built.samples)
             self.completed = True  # before the yield: the client may hang up as soon as it sees the end
             yield pb.StreamResponse(end=pb.EndOfEpoch(samples=sent, cursor=self.cursor.cursor))

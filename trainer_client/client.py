@@ -277,7 +277,9 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
                 f"(dataset {self.config.dataset}, epoch {self.epoch}, cursor {self.cursor})"
             ) from err
         if isinstance(item, grpc.RpcError):
-            raise_from_rpc(item, f"stream from {self.client.connection.endpoint}")
+            # the client's own cursor: right however the stream died (drain, crash, network)
+            raise_from_rpc(item, f"stream from {self.client.connection.endpoint} (this rank can resume from "
+                                 f"cursor {self.cursor} of epoch {self.epoch}: stream.state_dict())")
         if item is _END:
             raise UnavailableError(f"stream from {self.client.connection.endpoint} ended without end-of-epoch; "
                                    f"resume from cursor {self.cursor}")

@@ -12,13 +12,22 @@ from wsi_loader.v1 import loader_pb2 as pb
 if TYPE_CHECKING:
     from loader_service.pipeline import BuiltBatch
 
-__all__ = ["encode_tensor", "batch_response", "sample_meta"]
+__all__ = ["encode_tensor", "fill_tensor", "batch_response", "sample_meta"]
+
+
+def fill_tensor(message: pb.Tensor, tensor: torch.Tensor | np.ndarray) -> None:
+    """Write ``tensor`` into ``message`` as dtype, shape and bytes (one copy into ``bytes``, one by protobuf)."""
+    array = tensor.numpy() if isinstance(tensor, torch.Tensor) else tensor
+    array = np.ascontiguousarray(array)
+    message.dtype = array.dtype.name
+    message.shape.extend(array.shape)
+    message.data = array.tobytes()
 
 
 def encode_tensor(tensor: torch.Tensor | np.ndarray) -> pb.Tensor:
-    array = tensor.numpy() if isinstance(tensor, torch.Tensor) else tensor
-    array = np.ascontiguousarray(array)
-    return pb.Tensor(dtype=array.dtype.name, shape=list(array.shape), data=array.tobytes())
+    message = pb.Tensor()
+    fill_tensor(message, tensor)
+    return message
 
 
 def sample_meta(built: BuiltBatch, labels: list[str]) -> list[pb.SampleMeta]:
@@ -38,15 +47,20 @@ def sample_meta(built: BuiltBatch, labels: list[str]) -> list[pb.SampleMeta]:
     return metas
 
 
-def batch_response(built: BuiltBatch, images: pb.Tensor, sequence: int, cursor_after: int,
-                   labels: list[str]) -> pb.StreamResponse:
-    """The message carrying one batch, built in place: passing the image tensor as a keyword of nested
-    messages makes upb copy its bytes several times (12 ms instead of 0.8 ms for a 12 MiB batch, measured)."""
+def batch_response(built: BuiltBatch, sequence: int, cursor_after: int, labels: list[str],
+                   images: pb.Tensor | None = None) -> pb.StreamResponse:
+    """The message carrying one batch; ``images`` is a slot reference, or None to send the pixels as bytes.
+
+    Built in place: passing a tensor message as a keyword of nested messages makes upb copy its bytes several
+    times (12 ms instead of under 1 ms for a 12 MiB batch, measured)."""
     message = pb.StreamResponse()
     batch = message.batch
     batch.sequence = sequence
     batch.cursor_after = cursor_after
-    batch.images.CopyFrom(images)
-    batch.labels.CopyFrom(encode_tensor(built.labels))
+    if images is None:
+        fill_tensor(batch.images, built.images)
+    else:
+        batch.images.CopyFrom(images)
+    fill_tensor(batch.labels, built.labels)
     batch.samples.extend(sample_meta(built, labels))
     return message
