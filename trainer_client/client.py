@@ -277,9 +277,10 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
                 f"(dataset {self.config.dataset}, epoch {self.epoch}, cursor {self.cursor})"
             ) from err
         if isinstance(item, grpc.RpcError):
-            # the client's own cursor: right however the stream died (drain, crash, network)
-            raise_from_rpc(item, f"stream from {self.client.connection.endpoint} (this rank can resume from "
-                                 f"cursor {self.cursor} of epoch {self.epoch}: stream.state_dict())")
+            what = f"stream from {self.client.connection.endpoint}"
+            if item.code() == grpc.StatusCode.UNAVAILABLE:  # the client's own cursor: right however it died
+                what += f" (this rank can resume from cursor {self.cursor} of epoch {self.epoch}: stream.state_dict())"
+            raise_from_rpc(item, what)
         if item is _END:
             raise UnavailableError(f"stream from {self.client.connection.endpoint} ended without end-of-epoch; "
                                    f"resume from cursor {self.cursor}")
