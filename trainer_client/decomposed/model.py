@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +16,7 @@ from trainer_client.decomposed.geometry import plan_axis
 from trainer_client.decomposed.groups import SpatialGroup, partition
 from trainer_client.decomposed.halo import HaloSpec, Link, all_reduce_
 from trainer_client.decomposed.layers import SWAPS, DecomposedLayer, LayerPlan, SpatialContext, SpatialPlan
+from trainer_client.memory.blocks import meta_copy
 
 __all__ = ["DecomposedModule", "check_supported", "decompose", "expected_shard_shape"]
 
@@ -72,15 +72,6 @@ def check_supported(model: nn.Module) -> None:
                      "BatchNorm2d, AdaptiveAvgPool2d(1), pointwise activations, Linear/Flatten after the pool)"
         if reason is not None:
             raise ValueError(f"{label}: {_type_name(m)} {reason}")
-
-
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """Deep copy with every parameter and buffer on the meta device (no data copied)."""
-    memo: dict[int, Any] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
 
 
 def expected_shard_shape(image_hw: tuple[int, int], spatial: SpatialGroup) -> tuple[int, int]:
@@ -307,7 +298,7 @@ def decompose(model: nn.Module, group: SpatialGroup, *, inplace: bool = False) -
     (under ``.module``).  Halo widths are planned per global image size on first use.
     """
     check_supported(model)
-    meta = _meta_copy(model)
+    meta = meta_copy(model)
     target = model if inplace else copy.deepcopy(model)
     ctx = SpatialContext(group)
     for name, m in _leaves(target):

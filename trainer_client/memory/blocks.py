@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 from torchvision.models.resnet import ResNet
 
-__all__ = ["BlockChain", "activation_bytes", "plan_groups", "sequential_blocks"]
+__all__ = ["BlockChain", "activation_bytes", "check_groups", "meta_copy", "plan_groups", "sequential_blocks"]
 
 
 def sequential_blocks(model: nn.Module) -> list[nn.Module]:
@@ -47,7 +47,17 @@ class BlockChain(nn.Module):
         return self.run(0, len(self.blocks), x)
 
 
-def _meta_copy(module: nn.Module) -> nn.Module:
+def check_groups(groups: tuple[tuple[int, int], ...] | None) -> None:
+    """Block groups must be contiguous, non-empty ``[start, stop)`` ranges from 0."""
+    prev = 0
+    for a, b in groups or ():
+        if a != prev or b <= a:
+            raise ValueError(f"groups must be contiguous non-empty [start, stop) ranges from 0: {groups}")
+        prev = b
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """Deep copy with every parameter and buffer on the meta device (no data copied)."""
     memo: dict[int, Any] = {}
     for t in itertools.chain(module.parameters(), module.buffers()):
         meta = torch.empty_like(t, device="meta")
@@ -58,7 +68,7 @@ def _meta_copy(module: nn.Module) -> nn.Module:
 def activation_bytes(blocks: Sequence[nn.Module], sample_shape: Sequence[int], dtype: torch.dtype) -> list[int]:
     """Bytes each block saves for backward in training mode (parameters excluded), for an input of
     ``sample_shape``: estimated on the meta device, so it costs no memory and no compute."""
-    chain = _meta_copy(nn.ModuleList(blocks))
+    chain = meta_copy(nn.ModuleList(blocks))
     chain.train()
     sizes: list[int] = []
     keep: list[Tensor] = []

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from trainer_client.memory.blocks import BlockChain
+from trainer_client.memory.blocks import BlockChain, check_groups
 
 __all__ = ["ActivationOffload", "OffloadConfig"]
 
@@ -45,12 +45,7 @@ class OffloadConfig:
     def __post_init__(self) -> None:
         if self.min_bytes < 0:
             raise ValueError(f"min_bytes must be >= 0, got {self.min_bytes}")
-        if self.groups is not None:
-            prev = 0
-            for a, b in self.groups:
-                if a != prev or b <= a:
-                    raise ValueError(f"groups must be contiguous non-empty [start, stop) ranges from 0: {self.groups}")
-                prev = b
+        check_groups(self.groups)
 
 
 class _Saved:

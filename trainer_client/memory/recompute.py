@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from trainer_client.memory.blocks import BlockChain, activation_bytes, plan_groups
+from trainer_client.memory.blocks import BlockChain, activation_bytes, check_groups, plan_groups
 
 __all__ = ["GroupedRecompute", "RecomputeConfig"]
 
@@ -39,12 +39,7 @@ class RecomputeConfig:
             raise ValueError("give exactly one of budget_bytes or groups")
         if self.budget_bytes is not None and self.budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be positive, got {self.budget_bytes}")
-        if self.groups is not None:
-            prev = 0
-            for a, b in self.groups:
-                if a != prev or b <= a:
-                    raise ValueError(f"groups must be contiguous non-empty [start, stop) ranges from 0: {self.groups}")
-                prev = b
+        check_groups(self.groups)
 
 
 @contextlib.contextmanager
