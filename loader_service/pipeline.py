@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -87,28 +89,37 @@ class BatchBuilder:
         except SlideError as err:
             raise SlideFailure(f"slide {sample.record.slide_id} failed while reading: {err}") from err
 
-    def read(self, samples: list[Sample]) -> torch.Tensor:
+    def read(self, samples: list[Sample], params: list[AugmentParams] | None = None) -> torch.Tensor:
         """Decode the samples' regions into one uint8 NHWC tensor (pinned when the device is a GPU).
 
         Patches cut from one locality region (``Sample.region``) are read together: one read of their
         bounding box (inside the region), then cut, when that touches no more tiles than reading them one by one.
+        Samples whose ``params`` set an image-level scale or crop are resampled from the slide around their
+        region (``augment.resample``), each on its own.
         """
         first = samples[0]
         shape = (len(samples), first.height, first.width, 3)
-        pin = self.device.type == "cuda"
-        buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+        buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         array = buffer.numpy()
-        futures = []
-        for group in _region_groups(samples):
-            if len(group) == 1:
-                futures.append(self.read_pool.submit(self._read_one, samples[group[0]], array[group[0]]))
+        params = params or [AugmentParams()] * len(samples)
+        tasks: list[Callable[[], None]] = [partial(self._read_resampled, s, p, array[i])
+                                           for i, (s, p) in enumerate(zip(samples, params)) if not p.resample_is_identity]
+        plain = [i for i, p in enumerate(params) if p.resample_is_identity]
+        for group in _region_groups([samples[i] for i in plain]):
+            idx = [plain[g] for g in group]
+            if len(idx) == 1:
+                tasks.append(partial(self._read_one, samples[idx[0]], array[idx[0]]))
             else:
-                futures.append(self.read_pool.submit(self._read_cut, [samples[i] for i in group],
-                                                     [array[i] for i in group]))
-        for future in futures:
+                tasks.append(partial(self._read_cut, [samples[i] for i in idx], [array[i] for i in idx]))
+        for future in [self.read_pool.submit(task) for task in tasks]:
             future.result()
         self.metrics.samples_decoded.inc(len(samples))
         return buffer
+
+    def _read_resampled(self, sample: Sample, params: AugmentParams, out: np.ndarray) -> None:
+        whole = Rect(0, 0, sample.height, sample.width)
+        out[...] = resample_rect(params, (sample.height, sample.width), whole,
+                                 lambda rect: self._read_rect(sample, rect)).numpy()
 
     def _read_cut(self, samples: list[Sample], outs: list[np.ndarray]) -> None:
         """Patches of one region: read their bounding box once and cut them from it (pixels as read alone)."""
@@ -132,27 +143,6 @@ class BatchBuilder:
         except (SlideError, ValueError):
             return False  # read one by one: each read reports the failure
 
-    def read_resampled(self, samples: list[Sample], params: list[AugmentParams]) -> torch.Tensor:
-        """Like :meth:`read`, with each sample's image-level scale and crop applied (``augment.resample``)."""
-        first = samples[0]
-        buffer = torch.empty((len(samples), first.height, first.width, 3), dtype=torch.uint8,
-                             pin_memory=self.device.type == "cuda")
-        array = buffer.numpy()
-
-        def one(i: int) -> None:
-            sample, hw = samples[i], (samples[i].height, samples[i].width)
-            if params[i].resample_is_identity:
-                self._read_one(sample, array[i])
-                return
-            whole = Rect(0, 0, sample.height, sample.width)
-            array[i] = resample_rect(params[i], hw, whole, lambda rect: self._read_rect(sample, rect)).numpy()
-
-        futures = [self.read_pool.submit(one, i) for i in range(len(samples))]
-        for future in futures:
-            future.result()
-        self.metrics.samples_decoded.inc(len(samples))
-        return buffer
-
     def _read_rect(self, sample: Sample, rect: Rect) -> np.ndarray:
         """``rect`` in the sample's region coordinates (may reach outside the region; white outside the slide)."""
         out = np.empty((rect.height, rect.width, 3), dtype=np.uint8)
@@ -164,10 +154,7 @@ class BatchBuilder:
         """One batch of augmented images; on the service's device with ``on_device``, else on the CPU."""
         t0 = time.perf_counter()
         params = [draw_params(augment, seed, epoch, s.global_index) for s in samples] if augment is not None else []
-        if any(not p.resample_is_identity for p in params):
-            pixels = self.read_resampled(samples, params)
-        else:
-            pixels = self.read(samples)
+        pixels = self.read(samples, params)
         t1 = time.perf_counter()
         batch = pixels.to(self.device, non_blocking=True)
         if augment is not None:
