@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import functools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from loader_service.augment import warm_up_cpu_kernels
 from loader_service.config import ServiceConfig
 from loader_service.dataset import DatasetIndex, SlideHandles
 from loader_service.errors import Forbidden, InvalidRequest, NotFound, ServiceError, SlideFailure, TooLarge, Unauthenticated, Unavailable
@@ -72,6 +74,10 @@ class LoaderServer:
         self.read_pool = ThreadPoolExecutor(max_workers=2 * cfg.workers, thread_name_prefix="read")
         self.batch_pool = ThreadPoolExecutor(max_workers=max(2, cfg.workers), thread_name_prefix="batch")
         self.builder = BatchBuilder(self.handles, self.read_pool, self.device, self.metrics)
+        if self.device.type == "cpu" and not cfg.synthetic:
+            started = time.perf_counter()
+            warm_up_cpu_kernels()  # compile or load them now, not on the first batch
+            log.info("CPU augmentation kernels ready in %.1f s", time.perf_counter() - started)
         tissue_cache = TissueMaskCache(cfg.tissue_cache_dir) if cfg.tissue_cache_dir else None
         for dataset in cfg.datasets:
             self.datasets[dataset.name] = DatasetIndex.build(

@@ -5,10 +5,12 @@ A *sample* is a region of a slide plus one :class:`AugmentParams` drawn from
 samples (patch training), :func:`render_piece` renders any rectangle of it (tiles, shards with
 halo), and stitched pieces equal the whole image bit for bit on the same device. Image-level
 scale and crop are read-side: :func:`resample_rect` makes the raw image from the slide around the
-region. See ``docs/augment.md``.
+region. On the CPU the per-pixel stages run as fused numba kernels (``cpu_kernels``), bit-identical to
+the torch ops that run on GPUs. See ``docs/augment.md``.
 """
 
 from .config import MAX_BLUR_SIGMA, AugmentConfig
+from .cpu_kernels import warm_up as warm_up_cpu_kernels
 from .params import PARAMS_SALT, AugmentParams, Rect, draw_params
 from .pipeline import OUTPUT_DTYPES, augment_batch, augment_image, render_piece, source_rect, to_output
 from .resample import resample_rect, source_window
@@ -25,6 +27,7 @@ __all__ = [
     "render_piece",
     "resample_rect",
     "source_window",
+    "warm_up_cpu_kernels",
     "MAX_BLUR_SIGMA",
     "OUTPUT_DTYPES",
     "PARAMS_SALT",

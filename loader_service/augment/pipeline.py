@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from . import cpu_kernels
 from .blur import blur_valid, gaussian_kernel
 from .colour import apply_colour, apply_hed, colour_coefficients, hed_coefficients
 from .geometry import apply_geometry, aug_rect_to_raw, reflect_indices
@@ -71,6 +72,15 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def _pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams]) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 in [0, 1] after colour and HED jitter (contiguous)."""
+    if x_u8.device.type == "cpu":
+        f = cpu_kernels.pointwise(x_u8, params, "NCHW", [True] * len(params), geometry=False)[1]
+        assert f is not None
+        return f
+    return _pointwise_torch(x_u8, params)
+
+
+def _pointwise_torch(x_u8: torch.Tensor, params: Sequence[AugmentParams]) -> torch.Tensor:
+    """:func:`_pointwise` in torch ops: the path on GPUs, and the reference the CPU kernels equal."""
     n, c, h, w = x_u8.shape
     dev = x_u8.device
     colour = None
@@ -92,6 +102,13 @@ def _pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams]) -> torch.Ten
 
 def _blur(xp: torch.Tensor, params: Sequence[AugmentParams]) -> torch.Tensor:
     """Blur padded (N, 3, H+2r, W+2r) float32 (all samples with the same halo r) -> (N, 3, H, W)."""
+    if xp.device.type == "cpu":
+        return cpu_kernels.blur(xp, params)
+    return _blur_torch(xp, params)
+
+
+def _blur_torch(xp: torch.Tensor, params: Sequence[AugmentParams]) -> torch.Tensor:
+    """:func:`_blur` in torch ops (GPU path; reference of the CPU kernel)."""
     r = params[0].halo()
     n, c, hp, wp = xp.shape
     h, w = hp - 2 * r, wp - 2 * r
@@ -143,6 +160,16 @@ def augment_batch(batch: torch.Tensor, params: Sequence[AugmentParams], layout: 
                          f"would have different sizes {sorted(sizes)}; use square patches, or split the batch "
                          "by rot90_k parity, or render them one at a time.")
     (oh, ow), = sizes
+    if x.device.type == "cpu":
+        return _augment_batch_cpu(batch, params, layout)
+    return _augment_batch_torch(x, params, (oh, ow))
+
+
+def _augment_batch_torch(x: torch.Tensor, params: list[AugmentParams], out_hw: tuple[int, int]) -> torch.Tensor:
+    """:func:`augment_batch` in torch ops on uint8 NCHW ``x``: the path on GPUs, and on any device
+    the reference that the CPU kernels equal bit for bit."""
+    n, c, h, w = x.shape
+    oh, ow = out_hw
 
     # Geometry, per group of identical transforms (on uint8: cheap).
     groups: dict[tuple[bool, bool, int], list[int]] = defaultdict(list)
@@ -157,7 +184,7 @@ def augment_batch(batch: torch.Tensor, params: Sequence[AugmentParams], layout: 
             index = torch.tensor(idx, device=x.device)
             geo[index] = apply_geometry(x.index_select(0, index), *key)
 
-    f = _pointwise(geo, params)
+    f = _pointwise_torch(geo, params)
 
     # Blur, per group of equal radius (each sample with its own kernel).
     radii: dict[int, list[int]] = defaultdict(list)
@@ -169,10 +196,26 @@ def augment_batch(batch: torch.Tensor, params: Sequence[AugmentParams], layout: 
         sub = f.index_select(0, index)
         sub = sub.index_select(2, reflect_indices(-r, oh + r, oh, x.device))
         sub = sub.index_select(3, reflect_indices(-r, ow + r, ow, x.device))
-        f[index] = _blur(sub, [params[i] for i in idx])
+        f[index] = _blur_torch(sub, [params[i] for i in idx])
     logger.debug("augment_batch: %d images %dx%d, %d geometry groups, %d blur groups",
                  n, h, w, len(groups), len(radii))
     return _to_uint8(f)
+
+
+def _augment_batch_cpu(batch: torch.Tensor, params: list[AugmentParams], layout: str) -> torch.Tensor:
+    """:func:`augment_batch` on the CPU: one fused pass (geometry to uint8) for samples without blur,
+    the same pass to float32 then the blur for the others. Same bits as the torch ops."""
+    blurred = [p.halo() > 0 for p in params]
+    out, f = cpu_kernels.pointwise(batch, params, layout, blurred, geometry=True)
+    if f is None:
+        return out
+    rows: dict[int, list[tuple[int, int]]] = defaultdict(list)  # radius -> (sample, row of f)
+    for row, i in enumerate(i for i, b in enumerate(blurred) if b):
+        rows[params[i].halo()].append((i, row))
+    for pairs in rows.values():
+        sub = f if len(rows) == 1 else f.index_select(0, torch.tensor([row for _, row in pairs]))
+        cpu_kernels.blur_reflected_into(sub, [params[i] for i, _ in pairs], [i for i, _ in pairs], out)
+    return out
 
 
 def augment_image(image: torch.Tensor, params: AugmentParams, layout: str = "HWC") -> torch.Tensor:

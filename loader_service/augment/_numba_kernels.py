@@ -1,0 +1,174 @@
+"""The numba kernels behind ``cpu_kernels`` (imported on first use: importing numba costs ~0.5 s).
+
+See ``cpu_kernels`` for what they compute and why the bits equal the torch ops'."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from .colour import _EXP_COEFS, _LN2, _LOG2E, _LOG_COEFS, _OD_EPS, _SQRT2
+
+__all__ = ["pointwise_kernel", "blur_kernel"]
+
+
+def _jit(fn: Any) -> Any:
+    try:
+        return numba.njit(nogil=True, error_model="numpy", cache=True)(fn)
+    except RuntimeError:  # no writable cache directory: compile in memory each process
+        return numba.njit(nogil=True, error_model="numpy")(fn)
+
+
+@intrinsic
+def as_int(typingctx: Any, x: Any) -> Any:  # float32 bits as int32
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def as_float(typingctx: Any, x: Any) -> Any:  # int32 bits as float32
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+f32, i32 = np.float32, np.int32
+zero, one, half, k255 = f32(0.0), f32(1.0), f32(0.5), f32(255.0)
+eps, sqrt2, ln2, log2e = f32(_OD_EPS), f32(_SQRT2), f32(_LN2), f32(_LOG2E)
+lo, hi = f32(-100.0), f32(100.0)
+l0, l1, l2, l3, l4 = (f32(c) for c in _LOG_COEFS)
+e0, e1, e2, e3, e4, e5, e6 = (f32(c) for c in _EXP_COEFS)
+bias, mant, one_bits, i_one, i_zero = i32(127), i32(0x007FFFFF), i32(0x3F800000), i32(1), i32(0)
+
+
+@numba.njit(nogil=True, error_model="numpy", inline="always")
+def log2f(x: float) -> float:  # colour.log2_, one value
+    bits = as_int(x)
+    e = (bits >> 23) - bias
+    m = as_float((bits & mant) | one_bits)
+    big = m > sqrt2
+    m = m * (half if big else one)
+    ef = f32(e + (i_one if big else i_zero))
+    f = (m - one) / (m + one)
+    s = f * f
+    p = s * l4
+    p = p + l3
+    p = p * s + l2
+    p = p * s + l1
+    p = p * s + l0
+    return p * f * log2e + ef
+
+
+@numba.njit(nogil=True, error_model="numpy", inline="always")
+def exp2f(y: float) -> float:  # colour.exp2_, one value
+    y = min(max(y, lo), hi)
+    n = np.rint(y)
+    t = (y - n) * ln2
+    p = t * e6
+    p = p + e5
+    p = p * t + e4
+    p = p * t + e3
+    p = p * t + e2
+    p = p * t + e1
+    p = p * t + e0
+    return p * as_float((i32(n) + bias) << 23)
+
+
+@_jit
+def pointwise_kernel(src: Any, geo: Any, colour: Any, hed: Any, do_colour: bool, do_hed: bool,
+                     fidx: Any, out_u8: Any, out_f: Any) -> None:
+    n_images, oh, ow = fidx.shape[0], out_u8.shape[2], out_u8.shape[3]
+    buf = np.empty((3, ow), np.float32)
+    br, bg, bb = buf[0], buf[1], buf[2]
+    for n in range(n_images):
+        a, b, c, d, e, f = geo[n, 0], geo[n, 1], geo[n, 2], geo[n, 3], geo[n, 4], geo[n, 5]
+        m, h = colour[n], hed[n]
+        m00, m01, m02, m03 = m[0, 0], m[0, 1], m[0, 2], m[0, 3]
+        m10, m11, m12, m13 = m[1, 0], m[1, 1], m[1, 2], m[1, 3]
+        m20, m21, m22, m23 = m[2, 0], m[2, 1], m[2, 2], m[2, 3]
+        h00, h01, h02, h03 = h[0, 0], h[0, 1], h[0, 2], h[0, 3]
+        h10, h11, h12, h13 = h[1, 0], h[1, 1], h[1, 2], h[1, 3]
+        h20, h21, h22, h23 = h[2, 0], h[2, 1], h[2, 2], h[2, 3]
+        fi = fidx[n]
+        for i in range(oh):
+            y0, x0 = a + b * i, d + e * i
+            for j in range(ow):  # gather (geometry) and uint8 -> float32
+                y, x = y0 + c * j, x0 + f * j
+                br[j] = f32(src[n, y, x, 0]) / k255
+                bg[j] = f32(src[n, y, x, 1]) / k255
+                bb[j] = f32(src[n, y, x, 2]) / k255
+            for j in range(ow):
+                r, g, bl = br[j], bg[j], bb[j]
+                if do_colour:  # colour.apply_colour: ((a0*x0 + a1*x1) + a2*x2) + a3, clip
+                    r2 = ((r * m00 + g * m01) + bl * m02) + m03
+                    g2 = ((r * m10 + g * m11) + bl * m12) + m13
+                    b2 = ((r * m20 + g * m21) + bl * m22) + m23
+                    r, g, bl = min(max(r2, zero), one), min(max(g2, zero), one), min(max(b2, zero), one)
+                if do_hed:  # colour.apply_hed: rgb * 2**(log2(rgb) @ T + t), clip
+                    lr, lg, lb = log2f(max(r, eps)), log2f(max(g, eps)), log2f(max(bl, eps))
+                    dr = ((lr * h00 + lg * h01) + lb * h02) + h03
+                    dg = ((lr * h10 + lg * h11) + lb * h12) + h13
+                    db = ((lr * h20 + lg * h21) + lb * h22) + h23
+                    r = min(max(r * exp2f(dr), zero), one)
+                    g = min(max(g * exp2f(dg), zero), one)
+                    bl = min(max(bl * exp2f(db), zero), one)
+                br[j], bg[j], bb[j] = r, g, bl
+            if fi >= 0:  # float32 out, for the blur
+                of = out_f[fi]
+                for j in range(ow):
+                    of[0, i, j], of[1, i, j], of[2, i, j] = br[j], bg[j], bb[j]
+            else:  # pipeline._to_uint8: round half to even of x*255, clamp
+                o = out_u8[n]
+                for j in range(ow):
+                    o[0, i, j] = np.uint8(min(max(np.rint(br[j] * k255), zero), k255))
+                    o[1, i, j] = np.uint8(min(max(np.rint(bg[j] * k255), zero), k255))
+                    o[2, i, j] = np.uint8(min(max(np.rint(bb[j] * k255), zero), k255))
+
+
+@_jit
+def blur_kernel(src: Any, k: Any, ry: Any, rx: Any, dest: Any, out_f: Any, out_u8: Any) -> None:
+    """blur.blur_valid of the image padded by index maps: padded row y is src row ry[y], padded
+    column x is src column rx[x]. Along x (each src row once: a padded row is a copy of one), then
+    along y. Image n goes to out_f[n] (float32) when dest[n] < 0, else rounded to out_u8[dest[n]]."""
+    n_images, channels = src.shape[0], src.shape[1]
+    taps = k.shape[1]
+    h, w = ry.shape[0] - taps + 1, rx.shape[0] - taps + 1
+    row = np.empty(rx.shape[0], np.float32)
+    acc = np.empty((src.shape[2], w), np.float32)
+    out = np.empty(w, np.float32)
+    for n in range(n_images):
+        kn = k[n]
+        for ch in range(channels):
+            plane = src[n, ch]
+            for y in range(plane.shape[0]):
+                srow, arow = plane[y], acc[y]
+                for x in range(rx.shape[0]):
+                    row[x] = srow[rx[x]]
+                for x in range(w):
+                    arow[x] = row[x] * kn[0]
+                for t in range(1, taps):
+                    kt = kn[t]
+                    for x in range(w):
+                        arow[x] = arow[x] + row[x + t] * kt
+            for y in range(h):
+                a0 = acc[ry[y]]
+                for x in range(w):
+                    out[x] = a0[x] * kn[0]
+                for t in range(1, taps):
+                    kt, at = kn[t], acc[ry[y + t]]
+                    for x in range(w):
+                        out[x] = out[x] + at[x] * kt
+                if dest[n] < 0:
+                    drow = out_f[n, ch, y]
+                    for x in range(w):
+                        drow[x] = out[x]
+                else:  # pipeline._to_uint8
+                    urow = out_u8[dest[n], ch, y]
+                    for x in range(w):
+                        urow[x] = np.uint8(min(max(np.rint(out[x] * k255), zero), k255))

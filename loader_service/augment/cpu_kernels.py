@@ -1,0 +1,140 @@
+"""Fused CPU kernels for the augmentation, compiled with numba: the same pixels as the torch ops.
+
+On the CPU the torch formulation of the colour and HED stages is ~70 elementwise passes over each
+block (its log2/exp2 are built from exactly rounded operations, see ``colour.py``), and it spends
+most of its time in memory traffic and op dispatch. These kernels do the whole per-pixel chain in
+one pass: geometry (as an index map), uint8 -> float32, colour matrix and clip, HED (log2,
+matrix, exp2, multiply, clip) and, for samples without blur, the rounding to uint8. The blur is a
+second kernel with the same fixed-order sums as ``blur.blur_valid``.
+
+**Same bits as the torch path.** Every operation is the one the torch code does, in the same
+order, in float32, with IEEE rounding: numba compiles float arithmetic without fast-math, so LLVM
+neither reassociates nor fuses multiply-adds, and vectorised and scalar iterations compute
+identical bits. ``tests/test_augment_kernels.py`` checks equality with the torch ops bit for bit.
+So CPU pieces still stitch to CPU whole images exactly, and the GPU (torch ops) stays within one
+grey level of the CPU, as before.
+
+``error_model="numpy"`` keeps IEEE semantics for division (no Python ZeroDivisionError branch),
+which is what lets LLVM vectorise the log2. The kernels release the GIL (``nogil``), so the
+service's batch threads run them in parallel. numba is imported on first use, and compiled
+kernels are cached on disk where numba finds a writable cache directory.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .blur import gaussian_kernel
+from .colour import colour_coefficients, hed_coefficients
+from .geometry import aug_to_raw_point, reflect_indices
+from .params import AugmentParams
+
+__all__ = ["pointwise", "blur", "blur_reflected_into", "geometry_maps", "warm_up"]
+
+_lock = threading.Lock()
+_kernels: dict[str, Any] = {}
+
+
+def geometry_maps(params: Sequence[AugmentParams], image_hw: tuple[int, int]) -> np.ndarray:
+    """(N, 6) int64 ``(a, b, c, d, e, f)``: augmented pixel ``(i, j)`` of sample n shows raw pixel
+    ``(a + b*i + c*j, d + e*i + f*j)`` (flips and quarter turns are affine index maps)."""
+    rows = []
+    for p in params:
+        y0, x0 = aug_to_raw_point(p, image_hw, 0, 0)
+        y1, x1 = aug_to_raw_point(p, image_hw, 1, 0)
+        y2, x2 = aug_to_raw_point(p, image_hw, 0, 1)
+        rows.append((y0, y1 - y0, y2 - y0, x0, x1 - x0, x2 - x0))
+    return np.asarray(rows, dtype=np.int64).reshape(len(rows), 6)
+
+
+def _build() -> dict[str, Any]:
+    """Import (compile, or load from numba's cache) the kernels. Called once, under ``_lock``."""
+    from . import _numba_kernels
+
+    return {"pointwise": _numba_kernels.pointwise_kernel, "blur": _numba_kernels.blur_kernel}
+
+
+def _get() -> dict[str, Any]:
+    if not _kernels:
+        with _lock:
+            if not _kernels:
+                _kernels.update(_build())
+    return _kernels
+
+
+def _nhwc_numpy(x_u8: torch.Tensor, layout: str) -> np.ndarray:
+    """A uint8 (N, H, W, 3) numpy view of a CPU tensor, no copy (any strides)."""
+    arr = x_u8.numpy()
+    return arr if layout == "NHWC" else arr.transpose(0, 2, 3, 1)
+
+
+def pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams], layout: str, float_for: Sequence[bool],
+              geometry: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Geometry (when ``geometry``; else ``x_u8`` is already flipped and turned), colour and HED on
+    a CPU uint8 batch (``layout`` NHWC or NCHW).
+
+    Returns ``(u8, f)``: ``u8`` (N, 3, oh, ow) uint8 holds the finished samples (those with
+    ``float_for[n]`` False); ``f`` (K, 3, oh, ow) float32 holds the K others, in order, before blur
+    and rounding (None when K = 0). Bit-identical to the torch ops of ``pipeline``."""
+    kernels = _get()
+    n = len(params)
+    src = _nhwc_numpy(x_u8, layout)
+    hw = (src.shape[1], src.shape[2])
+    geo = geometry_maps(params if geometry else [AugmentParams()] * n, hw)
+    oh, ow = params[0].output_size(*hw) if geometry else hw
+    do_colour = not all(p.colour_is_identity for p in params)
+    do_hed = not all(p.hed_is_identity for p in params)
+    colour = colour_coefficients(params) if do_colour else np.zeros((n, 3, 4), np.float32)
+    hed = hed_coefficients(params) if do_hed else np.zeros((n, 3, 4), np.float32)
+    fidx = np.cumsum(float_for, dtype=np.int64) - 1
+    fidx[~np.asarray(float_for, dtype=bool)] = -1
+    k = int(np.count_nonzero(float_for))
+    u8 = torch.empty((n, 3, oh, ow), dtype=torch.uint8)
+    f = torch.empty((k, 3, oh, ow), dtype=torch.float32) if k else None
+    out_f = f.numpy() if f is not None else np.empty((1, 3, 1, 1), np.float32)
+    kernels["pointwise"](src, geo, colour, hed, do_colour, do_hed, fidx, u8.numpy(), out_f)
+    return u8, f
+
+
+def _kernels_of(params: Sequence[AugmentParams]) -> np.ndarray:
+    return np.ascontiguousarray(np.stack([gaussian_kernel(p.blur_sigma) for p in params]))
+
+
+def blur(xp: torch.Tensor, params: Sequence[AugmentParams]) -> torch.Tensor:
+    """``blur.blur_valid`` on CPU: padded (N, C, H+2r, W+2r) float32, all samples with one halo r."""
+    r = params[0].halo()
+    n, c, hp, wp = xp.shape
+    out = torch.empty((n, c, hp - 2 * r, wp - 2 * r), dtype=torch.float32)
+    ry, rx = np.arange(hp, dtype=np.int64), np.arange(wp, dtype=np.int64)
+    _get()["blur"](xp.numpy(), _kernels_of(params), ry, rx, np.full(n, -1, np.int64), out.numpy(),
+                   np.empty((1, 1, 1, 1), np.uint8))
+    return out
+
+
+def blur_reflected_into(f: torch.Tensor, params: Sequence[AugmentParams], dest: Sequence[int],
+                        out_u8: torch.Tensor) -> None:
+    """Blur (N, C, H, W) float32 ``f`` (one halo r for all) with the image reflected at its edges
+    (reflect-101, as ``geometry.reflect_indices``), round, and write image n to ``out_u8[dest[n]]``.
+    Same bits as padding with ``index_select`` then ``blur.blur_valid`` and ``_to_uint8``."""
+    r = params[0].halo()
+    _, _, h, w = f.shape
+    ry = reflect_indices(-r, h + r, h).numpy().astype(np.int64)
+    rx = reflect_indices(-r, w + r, w).numpy().astype(np.int64)
+    _get()["blur"](f.numpy(), _kernels_of(params), ry, rx, np.asarray(dest, dtype=np.int64),
+                   np.empty((1, 1, 1, 1), np.float32), out_u8.numpy())
+
+
+def warm_up() -> None:
+    """Compile (or load) the kernels now, on a tiny batch, rather than on the first real one."""
+    x = torch.zeros((1, 3, 3, 3), dtype=torch.uint8)
+    p = AugmentParams(brightness=1.1, hed_alpha=(1.01, 1.0, 1.0), blur_sigma=0.3)
+    _, f = pointwise(x, [p], "NHWC", [True], geometry=True)
+    assert f is not None
+    blur(f[:, :, [1, 0, 1, 2, 1]][:, :, :, [1, 0, 1, 2, 1]], [p])
+    blur_reflected_into(f, [p], [0], torch.empty((1, 3, 3, 3), dtype=torch.uint8))
+    pointwise(x, [p], "NCHW", [False], geometry=False)
+
