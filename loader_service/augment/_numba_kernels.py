@@ -84,6 +84,9 @@ def exp2f(y: float) -> float:  # colour.exp2_, one value
 def pointwise_kernel(src: Any, geo: Any, colour: Any, hed: Any, do_colour: bool, do_hed: bool,
                      fidx: Any, out_u8: Any, out_f: Any) -> None:
     n_images, oh, ow = fidx.shape[0], out_u8.shape[2], out_u8.shape[3]
+    to_float = np.empty(256, np.float32)
+    for v in range(256):
+        to_float[v] = f32(v) / k255  # pipeline._to_float, exactly
     buf = np.empty((3, ow), np.float32)
     br, bg, bb = buf[0], buf[1], buf[2]
     for n in range(n_images):
@@ -98,27 +101,28 @@ def pointwise_kernel(src: Any, geo: Any, colour: Any, hed: Any, do_colour: bool,
         fi = fidx[n]
         for i in range(oh):
             y0, x0 = a + b * i, d + e * i
-            for j in range(ow):  # gather (geometry) and uint8 -> float32
+            for j in range(ow):  # gather (geometry); uint8 -> float32 (a table of v / 255)
                 y, x = y0 + c * j, x0 + f * j
-                br[j] = f32(src[n, y, x, 0]) / k255
-                bg[j] = f32(src[n, y, x, 1]) / k255
-                bb[j] = f32(src[n, y, x, 2]) / k255
-            for j in range(ow):
-                r, g, bl = br[j], bg[j], bb[j]
-                if do_colour:  # colour.apply_colour: ((a0*x0 + a1*x1) + a2*x2) + a3, clip
+                br[j] = to_float[src[n, y, x, 0]]
+                bg[j] = to_float[src[n, y, x, 1]]
+                bb[j] = to_float[src[n, y, x, 2]]
+            if do_colour:  # colour.apply_colour: ((a0*x0 + a1*x1) + a2*x2) + a3, clip
+                for j in range(ow):
+                    r, g, bl = br[j], bg[j], bb[j]
                     r2 = ((r * m00 + g * m01) + bl * m02) + m03
                     g2 = ((r * m10 + g * m11) + bl * m12) + m13
                     b2 = ((r * m20 + g * m21) + bl * m22) + m23
-                    r, g, bl = min(max(r2, zero), one), min(max(g2, zero), one), min(max(b2, zero), one)
-                if do_hed:  # colour.apply_hed: rgb * 2**(log2(rgb) @ T + t), clip
+                    br[j], bg[j], bb[j] = min(max(r2, zero), one), min(max(g2, zero), one), min(max(b2, zero), one)
+            if do_hed:  # colour.apply_hed: rgb * 2**(log2(rgb) @ T + t), clip
+                for j in range(ow):
+                    r, g, bl = br[j], bg[j], bb[j]
                     lr, lg, lb = log2f(max(r, eps)), log2f(max(g, eps)), log2f(max(bl, eps))
                     dr = ((lr * h00 + lg * h01) + lb * h02) + h03
                     dg = ((lr * h10 + lg * h11) + lb * h12) + h13
                     db = ((lr * h20 + lg * h21) + lb * h22) + h23
-                    r = min(max(r * exp2f(dr), zero), one)
-                    g = min(max(g * exp2f(dg), zero), one)
-                    bl = min(max(bl * exp2f(db), zero), one)
-                br[j], bg[j], bb[j] = r, g, bl
+                    br[j] = min(max(r * exp2f(dr), zero), one)
+                    bg[j] = min(max(g * exp2f(dg), zero), one)
+                    bb[j] = min(max(bl * exp2f(db), zero), one)
             if fi >= 0:  # float32 out, for the blur
                 of = out_f[fi]
                 for j in range(ow):
