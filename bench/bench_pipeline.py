@@ -10,7 +10,8 @@ process of (b), (c) and (d) (service and trainer alike) is pinned to the same N 
 Prints patches/s and the ratios (c)/(b) and (c)/(a); writes a PNG of patches/s against cores.
 ``--no-augment`` drops the augmentation from (b)-(d) (the read/decode/transport paths alone);
 ``--patches-per-region K`` turns on locality sampling in (c)/(d). For (c) and (d) it also prints where the
-service's threads spent their time, per patch and stage (its ``wsi_loader_stage_seconds`` metric).
+service's threads spent their time, per patch and stage (its ``wsi_loader_stage_seconds`` metric: wall time of
+the threads, so waits for a core count too), and the CPU time of the service and trainer processes per patch.
 
     python -m bench.bench_pipeline [--size 16384] [--seconds 8] [--png docs/pipeline_cores.png] [--json out.json]
     python -m bench.bench_pipeline --no-augment --patches-per-region 4 --locality-window 16
@@ -28,6 +29,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench.common import median, python_cmd, run_json, serve
 
@@ -68,15 +71,22 @@ def stage_seconds(metrics_url: str) -> dict[str, float]:
     return {stage: float(value) for stage, value in found}
 
 
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
 def served(manifest: Path, cores: int, seconds: float, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """patches/s over gRPC and shared memory, and where the service's threads spent their time (ms per patch)."""
     args = ("--manifest", f"bench={manifest}", "--metrics-port", "0", "--device", "cpu", "--workers", str(cores),
             "--tissue-cache-dir", str(manifest.parent / ".tissue"))
     cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cores])
     rates: dict[str, Any] = {}
-    with serve(*args, prefix=("taskset", "-c", cpus)) as (info, _):  # every thread of it on the N cores
+    with serve(*args, prefix=("taskset", "-c", cpus)) as (info, proc):  # every thread of it on the N cores
+        service = psutil.Process(proc.pid)  # taskset execs the service: same pid
         for transport in ("grpc", "shm"):
             before = stage_seconds(info["metrics"])
+            cpu_before = _cpu_seconds(service)
             # the trainer shares the same N cores as the service: (b) pins its whole process tree too
             cmd = ["taskset", "-c", cpus, *python_cmd(
                 "trainer_client.cli", "bench", "--endpoint", f"127.0.0.1:{info['port']}", "--dataset", "bench",
@@ -85,6 +95,10 @@ def served(manifest: Path, cores: int, seconds: float, extra: tuple[str, ...] = 
             result = run_json(cmd)
             after = stage_seconds(info["metrics"])
             patches = max(1.0, float(result["tiles"]))
+            # CPU-ms per patch: the service's over the whole trainer run (its first batch included), the
+            # trainer's over its timed batches (its start-up excluded)
+            rates[f"{transport}_cpu_ms_per_patch"] = {"service": 1e3 * (_cpu_seconds(service) - cpu_before) / patches,
+                                                      "trainer": 1e3 * float(result["cpu_s"]) / patches}
             rates[transport] = float(result["tiles_per_s"])
             rates[f"{transport}_ms_per_patch"] = {st: 1e3 * (after.get(st, 0.0) - before.get(st, 0.0)) / patches
                                                   for st in STAGES}
@@ -120,6 +134,7 @@ def main() -> None:
         for cores in counts:
             runs: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
             profiles: dict[str, list[dict[str, float]]] = {"grpc": [], "shm": []}
+            cpu: dict[str, list[dict[str, float]]] = {"grpc": [], "shm": []}
             for _ in range(args.repeats):
                 runs["a"].append(codec(slide, cores))
                 runs["b"].append(baseline(slide, cores, args.seconds, augment=not args.no_augment))
@@ -128,9 +143,12 @@ def main() -> None:
                 runs["d"].append(svc["shm"])
                 for transport in profiles:
                     profiles[transport].append(svc[f"{transport}_ms_per_patch"])
+                    cpu[transport].append(svc[f"{transport}_cpu_ms_per_patch"])
             row: dict[str, Any] = {"cores": cores, **{k: median(v) for k, v in runs.items()}}
             row["profile_ms_per_patch"] = {t: {st: median([p[st] for p in ps]) for st in STAGES}
                                            for t, ps in profiles.items()}
+            row["cpu_ms_per_patch"] = {t: {role: median([c[role] for c in cs]) for role in ("service", "trainer")}
+                                       for t, cs in cpu.items()}
             row["c_over_b"], row["c_over_a"], row["d_over_b"] = row["c"] / row["b"], row["c"] / row["a"], row["d"] / row["b"]
             rows.append(row)
             print(f"{cores:2d} cores  (a) codec {row['a']:7.0f}  (b) DataLoader+OpenSlide {row['b']:7.0f}  "
@@ -139,7 +157,9 @@ def main() -> None:
                   flush=True)
             for transport, stages in row["profile_ms_per_patch"].items():
                 spent = "  ".join(f"{st} {ms:.2f}" for st, ms in stages.items())
-                print(f"         service thread-ms per patch ({transport}): {spent}", flush=True)
+                used = row["cpu_ms_per_patch"][transport]
+                print(f"         service thread-ms per patch ({transport}): {spent};  CPU-ms per patch: "
+                      f"service {used['service']:.2f}, trainer {used['trainer']:.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.png:

@@ -60,11 +60,12 @@ def _bench(args: argparse.Namespace) -> int:
         stream = client.stream(config, rank=args.rank, world_size=args.world_size)
         batches = tiles = nbytes = 0
         start = None
+        cpu_start = 0.0
         deadline = None
         for batch in stream:
             now = time.perf_counter()
             if start is None:  # the first batch pays connection and warm-up: not counted
-                start, deadline = now, now + args.seconds
+                start, deadline, cpu_start = now, now + args.seconds, time.process_time()
                 continue
             images = batch["images"]
             if args.consume == "copy":  # a consumer that reads every byte (as an H2D copy would)
@@ -76,6 +77,7 @@ def _bench(args: argparse.Namespace) -> int:
                 if images.is_cuda:  # CUDA IPC: the copies queued on the GPU count too
                     torch.cuda.synchronize(images.device)
                 break
+        cpu = time.process_time() - cpu_start if start is not None else 0.0
         stream.close()
         elapsed = time.perf_counter() - (start or time.perf_counter())
         elapsed = max(elapsed, 1e-9)
@@ -84,6 +86,7 @@ def _bench(args: argparse.Namespace) -> int:
             "tiles_per_s": tiles / elapsed, "mpix_per_s": tiles * args.patch_size**2 / elapsed / 1e6,
             "bytes_per_s": nbytes / elapsed, "batch_size": args.batch_size, "patch_size": args.patch_size,
             "batch_bytes": nbytes / max(batches, 1), "transport_used": stream.transport,
+            "cpu_s": round(cpu, 3),  # this process's CPU time over the timed batches (all its threads)
         }), flush=True)
     return 0
 
