@@ -105,6 +105,27 @@ def served(manifest: Path, cores: int, seconds: float, extra: tuple[str, ...] = 
     return rates
 
 
+def plot(rows: list[dict[str, Any]], size: int, png: Path) -> None:
+    """patches/s of (a)-(d) against cores (``rows`` as written by ``--json``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = {"a": "(a) codec ceiling", "b": "(b) DataLoader + OpenSlide", "c": "(c) service, gRPC",
+              "d": "(d) service, shared memory"}
+    for key, label in labels.items():
+        ax.plot([r["cores"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+    ax.set_xlabel("cores")
+    ax.set_ylabel("256² patches/s")
+    ax.set_title(f"random 256² patches, {size}² JPEG slide")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=16384)
@@ -163,24 +184,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.png:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        labels = {"a": "(a) codec ceiling", "b": "(b) DataLoader + OpenSlide", "c": "(c) service, gRPC",
-                  "d": "(d) service, shared memory"}
-        for key, label in labels.items():
-            ax.plot([r["cores"] for r in rows], [r[key] for r in rows], marker="o", label=label)
-        ax.set_xlabel("cores")
-        ax.set_ylabel("256² patches/s")
-        ax.set_title(f"random 256² patches, {args.size}² JPEG slide")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=120)
-
+        plot(rows, args.size, args.png)
 
 if __name__ == "__main__":
     main()
