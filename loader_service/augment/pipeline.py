@@ -43,10 +43,11 @@ OUTPUT_DTYPES: dict[str, torch.dtype] = {
 
 
 # ---------------------------------------------------------------------- shared stages
-#: The pointwise and blur stages run on blocks of about this many float32 values: small on CPU
-#: (their dozens of elementwise passes then stay in cache), large elsewhere (bounding the
-#: temporaries of huge pieces). Blocking never changes results: each pixel's arithmetic is the
-#: same in any block.
+#: The torch-op pointwise and blur stages run on blocks of about this many float32 values: small on
+#: CPU (their dozens of elementwise passes then stay in cache; on the CPU ``augment_batch`` and
+#: ``render_piece`` use ``cpu_kernels`` instead, and the torch ops serve as their reference in
+#: tests), large elsewhere (bounding the temporaries of huge pieces). Blocking never changes
+#: results: each pixel's arithmetic is the same in any block.
 CPU_BLOCK_ELEMENTS = 1 << 18
 GPU_BLOCK_ELEMENTS = 1 << 26
 
