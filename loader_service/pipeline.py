@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, render_piece,
-                                    resample_rect, to_output)
+                                    resample_rect, to_nchw, to_output)
 from loader_service.dataset import SlideHandles
 from loader_service.errors import SlideFailure
 from loader_service.metrics import Metrics
@@ -159,8 +159,10 @@ class BatchBuilder:
         batch = pixels.to(self.device, non_blocking=True)
         if augment is not None:
             images = augment_batch(batch, params)  # uint8 NCHW
+        elif output.dtype == "uint8" and not output.channels_last:
+            images = to_nchw(batch)  # the one copy this batch needs, without torch's slow 3-channel transpose
         else:
-            images = batch.permute(0, 3, 1, 2)
+            images = batch.permute(0, 3, 1, 2)  # to_output / channels_last make the copy (or none)
         images = to_output(images, output.dtype, output.mean or None, output.std or None)
         if output.channels_last:
             images = images.permute(0, 2, 3, 1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from loader_service.augment import AugmentConfig, AugmentParams, augment_batch, draw_params
+from loader_service.augment import AugmentConfig, AugmentParams, augment_batch, draw_params, to_nchw
 from loader_service.augment import cpu_kernels
 from loader_service.augment.pipeline import _augment_batch_torch, _blur, _blur_torch, _pointwise, _pointwise_torch
 
@@ -109,3 +109,13 @@ def test_warm_up_and_geometry_maps() -> None:
     aug = np.rot90(np.fliplr(raw), 1)
     for i, j in itertools.product(range(aug.shape[0]), range(aug.shape[1])):
         assert aug[i, j] == raw[a + b * i + c * j, d + e * i + f * j]
+
+
+def test_to_nchw_equals_the_permuted_copy() -> None:
+    x = _images(3, 7, 5)
+    out = to_nchw(x)
+    assert out.is_contiguous() and torch.equal(out, x.permute(0, 3, 1, 2))
+    strided = x[:, ::2]  # not contiguous: the torch path
+    assert torch.equal(to_nchw(strided), strided.permute(0, 3, 1, 2))
+    out[0, 0, 0, 0] ^= 1  # a copy, not a view
+    assert not torch.equal(out, x.permute(0, 3, 1, 2))

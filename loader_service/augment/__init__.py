@@ -12,7 +12,7 @@ the torch ops that run on GPUs. See ``docs/augment.md``.
 from .config import MAX_BLUR_SIGMA, AugmentConfig
 from .cpu_kernels import warm_up as warm_up_cpu_kernels
 from .params import PARAMS_SALT, AugmentParams, Rect, draw_params
-from .pipeline import OUTPUT_DTYPES, augment_batch, augment_image, render_piece, source_rect, to_output
+from .pipeline import OUTPUT_DTYPES, augment_batch, augment_image, render_piece, source_rect, to_nchw, to_output
 from .resample import resample_rect, source_window
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "augment_batch",
     "augment_image",
     "to_output",
+    "to_nchw",
     "source_rect",
     "render_piece",
     "resample_rect",

@@ -14,7 +14,7 @@ from numba.extending import intrinsic
 
 from .colour import _EXP_COEFS, _LN2, _LOG2E, _LOG_COEFS, _OD_EPS, _SQRT2
 
-__all__ = ["pointwise_kernel", "blur_kernel"]
+__all__ = ["pointwise_kernel", "blur_kernel", "to_planar_kernel"]
 
 
 def _jit(fn: Any) -> Any:
@@ -176,3 +176,14 @@ def blur_kernel(src: Any, k: Any, ry: Any, rx: Any, dest: Any, out_f: Any, out_u
                     urow = out_u8[dest[n], ch, y]
                     for x in range(w):
                         urow[x] = np.uint8(min(max(np.rint(out[x] * k255), zero), k255))
+
+
+@_jit
+def to_planar_kernel(src: Any, out: Any) -> None:
+    """uint8 (N, H, W, 3) -> (N, 3, H, W): the channel de-interleave of an unaugmented batch."""
+    for n in range(src.shape[0]):
+        for y in range(src.shape[1]):
+            row = src[n, y].reshape(-1)  # flat r, g, b, r, ...: LLVM vectorises the stride-3 loads
+            o0, o1, o2 = out[n, 0, y], out[n, 1, y], out[n, 2, y]
+            for x in range(src.shape[2]):
+                o0[x], o1[x], o2[x] = row[3 * x], row[3 * x + 1], row[3 * x + 2]

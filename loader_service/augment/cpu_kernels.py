@@ -33,7 +33,7 @@ from .colour import colour_coefficients, hed_coefficients
 from .geometry import aug_to_raw_point, reflect_indices
 from .params import AugmentParams
 
-__all__ = ["pointwise", "blur", "blur_reflected_into", "geometry_maps", "warm_up"]
+__all__ = ["pointwise", "blur", "blur_reflected_into", "to_planar", "geometry_maps", "warm_up"]
 
 _lock = threading.Lock()
 _kernels: dict[str, Any] = {}
@@ -55,7 +55,8 @@ def _build() -> dict[str, Any]:
     """Import (compile, or load from numba's cache) the kernels. Called once, under ``_lock``."""
     from . import _numba_kernels
 
-    return {"pointwise": _numba_kernels.pointwise_kernel, "blur": _numba_kernels.blur_kernel}
+    return {"pointwise": _numba_kernels.pointwise_kernel, "blur": _numba_kernels.blur_kernel,
+            "to_planar": _numba_kernels.to_planar_kernel}
 
 
 def _get() -> dict[str, Any]:
@@ -128,6 +129,17 @@ def blur_reflected_into(f: torch.Tensor, params: Sequence[AugmentParams], dest: 
                    np.empty((1, 1, 1, 1), np.float32), out_u8.numpy())
 
 
+def to_planar(x_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC (CPU) -> a new contiguous NCHW tensor: ``x.permute(0, 3, 1, 2).contiguous()`` without
+    torch's slow 3-channel transpose (0.014 against 0.19 ms per 256² image here)."""
+    n, h, w, c = x_u8.shape
+    if c != 3 or not x_u8.is_contiguous():
+        return x_u8.permute(0, 3, 1, 2).contiguous()
+    out = torch.empty((n, 3, h, w), dtype=torch.uint8)
+    _get()["to_planar"](x_u8.numpy(), out.numpy())
+    return out
+
+
 def warm_up() -> None:
     """Compile (or load) the kernels now, on a tiny batch, rather than on the first real one."""
     x = torch.zeros((1, 3, 3, 3), dtype=torch.uint8)
@@ -137,4 +149,5 @@ def warm_up() -> None:
     blur(f[:, :, [1, 0, 1, 2, 1]][:, :, :, [1, 0, 1, 2, 1]], [p])
     blur_reflected_into(f, [p], [0], torch.empty((1, 3, 3, 3), dtype=torch.uint8))
     pointwise(x, [p], "NCHW", [False], geometry=False)
+    to_planar(x)
 
