@@ -119,3 +119,16 @@ def test_to_nchw_equals_the_permuted_copy() -> None:
     assert torch.equal(to_nchw(strided), strided.permute(0, 3, 1, 2))
     out[0, 0, 0, 0] ^= 1  # a copy, not a view
     assert not torch.equal(out, x.permute(0, 3, 1, 2))
+
+
+def test_kernel_constants_equal_colour_constants() -> None:
+    """The kernels keep their own copy (numba's disk cache only tracks their file): it must not drift."""
+    from loader_service.augment import _numba_kernels, colour
+
+    for name, value in _numba_kernels.CONSTANTS.items():
+        assert getattr(colour, name) == value, name
+
+
+def test_empty_images_are_rejected_with_a_message() -> None:
+    with pytest.raises(ValueError, match="at least 1x1"):
+        augment_batch(torch.zeros((2, 4, 0, 3), dtype=torch.uint8), [AugmentParams(blur_sigma=1.0)] * 2)

@@ -1,10 +1,23 @@
 """The numba kernels behind ``cpu_kernels`` (imported on first use: importing numba costs ~0.5 s).
 
-See ``cpu_kernels`` for what they compute and why the bits equal the torch ops'."""
+See ``cpu_kernels`` for what they compute and why the bits equal the torch ops'.
+
+Two rules keep numba's on-disk cache honest and harmless:
+
+* Every constant the kernels use is defined **in this file**. numba bakes constants into the cached
+  machine code but only checks this file's stamp to decide whether a cached kernel is still valid,
+  so a constant imported from ``colour.py`` could change there while a stale kernel keeps loading.
+  ``tests/test_augment_kernels.py`` checks that these equal ``colour.py``'s.
+* The kernels have explicit signatures, so they are compiled (or loaded) once, at import, and never
+  at run time. If the cache cannot be used or written then (no writable directory, full disk), they
+  are compiled in memory instead; no later call can fail on the cache.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import math
+from typing import Any, Callable
 
 import numba
 import numpy as np
@@ -12,16 +25,30 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .colour import _EXP_COEFS, _LN2, _LOG2E, _LOG_COEFS, _OD_EPS, _SQRT2
+__all__ = ["pointwise_kernel", "blur_kernel", "to_planar_kernel", "CONSTANTS"]
 
-__all__ = ["pointwise_kernel", "blur_kernel", "to_planar_kernel"]
+log = logging.getLogger(__name__)
+
+#: colour.py's constants, repeated here on purpose (see the module docstring); a test keeps them equal.
+OD_EPS = 1e-6
+SQRT2 = math.sqrt(2.0)
+LN2 = math.log(2.0)
+LOG2E = 1.0 / LN2
+EXP_COEFS = [1.0 / math.factorial(i) for i in range(7)]
+LOG_COEFS = [2.0 / (2 * i + 1) for i in range(5)]
+CONSTANTS = {"_OD_EPS": OD_EPS, "_SQRT2": SQRT2, "_LN2": LN2, "_LOG2E": LOG2E, "_EXP_COEFS": EXP_COEFS,
+             "_LOG_COEFS": LOG_COEFS}
 
 
-def _jit(fn: Any) -> Any:
-    try:
-        return numba.njit(nogil=True, error_model="numpy", cache=True)(fn)
-    except RuntimeError:  # no writable cache directory: compile in memory each process
-        return numba.njit(nogil=True, error_model="numpy")(fn)
+def _jit(signature: str) -> Callable[[Any], Any]:
+    """Compile eagerly for ``signature``, cached on disk when numba can, in memory when it cannot."""
+    def compile_(fn: Any) -> Any:
+        try:
+            return numba.njit(signature, nogil=True, error_model="numpy", cache=True)(fn)
+        except (RuntimeError, OSError) as err:  # no usable cache directory, or writing to it failed
+            log.info("numba cannot cache %s (%s); compiling it in memory", fn.__name__, err)
+            return numba.njit(signature, nogil=True, error_model="numpy")(fn)
+    return compile_
 
 
 @intrinsic
@@ -40,10 +67,10 @@ def as_float(typingctx: Any, x: Any) -> Any:  # int32 bits as float32
 
 f32, i32 = np.float32, np.int32
 zero, one, half, k255 = f32(0.0), f32(1.0), f32(0.5), f32(255.0)
-eps, sqrt2, ln2, log2e = f32(_OD_EPS), f32(_SQRT2), f32(_LN2), f32(_LOG2E)
+eps, sqrt2, ln2, log2e = f32(OD_EPS), f32(SQRT2), f32(LN2), f32(LOG2E)
 lo, hi = f32(-100.0), f32(100.0)
-l0, l1, l2, l3, l4 = (f32(c) for c in _LOG_COEFS)
-e0, e1, e2, e3, e4, e5, e6 = (f32(c) for c in _EXP_COEFS)
+l0, l1, l2, l3, l4 = (f32(c) for c in LOG_COEFS)
+e0, e1, e2, e3, e4, e5, e6 = (f32(c) for c in EXP_COEFS)
 bias, mant, one_bits, i_one, i_zero = i32(127), i32(0x007FFFFF), i32(0x3F800000), i32(1), i32(0)
 
 
@@ -80,7 +107,8 @@ def exp2f(y: float) -> float:  # colour.exp2_, one value
     return p * as_float((i32(n) + bias) << 23)
 
 
-@_jit
+@_jit("void(uint8[:, :, :, :], int64[:, ::1], float32[:, :, ::1], float32[:, :, ::1], boolean, boolean, "
+      "int64[::1], uint8[:, :, :, ::1], float32[:, :, :, ::1])")
 def pointwise_kernel(src: Any, geo: Any, colour: Any, hed: Any, do_colour: bool, do_hed: bool,
                      fidx: Any, out_u8: Any, out_f: Any) -> None:
     n_images, oh, ow = fidx.shape[0], out_u8.shape[2], out_u8.shape[3]
@@ -135,7 +163,8 @@ def pointwise_kernel(src: Any, geo: Any, colour: Any, hed: Any, do_colour: bool,
                     o[2, i, j] = np.uint8(min(max(np.rint(bb[j] * k255), zero), k255))
 
 
-@_jit
+@_jit("void(float32[:, :, :, ::1], float32[:, ::1], int64[::1], int64[::1], int64[::1], float32[:, :, :, ::1], "
+      "uint8[:, :, :, ::1])")
 def blur_kernel(src: Any, k: Any, ry: Any, rx: Any, dest: Any, out_f: Any, out_u8: Any) -> None:
     """blur.blur_valid of the image padded by index maps: padded row y is src row ry[y], padded
     column x is src column rx[x]. Along x (each src row once: a padded row is a copy of one), then
@@ -178,7 +207,7 @@ def blur_kernel(src: Any, k: Any, ry: Any, rx: Any, dest: Any, out_f: Any, out_u
                         urow[x] = np.uint8(min(max(np.rint(out[x] * k255), zero), k255))
 
 
-@_jit
+@_jit("void(uint8[:, :, :, ::1], uint8[:, :, :, ::1])")
 def to_planar_kernel(src: Any, out: Any) -> None:
     """uint8 (N, H, W, 3) -> (N, 3, H, W): the channel de-interleave of an unaugmented batch."""
     for n in range(src.shape[0]):

@@ -17,7 +17,7 @@ grey level of the CPU, as before.
 ``error_model="numpy"`` keeps IEEE semantics for division (no Python ZeroDivisionError branch),
 which is what lets LLVM vectorise the log2. The kernels release the GIL (``nogil``), so the
 service's batch threads run them in parallel. numba is imported on first use, and compiled
-kernels are cached on disk where numba finds a writable cache directory.
+kernels are cached on disk where numba finds a writable cache directory (rules in ``_numba_kernels``).
 """
 
 from __future__ import annotations
@@ -60,11 +60,10 @@ def _build() -> dict[str, Any]:
 
 
 def _get() -> dict[str, Any]:
-    if not _kernels:
-        with _lock:
-            if not _kernels:
-                _kernels.update(_build())
-    return _kernels
+    with _lock:  # uncontended after the first call; no reliance on the GIL for the check-then-fill
+        if not _kernels:
+            _kernels.update(_build())
+        return _kernels
 
 
 def _nhwc_numpy(x_u8: torch.Tensor, layout: str) -> np.ndarray:
@@ -85,12 +84,17 @@ def pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams], layout: str, 
     n = len(params)
     src = _nhwc_numpy(x_u8, layout)
     hw = (src.shape[1], src.shape[2])
+    sizes = {p.output_size(*hw) for p in params} if geometry else {hw}
+    if len(sizes) != 1 or len(float_for) != n or src.shape[0] != n or src.shape[3] != 3 or min(hw) < 1:
+        raise ValueError(f"pointwise: {n} params, {len(float_for)} flags for a batch of shape {src.shape} "
+                         f"({layout}) with output sizes {sorted(sizes)}; need one set of each per image, "
+                         "3 channels, non-empty images, and one output size")
+    (oh, ow), = sizes
     geo = geometry_maps(params if geometry else [AugmentParams()] * n, hw)
-    oh, ow = params[0].output_size(*hw) if geometry else hw
     do_colour = not all(p.colour_is_identity for p in params)
     do_hed = not all(p.hed_is_identity for p in params)
-    colour = colour_coefficients(params) if do_colour else np.zeros((n, 3, 4), np.float32)
-    hed = hed_coefficients(params) if do_hed else np.zeros((n, 3, 4), np.float32)
+    colour = np.ascontiguousarray(colour_coefficients(params) if do_colour else np.zeros((n, 3, 4), np.float32))
+    hed = np.ascontiguousarray(hed_coefficients(params) if do_hed else np.zeros((n, 3, 4), np.float32))
     fidx = np.cumsum(float_for, dtype=np.int64) - 1
     fidx[~np.asarray(float_for, dtype=bool)] = -1
     k = int(np.count_nonzero(float_for))
@@ -102,7 +106,7 @@ def pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams], layout: str, 
 
 
 def _kernels_of(params: Sequence[AugmentParams]) -> np.ndarray:
-    return np.ascontiguousarray(np.stack([gaussian_kernel(p.blur_sigma) for p in params]))
+    return np.ascontiguousarray(np.stack([gaussian_kernel(p.blur_sigma) for p in params]), dtype=np.float32)
 
 
 def blur(xp: torch.Tensor, params: Sequence[AugmentParams]) -> torch.Tensor:
@@ -111,7 +115,7 @@ def blur(xp: torch.Tensor, params: Sequence[AugmentParams]) -> torch.Tensor:
     n, c, hp, wp = xp.shape
     out = torch.empty((n, c, hp - 2 * r, wp - 2 * r), dtype=torch.float32)
     ry, rx = np.arange(hp, dtype=np.int64), np.arange(wp, dtype=np.int64)
-    _get()["blur"](xp.numpy(), _kernels_of(params), ry, rx, np.full(n, -1, np.int64), out.numpy(),
+    _get()["blur"](np.ascontiguousarray(xp.numpy()), _kernels_of(params), ry, rx, np.full(n, -1, np.int64), out.numpy(),
                    np.empty((1, 1, 1, 1), np.uint8))
     return out
 
@@ -123,9 +127,11 @@ def blur_reflected_into(f: torch.Tensor, params: Sequence[AugmentParams], dest: 
     Same bits as padding with ``index_select`` then ``blur.blur_valid`` and ``_to_uint8``."""
     r = params[0].halo()
     _, _, h, w = f.shape
+    if h < 1 or w < 1:
+        raise ValueError(f"cannot blur empty images ({h}x{w})")
     ry = reflect_indices(-r, h + r, h).numpy().astype(np.int64)
     rx = reflect_indices(-r, w + r, w).numpy().astype(np.int64)
-    _get()["blur"](f.numpy(), _kernels_of(params), ry, rx, np.asarray(dest, dtype=np.int64),
+    _get()["blur"](np.ascontiguousarray(f.numpy()), _kernels_of(params), ry, rx, np.asarray(dest, dtype=np.int64),
                    np.empty((1, 1, 1, 1), np.float32), out_u8.numpy())
 
 

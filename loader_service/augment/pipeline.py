@@ -161,6 +161,8 @@ def augment_batch(batch: torch.Tensor, params: Sequence[AugmentParams], layout: 
                          f"would have different sizes {sorted(sizes)}; use square patches, or split the batch "
                          "by rot90_k parity, or render them one at a time.")
     (oh, ow), = sizes
+    if h == 0 or w == 0:
+        raise ValueError(f"batch images are empty ({h}x{w}); regions must be at least 1x1 pixel.")
     if x.device.type == "cpu":
         return _augment_batch_cpu(batch, params, layout)
     return _augment_batch_torch(x, params, (oh, ow))
