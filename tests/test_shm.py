@@ -201,8 +201,10 @@ def test_ranks_of_one_job_share_the_pipeline_and_decode_once(client: LoaderClien
         s.close()
     assert len(seen) == 64
     assert server.metrics.sample("wsi_loader_samples_decoded_total") - decoded == 64  # decoded once each
-    with client.stream(shm_config(job_id="job-b"), rank=0, world_size=2) as a, client.stream(shm_config(job_id="job-b", seed=9),
-                                                                          rank=1, world_size=2) as b:
+    # an epoch far longer than the credits: rank 0's session stays open however fast the service is
+    long = dict(job_id="job-b", samples_per_epoch=48_000)
+    with client.stream(shm_config(**long), rank=0, world_size=2) as a, client.stream(shm_config(**long, seed=9),
+                                                                                     rank=1, world_size=2) as b:
         first = iter(a)  # keep the iterator alive: its session stays open
         next(first)
         with pytest.raises(InvalidRequestError, match="disagrees"):
