@@ -22,8 +22,8 @@ kernels are cached on disk where numba finds a writable cache directory (rules i
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Sequence
+from types import ModuleType
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -34,10 +34,6 @@ from .geometry import aug_to_raw_point, reflect_indices
 from .params import AugmentParams
 
 __all__ = ["pointwise", "blur", "blur_reflected_into", "to_planar", "geometry_maps", "warm_up"]
-
-_lock = threading.Lock()
-_kernels: dict[str, Any] = {}
-
 
 def geometry_maps(params: Sequence[AugmentParams], image_hw: tuple[int, int]) -> np.ndarray:
     """(N, 6) int64 ``(a, b, c, d, e, f)``: augmented pixel ``(i, j)`` of sample n shows raw pixel
@@ -51,19 +47,12 @@ def geometry_maps(params: Sequence[AugmentParams], image_hw: tuple[int, int]) ->
     return np.asarray(rows, dtype=np.int64).reshape(len(rows), 6)
 
 
-def _build() -> dict[str, Any]:
-    """Import (compile, or load from numba's cache) the kernels. Called once, under ``_lock``."""
+def _compiled() -> ModuleType:
+    """The kernels' module, imported (compiled, or loaded from numba's cache) on first use; the import
+    system makes that happen once, whatever the number of threads asking."""
     from . import _numba_kernels
 
-    return {"pointwise": _numba_kernels.pointwise_kernel, "blur": _numba_kernels.blur_kernel,
-            "to_planar": _numba_kernels.to_planar_kernel}
-
-
-def _get() -> dict[str, Any]:
-    with _lock:  # uncontended after the first call; no reliance on the GIL for the check-then-fill
-        if not _kernels:
-            _kernels.update(_build())
-        return _kernels
+    return _numba_kernels
 
 
 def _nhwc_numpy(x_u8: torch.Tensor, layout: str) -> np.ndarray:
@@ -80,7 +69,6 @@ def pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams], layout: str, 
     Returns ``(u8, f)``: ``u8`` (N, 3, oh, ow) uint8 holds the finished samples (those with
     ``float_for[n]`` False); ``f`` (K, 3, oh, ow) float32 holds the K others, in order, before blur
     and rounding (None when K = 0). Bit-identical to the torch ops of ``pipeline``."""
-    kernels = _get()
     n = len(params)
     src = _nhwc_numpy(x_u8, layout)
     hw = (src.shape[1], src.shape[2])
@@ -101,7 +89,7 @@ def pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams], layout: str, 
     u8 = torch.empty((n, 3, oh, ow), dtype=torch.uint8)
     f = torch.empty((k, 3, oh, ow), dtype=torch.float32) if k else None
     out_f = f.numpy() if f is not None else np.empty((1, 3, 1, 1), np.float32)
-    kernels["pointwise"](src, geo, colour, hed, do_colour, do_hed, fidx, u8.numpy(), out_f)
+    _compiled().pointwise_kernel(src, geo, colour, hed, do_colour, do_hed, fidx, u8.numpy(), out_f)
     return u8, f
 
 
@@ -115,7 +103,7 @@ def blur(xp: torch.Tensor, params: Sequence[AugmentParams]) -> torch.Tensor:
     n, c, hp, wp = xp.shape
     out = torch.empty((n, c, hp - 2 * r, wp - 2 * r), dtype=torch.float32)
     ry, rx = np.arange(hp, dtype=np.int64), np.arange(wp, dtype=np.int64)
-    _get()["blur"](np.ascontiguousarray(xp.numpy()), _kernels_of(params), ry, rx, np.full(n, -1, np.int64), out.numpy(),
+    _compiled().blur_kernel(np.ascontiguousarray(xp.numpy()), _kernels_of(params), ry, rx, np.full(n, -1, np.int64), out.numpy(),
                    np.empty((1, 1, 1, 1), np.uint8))
     return out
 
@@ -131,7 +119,7 @@ def blur_reflected_into(f: torch.Tensor, params: Sequence[AugmentParams], dest: 
         raise ValueError(f"cannot blur empty images ({h}x{w})")
     ry = reflect_indices(-r, h + r, h).numpy().astype(np.int64)
     rx = reflect_indices(-r, w + r, w).numpy().astype(np.int64)
-    _get()["blur"](np.ascontiguousarray(f.numpy()), _kernels_of(params), ry, rx, np.asarray(dest, dtype=np.int64),
+    _compiled().blur_kernel(np.ascontiguousarray(f.numpy()), _kernels_of(params), ry, rx, np.asarray(dest, dtype=np.int64),
                    np.empty((1, 1, 1, 1), np.float32), out_u8.numpy())
 
 
@@ -142,7 +130,7 @@ def to_planar(x_u8: torch.Tensor) -> torch.Tensor:
     if c != 3 or not x_u8.is_contiguous():
         return x_u8.permute(0, 3, 1, 2).contiguous()
     out = torch.empty((n, 3, h, w), dtype=torch.uint8)
-    _get()["to_planar"](x_u8.numpy(), out.numpy())
+    _compiled().to_planar_kernel(x_u8.numpy(), out.numpy())
     return out
 
 
