@@ -103,6 +103,21 @@ def test_modules_import_without_cuda() -> None:
         server.CudaSlotPool(0, 1024, threading.Condition(), torch.device("cuda"))
 
 
+def test_one_cuda_runtime_shim_for_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    shim = importlib.import_module("wsi_loader.cuda_runtime")
+    for name in ("loader_service.transport.cuda_ipc", "trainer_client.cuda_ipc"):
+        module = _module(name)
+        assert module._load_backend is shim.load_runtime and module.device_uuid is shim.device_uuid
+    monkeypatch.setenv(BACKEND_ENV, "opencl")
+    with pytest.raises(ImportError, match="expected 'cuda-bindings' or 'cupy'"):
+        shim.load_runtime()
+    if importlib.util.find_spec("cupy") is None:
+        monkeypatch.setenv(BACKEND_ENV, "cupy")
+        with pytest.raises(ImportError, match="cupy-cuda13x") as caught:
+            shim.load_runtime()
+        assert "cupy-cuda12x" not in str(caught.value) and "torch's CUDA wheels" in str(caught.value)
+
+
 def test_pool_rejects_cpu_device() -> None:
     pool_cls = _module("loader_service.transport.cuda_ipc").CudaSlotPool
     with pytest.raises((ValueError, RuntimeError)):
@@ -131,7 +146,7 @@ class _FakeCuda:
     def open_event(self, handle: bytes) -> Any:
         return ("ipc-event", handle)
 
-    def event_create(self) -> Any:
+    def event_create(self, interprocess: bool = False) -> Any:
         return object()
 
     def event_record(self, event: Any, stream: int) -> None:
@@ -246,7 +261,7 @@ class _FakePoolCuda:
     def mem_handle(self, ptr: int) -> bytes:
         return ptr.to_bytes(8, "little") * 8
 
-    def event_create(self) -> Any:
+    def event_create(self, interprocess: bool = False) -> Any:
         return object()
 
     def event_handle(self, event: Any) -> bytes:

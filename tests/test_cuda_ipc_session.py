@@ -145,7 +145,7 @@ class _SameProcessCuda:
     def close_mem(self, ptr: int) -> None:
         pass
 
-    def event_create(self) -> Any:
+    def event_create(self, interprocess: bool = False) -> Any:
         return object()
 
     def event_handle(self, event: Any) -> bytes:

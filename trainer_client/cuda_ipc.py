@@ -8,15 +8,14 @@ the server's copy completed; the host never blocks), and returns a zero-copy ten
 The slot goes back to the server when that tensor and every view of it is freed, or on :meth:`release`. The
 trainer's kernels may still be reading at that moment, so an event is recorded on the current stream (and
 on the stream the tensor was made on, if different) and a background thread hands the slot back only once
-those events completed. Needs NVIDIA's ``cuda-bindings`` or CuPy, imported lazily
-(``WSI_LOADER_CUDA_BACKEND=cupy|cuda-bindings`` forces one); this module imports without CUDA.
+those events completed. Needs NVIDIA's ``cuda-bindings`` or CuPy, through the shim shared with the service
+(:mod:`wsi_loader.cuda_runtime`, imported lazily; ``WSI_LOADER_CUDA_BACKEND=cupy|cuda-bindings`` forces one):
+this module imports without CUDA.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import queue
 import threading
 import time
@@ -27,149 +26,20 @@ from typing import Any
 
 import torch
 
+from wsi_loader.cuda_runtime import HANDLE_BYTES as _HANDLE_BYTES
+from wsi_loader.cuda_runtime import cuda_ipc_available, device_uuid
+from wsi_loader.cuda_runtime import load_runtime as _load_backend
 from wsi_loader.v1 import loader_pb2 as pb
 
 __all__ = ["CudaReceiver", "cuda_ipc_available", "device_uuid"]
 
 log = logging.getLogger(__name__)
 
-_HANDLE_BYTES = 64
-_BACKEND_ENV = "WSI_LOADER_CUDA_BACKEND"
-_NOT_READY = 600                # cudaErrorNotReady
 _DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
     "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
     "bool": torch.bool,
 }
-
-
-class _CudaBindings:
-    """The CUDA runtime calls the receiver needs, through NVIDIA's cuda-bindings."""
-
-    name = "cuda-bindings"
-
-    def __init__(self) -> None:
-        try:
-            from cuda.bindings import runtime as rt
-        except ImportError:  # cuda-python < 12.6 spelled it cuda.cudart
-            from cuda import cudart as rt  # type: ignore[no-redef]
-        self.rt: Any = rt
-
-    def _check(self, result: Any, what: str) -> Any:
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
-            name = self.rt.cudaGetErrorName(err)[1]
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            raise RuntimeError(f"{what} failed: {name} ({int(err)})")
-        return rest[0] if len(rest) == 1 else rest
-
-    def open_mem(self, handle: bytes) -> int:
-        raw = self.rt.cudaIpcMemHandle_t()
-        ctypes.memmove(raw.getPtr(), handle, _HANDLE_BYTES)
-        flags = self.rt.cudaIpcMemLazyEnablePeerAccess
-        return int(self._check(self.rt.cudaIpcOpenMemHandle(raw, flags), "cudaIpcOpenMemHandle"))
-
-    def close_mem(self, ptr: int) -> None:
-        self._check(self.rt.cudaIpcCloseMemHandle(ptr), "cudaIpcCloseMemHandle")
-
-    def open_event(self, handle: bytes) -> Any:
-        raw = self.rt.cudaIpcEventHandle_t()
-        ctypes.memmove(raw.getPtr(), handle, _HANDLE_BYTES)
-        return self._check(self.rt.cudaIpcOpenEventHandle(raw), "cudaIpcOpenEventHandle")
-
-    def event_create(self) -> Any:
-        return self._check(self.rt.cudaEventCreateWithFlags(self.rt.cudaEventDisableTiming),
-                           "cudaEventCreateWithFlags")
-
-    def event_record(self, event: Any, stream: int) -> None:
-        self._check(self.rt.cudaEventRecord(event, stream), "cudaEventRecord")
-
-    def event_done(self, event: Any) -> bool:
-        err = self.rt.cudaEventQuery(event)[0]
-        if err == self.rt.cudaError_t.cudaErrorNotReady:
-            return False
-        self._check((err,), "cudaEventQuery")
-        return True
-
-    def event_destroy(self, event: Any) -> None:
-        self._check(self.rt.cudaEventDestroy(event), "cudaEventDestroy")
-
-    def stream_wait(self, stream: int, event: Any) -> None:
-        self._check(self.rt.cudaStreamWaitEvent(stream, event, 0), "cudaStreamWaitEvent")
-
-
-class _CuPy:
-    """The same calls through CuPy's runtime module."""
-
-    name = "cupy"
-
-    def __init__(self) -> None:
-        from cupy.cuda import runtime as rt
-        self.rt: Any = rt
-
-    def open_mem(self, handle: bytes) -> int:
-        return int(self.rt.ipcOpenMemHandle(handle, self.rt.cudaIpcMemLazyEnablePeerAccess))
-
-    def close_mem(self, ptr: int) -> None:
-        self.rt.ipcCloseMemHandle(ptr)
-
-    def open_event(self, handle: bytes) -> Any:
-        return int(self.rt.ipcOpenEventHandle(handle))
-
-    def event_create(self) -> Any:
-        return int(self.rt.eventCreateWithFlags(self.rt.eventDisableTiming))
-
-    def event_record(self, event: Any, stream: int) -> None:
-        self.rt.eventRecord(event, stream)
-
-    def event_done(self, event: Any) -> bool:
-        status = int(self.rt.eventQuery(event))  # CuPy returns the raw cudaError_t here, it does not raise
-        if status == _NOT_READY:
-            return False
-        if status != 0:
-            raise RuntimeError(f"cudaEventQuery failed with CUDA error {status}")
-        return True
-
-    def event_destroy(self, event: Any) -> None:
-        self.rt.eventDestroy(event)
-
-    def stream_wait(self, stream: int, event: Any) -> None:
-        self.rt.streamWaitEvent(stream, event, 0)
-
-
-def _load_backend() -> _CudaBindings | _CuPy:
-    """cuda-bindings, else CuPy (or the one ``WSI_LOADER_CUDA_BACKEND`` names); ImportError with the reasons."""
-    wanted = os.environ.get(_BACKEND_ENV, "").strip().lower()
-    choices: list[type[_CudaBindings] | type[_CuPy]] = [_CudaBindings, _CuPy]
-    if wanted:
-        choices = [c for c in choices if c.name == wanted]
-        if not choices:
-            raise ImportError(f"{_BACKEND_ENV}={wanted!r}: expected 'cuda-bindings' or 'cupy'")
-    reasons = []
-    for choice in choices:
-        try:
-            return choice()
-        except Exception as err:  # noqa: BLE001 - ImportError, or a CuPy built for another CUDA
-            reasons.append(f"{choice.name}: {err}")
-    raise ImportError("no CUDA runtime binding for CUDA IPC (install cuda-bindings or cupy-cuda12x): "
-                      + "; ".join(reasons))
-
-
-def cuda_ipc_available() -> tuple[bool, str]:
-    """Whether this process can receive CUDA IPC batches: (True, backend name) or (False, why not)."""
-    if not torch.cuda.is_available():
-        return False, "torch sees no CUDA device"
-    try:
-        backend = _load_backend()
-    except ImportError as err:
-        return False, str(err)
-    return True, backend.name
-
-
-def device_uuid(device: torch.device | int) -> str:
-    """The GPU's UUID as ``GPU-xxxxxxxx-...`` (the same under any CUDA_VISIBLE_DEVICES numbering)."""
-    raw = str(torch.cuda.get_device_properties(device).uuid).strip().lower()
-    return raw if raw.startswith("gpu-") else f"GPU-{raw}"
 
 
 class _SlotMemory:
