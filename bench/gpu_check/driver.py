@@ -89,7 +89,7 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def _run_part(part: Part, cap: float, out: Path, work: Path, quick: bool, log: Any) -> dict[str, Any]:
+def _run_part(part: Part, cap: float, work: Path, quick: bool, log: Any, env: dict[str, str]) -> dict[str, Any]:
     """One part in a new process group; killed (the whole group) at ``cap`` + a grace of 10 s."""
     result_path = work / f"{part.name}.json"
     cmd = [sys.executable, "-m", "bench.gpu_check.part", part.name, str(result_path), "--workdir",
@@ -97,7 +97,8 @@ def _run_part(part: Part, cap: float, out: Path, work: Path, quick: bool, log: A
     log.write(f"\n===== {part.name} (cap {cap:.0f} s): {part.what}\n")
     log.flush()
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                            start_new_session=True)
     timed_out = False
     try:
         proc.wait(timeout=cap + 10)
@@ -130,15 +131,14 @@ def run_check(out: Path, *, quick: bool = False, skip_gpu: bool = False, budget_
               only: list[str] | None = None) -> dict[str, Any]:
     """Run the parts in order within ``budget_s``; return (and write to OUT/summary.json) the summary."""
     out.mkdir(parents=True, exist_ok=True)
-    if skip_gpu:
-        os.environ["GPU_CHECK_SKIP_GPU"] = "1"
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"GPU_CHECK_SKIP_GPU": "1"} if skip_gpu else {})}
     started = time.monotonic()
     summary: dict[str, Any] = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": quick,
                                "budget_s": budget_s, "environment": environment(), "parts": {}}
     summary_path = out / "summary.json"
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp, open(out / "gpu_check.log", "a") as log:
         log.write(f"gpu_check {summary['started_utc']}: {json.dumps(summary['environment'])}\n")
-        no_gpu = gpu_missing()
+        no_gpu = gpu_missing(skip_gpu)
         summary["gpu_missing"] = no_gpu
         for part in PARTS:
             if only and part.name not in only:
@@ -150,7 +150,7 @@ def run_check(out: Path, *, quick: bool = False, skip_gpu: bool = False, budget_
             elif cap < 5:
                 summary["parts"][part.name] = {"status": f"skipped: no time left in the {budget_s:.0f} s budget"}
             else:
-                summary["parts"][part.name] = _run_part(part, cap, out, Path(tmp), quick, log)
+                summary["parts"][part.name] = _run_part(part, cap, Path(tmp), quick, log, child_env)
             summary["wall_s"] = round(time.monotonic() - started, 1)
             summary_path.write_text(json.dumps(summary, indent=1, default=str))
     return summary

@@ -28,9 +28,9 @@ class SkipPart(Exception):
     """Raised by a part whose GPU side cannot run here; its message is the reason."""
 
 
-def gpu_missing() -> str | None:
-    """Why this process cannot use a CUDA device (None when it can)."""
-    if os.environ.get("GPU_CHECK_SKIP_GPU") == "1":
+def gpu_missing(skip: bool = False) -> str | None:
+    """Why this process cannot use a CUDA device (None when it can); ``skip``: as if it had none."""
+    if skip or os.environ.get("GPU_CHECK_SKIP_GPU") == "1":
         return "--skip-gpu given"
     import torch
 
