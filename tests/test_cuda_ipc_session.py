@@ -353,3 +353,48 @@ def test_gpu_batches_stay_on_the_services_gpu(dataset_dir: Path, dataset: str) -
         assert srv.metrics.sample("wsi_loader_batches_total", {"transport": "cuda_ipc"}) == 10
         assert srv.metrics.sample("wsi_loader_errors_total", {"kind": "client_gone"}) == gone
         assert srv.metrics.sample("wsi_loader_errors_total", {"kind": "internal"}) == 0
+
+
+def _holder(endpoint: str, config: dict[str, Any], ready: Any) -> None:
+    """A trainer that takes batches, keeps them (their slots held), reports, and waits to be killed."""
+    try:
+        with LoaderClient(endpoint, timeout_s=60) as client, client.stream(StreamConfig(**config)) as stream:
+            batches = iter(stream)
+            held = [next(batches)["images"] for _ in range(3)]
+            torch.cuda.synchronize()
+            ready.put(("ok", [str(t.device) for t in held]))
+            time.sleep(300)  # killed with SIGKILL long before: no close, no release, no goodbye
+    except BaseException:  # noqa: BLE001
+        ready.put(("error", traceback.format_exc()))
+
+
+@needs_cuda_ipc
+@pytest.mark.gpu
+def test_slots_come_back_after_the_trainer_is_killed(dataset_dir: Path) -> None:
+    """kill -9 of a trainer holding CUDA IPC batches: the session ends, its pool is freed, the service serves on."""
+    config = dict(dataset="synthetic", batch_size=8, patch_size=64, samples_per_epoch=4000, seed=3, timeout_s=120,
+                  credits=2, shm_keep=4, transport="cuda_ipc")
+    with LoaderServer(make_config(dataset_dir, device="cuda", synthetic=True)) as srv:
+        ctx = mp.get_context("spawn")
+        ready = ctx.Queue()
+        proc = ctx.Process(target=_holder, args=(f"127.0.0.1:{srv.port}", config, ready), daemon=True)
+        proc.start()
+        try:
+            status, payload = ready.get(timeout=180)
+            assert status == "ok", payload
+            assert all(d.startswith("cuda") for d in payload)
+            assert srv.metrics.sample("wsi_loader_cuda_slots", {"state": "in_use"}) >= 3  # the trainer holds them
+            proc.kill()  # SIGKILL
+            proc.join(timeout=30)
+            assert proc.exitcode == -9
+        finally:
+            if proc.is_alive():
+                proc.kill()
+        assert wait_for(lambda: srv.metrics.sample("wsi_loader_active_sessions") == 0, timeout=60), \
+            "the killed trainer's session never ended"
+        assert wait_for(lambda: srv.metrics.sample("wsi_loader_cuda_slots", {"state": "in_use"}) == 0
+                        and srv.metrics.sample("wsi_loader_cuda_slots", {"state": "free"}) == 0, timeout=60), \
+            "the killed trainer's CUDA slot pool was not freed"
+        assert srv.metrics.sample("wsi_loader_errors_total", {"kind": "internal"}) == 0
+        got = _run_trainer(f"127.0.0.1:{srv.port}", {**config, "samples_per_epoch": 80, "shm_keep": 3})
+        assert got["transport"] == "cuda_ipc" and len(got["batches"]) == 10 and got["stalled"] == []
