@@ -92,7 +92,7 @@ def environment() -> dict[str, Any]:
 def _run_part(part: Part, cap: float, work: Path, quick: bool, log: Any, env: dict[str, str]) -> dict[str, Any]:
     """One part in a new process group; killed (the whole group) at ``cap`` + a grace of 10 s."""
     result_path = work / f"{part.name}.json"
-    cmd = [sys.executable, "-m", "bench.gpu_check.part", part.name, str(result_path), "--workdir",
+    cmd = [sys.executable, "-m", "bench.gpu_check.run_part", part.name, str(result_path), "--workdir",
            str(work / part.name), "--cap", f"{cap:.0f}", *(["--quick"] if quick else [])]
     log.write(f"\n===== {part.name} (cap {cap:.0f} s): {part.what}\n")
     log.flush()

@@ -1,4 +1,4 @@
-"""One part of the GPU check, run in its own process: ``python -m bench.gpu_check.part NAME RESULT [options]``.
+"""One part of the GPU check, run in its own process: ``python -m bench.gpu_check.run_part NAME RESULT [options]``.
 
 The part writes its result to the JSON file RESULT after every step (so a part killed at its time cap still
 leaves what it measured), and catches its own exceptions: they become ``status: "failed: ..."`` with the
@@ -102,8 +102,3 @@ def main(argv: list[str] | None = None) -> int:
     ctx = PartContext(a.name, a.result, a.workdir, a.quick, a.cap)
     return run_part(a.name, PART_FUNCTIONS[a.name], ctx)
 
-
-if __name__ == "__main__":  # run as bench.gpu_check.part, so that parts and this share one SkipPart class
-    from bench.gpu_check.part import main as _main
-
-    sys.exit(_main())
