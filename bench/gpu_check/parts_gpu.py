@@ -53,9 +53,9 @@ def _junit(path: Path) -> dict[str, Any]:
             counts["failed"] += 1
             failures.append({"test": name, "message": (bad.get("message") or "")[:400],
                              "seconds": float(case.get("time", 0))})
-        elif case.find("skipped") is not None:
+        elif (skipped := case.find("skipped")) is not None:
             counts["skipped"] += 1
-            skips.append({"test": name, "reason": (case.find("skipped").get("message") or "")[:200]})  # type: ignore[union-attr]
+            skips.append({"test": name, "reason": (skipped.get("message") or "")[:200]})
         else:
             counts["passed"] += 1
     return {**counts, "failures": failures, "skips": skips[:20]}
@@ -83,6 +83,15 @@ def _last_json(text: str) -> Any:
     raise ValueError(f"no JSON at the end of: {text[-300:]!r}")
 
 
+def _check_tests(what: str, result: dict[str, Any]) -> None:
+    """The part fails when a test failed, pytest did not finish, or nothing ran (all skipped: a missing binding)."""
+    if result.get("error") or result.get("failed"):
+        raise RuntimeError(f"{what}: {result.get('failed', '?')} failed {result.get('error', '')}".strip())
+    if not result.get("passed"):
+        reasons = sorted({s["reason"] for s in result.get("skips", [])})
+        raise RuntimeError(f"{what}: none ran ({result.get('skipped', 0)} skipped: {'; '.join(reasons)[:300]})")
+
+
 # --- part 1 -------------------------------------------------------------------------------------------------
 def gpu_tests(ctx: PartContext) -> None:
     """``pytest -m gpu`` over the suite, the CUDA IPC files excepted (part ``cuda_ipc`` runs those)."""
@@ -91,8 +100,7 @@ def gpu_tests(ctx: PartContext) -> None:
     ignore = [arg for f in IPC_FILES for arg in ("--ignore", f)]
     result = _pytest(ctx, ["-m", "gpu", *ignore, "tests"], "gpu_tests.xml", ctx.left() - 5)
     ctx.record("pytest", result)
-    if result.get("error") or result.get("failed"):
-        raise RuntimeError(f"GPU tests: {result.get('failed', '?')} failed {result.get('error', '')}".strip())
+    _check_tests("GPU tests", result)
 
 
 # --- part 4 -------------------------------------------------------------------------------------------------
@@ -110,8 +118,7 @@ def cuda_ipc(ctx: PartContext) -> None:
                        else {"error": proc.stderr.strip()[-800:]})
         except (subprocess.TimeoutExpired, ValueError) as err:
             ctx.record("handoff_bench", {"error": f"{type(err).__name__}: {err}"[:400]})
-    if result.get("error") or result.get("failed"):
-        raise RuntimeError(f"CUDA IPC tests: {result.get('failed', '?')} failed {result.get('error', '')}".strip())
+    _check_tests("CUDA IPC tests", result)
 
 
 # --- part 6 -------------------------------------------------------------------------------------------------
