@@ -31,7 +31,7 @@ import trainer_client.cuda_ipc as client_cuda
 from loader_service.requests import parse_open
 from loader_service.server import LoaderServer
 from tests.conftest import make_config
-from tests.cuda_fakes import FakeStream as _FakeStream, HostView as _HostView
+from tests.cuda_fakes import FakeStream as _FakeStream, HostView as _HostView, fake_event_type
 from trainer_client import InvalidRequestError, LoaderClient, StreamConfig
 from wsi_loader.v1 import loader_pb2 as pb
 
@@ -125,7 +125,7 @@ class _SameProcessCuda:
         self.buffers: dict[int, Any] = {}
         self.freed: list[int] = []
         self.opened: list[int] = []
-        self.waits = 0
+        self.waits: list[Any] = []
 
     def malloc(self, nbytes: int) -> int:
         buffer = (ctypes.c_uint8 * nbytes)()
@@ -145,32 +145,12 @@ class _SameProcessCuda:
     def close_mem(self, ptr: int) -> None:
         pass
 
-    def event_create(self, interprocess: bool = False) -> Any:
-        return object()
-
-    def event_handle(self, event: Any) -> bytes:
-        return id(event).to_bytes(8, "little") + bytes(56)
-
-    def open_event(self, handle: bytes) -> Any:
-        return ("ipc-event", handle)
-
-    def event_record(self, event: Any, stream: int) -> None:
-        pass
-
-    def event_done(self, event: Any) -> bool:
-        return True
-
-    def event_destroy(self, event: Any) -> None:
-        pass
-
-    def stream_wait(self, stream: int, event: Any) -> None:
-        self.waits += 1
-
 
 @pytest.fixture
 def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[_SameProcessCuda]:
     fake = _SameProcessCuda()
-    stream = _FakeStream()
+    stream = _FakeStream(fake.waits)
+    monkeypatch.setattr(torch.cuda, "Event", fake_event_type())
     for module in (server_cuda, client_cuda):
         monkeypatch.setattr(module, "_load_backend", lambda: fake)
         monkeypatch.setattr(module, "cuda_ipc_available", lambda: (True, "fake"))
@@ -205,7 +185,7 @@ def test_session_over_fake_cuda_ipc_zero_copy_release_reuse_and_close(
             held = [next(it), next(it)]
             assert stream.transport == "cuda_ipc" and stream.transport_reason == ""
             (base,) = fake_cuda.buffers  # the session's one allocation, opened by the receiver
-            assert fake_cuda.opened == [base] and fake_cuda.waits == 2
+            assert fake_cuda.opened == [base] and len(fake_cuda.waits) == 2
             slot_bytes = 8 * 3 * 64 * 64
             for batch in held:
                 assert batch["images"].data_ptr() == base + batch["slot"] * slot_bytes  # zero copy, right slot

@@ -8,7 +8,8 @@ the server's copy completed; the host never blocks), and returns a zero-copy ten
 The slot goes back to the server when that tensor and every view of it is freed, or on :meth:`release`. The
 trainer's kernels may still be reading at that moment, so an event is recorded on the current stream (and
 on the stream the tensor was made on, if different) and a background thread hands the slot back only once
-those events completed. Needs NVIDIA's ``cuda-bindings`` or CuPy, through the shim shared with the service
+those events completed. Events are torch's (``torch.cuda.Event.from_ipc_handle``, ``Stream.wait_event``); opening
+the server's memory needs NVIDIA's ``cuda-bindings`` or CuPy, through the shim shared with the service
 (:mod:`wsi_loader.cuda_runtime`, imported lazily; ``WSI_LOADER_CUDA_BACKEND=cupy|cuda-bindings`` forces one):
 this module imports without CUDA.
 """
@@ -22,7 +23,6 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -76,7 +76,7 @@ class _Lease:
 class _Job:
     """For the release thread: once ``events`` completed, give ``slot`` back and/or close an unused mapping."""
 
-    events: list[tuple[torch.device, Any]]
+    events: list[tuple[torch.device, torch.cuda.Event]]
     slot: int | None
     mapping: _Mapping | None
     queued_at: float = field(default_factory=time.monotonic)
@@ -101,8 +101,8 @@ class CudaReceiver:
         self._lock = threading.RLock()    # RLock: a finalizer may run inside a locked region (GC)
         self._idle = threading.Condition(self._lock)
         self._mappings: dict[bytes, _Mapping] = {}
-        self._events: dict[bytes, Any] = {}         # opened IPC events, by handle
-        self._spare: list[tuple[torch.device, Any]] = []
+        self._events: dict[bytes, torch.cuda.Event] = {}  # opened IPC events, by handle
+        self._spare: list[tuple[torch.device, torch.cuda.Event]] = []
         self._leases: dict[int, _Lease] = {}        # slot -> the trainer's tensor over it
         self._returning: set[int] = set()           # waiting for the trainer's GPU work before going back
         self._stalled: set[int] = set()             # that work never completed within release_timeout_s
@@ -147,7 +147,7 @@ class CudaReceiver:
         with torch.cuda.device(device), self._lock:
             mapping = self._map(bytes(ref.mem_handle), device)
             stream = torch.cuda.current_stream(device)
-            self._cuda.stream_wait(stream.cuda_stream, self._event(bytes(ref.event_handle)))
+            stream.wait_event(self._event(bytes(ref.event_handle), device))
             if ref.nbytes == 0:
                 self._release([slot])
                 return torch.empty(shape, dtype=dtype, device=device)
@@ -183,10 +183,10 @@ class CudaReceiver:
             self._mappings[handle] = mapping
         return mapping
 
-    def _event(self, handle: bytes) -> Any:
+    def _event(self, handle: bytes, device: torch.device) -> torch.cuda.Event:
         event = self._events.get(handle)
-        if event is None:
-            event = self._events[handle] = self._cuda.open_event(handle)
+        if event is None:  # torch's public API for interprocess events
+            event = self._events[handle] = torch.cuda.Event.from_ipc_handle(device, handle)
         return event
 
     def base_pointer(self, mem_handle: bytes) -> int:
@@ -224,26 +224,26 @@ class CudaReceiver:
         self._returning.add(lease.slot)
         self._submit(_Job(self._record(lease), lease.slot, None))
 
-    def _record(self, lease: _Lease) -> list[tuple[torch.device, Any]]:
+    def _record(self, lease: _Lease) -> list[tuple[torch.device, torch.cuda.Event]]:
         """Events on the current stream (the releasing thread's) and on the tensor's own stream if different."""
         device = lease.mapping.device
-        recorded: list[tuple[torch.device, Any]] = []
+        recorded: list[tuple[torch.device, torch.cuda.Event]] = []
         with torch.cuda.device(device):
             streams = [torch.cuda.current_stream(device)]
             if lease.stream != streams[0]:
                 streams.append(lease.stream)
             for stream in streams:
                 event = self._spare_event(device)
-                self._cuda.event_record(event, stream.cuda_stream)
+                event.record(stream)
                 recorded.append((device, event))
         return recorded
 
-    def _spare_event(self, device: torch.device) -> Any:
+    def _spare_event(self, device: torch.device) -> torch.cuda.Event:
         for i, (spare_device, event) in enumerate(self._spare):
             if spare_device == device:
                 del self._spare[i]
                 return event
-        return self._cuda.event_create()
+        return torch.cuda.Event()  # timing disabled; created on the device of the stream it is recorded on
 
     def _submit(self, job: _Job) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -270,10 +270,7 @@ class CudaReceiver:
             done = self._wait(job)
             with self._lock:
                 if done and not self._closed:
-                    self._spare.extend(job.events)
-                elif done:
-                    for _, event in job.events:
-                        self._destroy(event, "release event")
+                    self._spare.extend(job.events)  # else dropped: torch destroys an event with its last reference
                 if job.slot is not None:
                     self._returning.discard(job.slot)
                     if not done:
@@ -290,7 +287,7 @@ class CudaReceiver:
     def _wait(self, job: _Job) -> bool:
         pause = 2e-5
         for _, event in job.events:
-            while not self._cuda.event_done(event):
+            while not event.query():
                 if time.monotonic() - job.queued_at > self._release_timeout_s:
                     what = f"slot {job.slot}" if job.slot is not None else "an unused mapping"
                     log.error("CUDA IPC %s: the trainer's GPU work on it did not complete within %.0fs; "
@@ -340,11 +337,7 @@ class CudaReceiver:
             for mapping in self._mappings.values():
                 if mapping.views == 0:
                     self._close_mapping(mapping)
-            for handle, event in list(self._events.items()):
-                self._destroy(event, f"IPC event {handle[:8].hex()}")
-            self._events.clear()
-            for _, event in self._spare:
-                self._destroy(event, "release event")
+            self._events.clear()  # torch destroys the events with their last reference
             self._spare.clear()
 
     def _close_mapping(self, mapping: _Mapping) -> None:
@@ -356,9 +349,3 @@ class CudaReceiver:
                 self._cuda.close_mem(mapping.ptr)
             except Exception as err:  # noqa: BLE001
                 log.warning("cudaIpcCloseMemHandle failed: %s", err)
-
-    def _destroy(self, event: Any, what: str) -> None:
-        try:
-            self._cuda.event_destroy(event)
-        except Exception as err:  # noqa: BLE001
-            log.warning("destroying %s failed: %s", what, err)

@@ -20,15 +20,14 @@ import torch
 
 __all__ = ["BACKEND_ENV", "HANDLE_BYTES", "CudaRuntime", "load_runtime", "cuda_ipc_available", "device_uuid"]
 
-HANDLE_BYTES = 64               # sizeof(cudaIpcMemHandle_t) == sizeof(cudaIpcEventHandle_t)
+HANDLE_BYTES = 64               # sizeof(cudaIpcMemHandle_t) (and of cudaIpcEventHandle_t)
 BACKEND_ENV = "WSI_LOADER_CUDA_BACKEND"
-_NOT_READY = 600                # cudaErrorNotReady
 _INSTALL_HINT = ("cuda-bindings comes with torch's CUDA wheels (else `pip install cuda-bindings` for your "
                  "CUDA major version); CuPy (`pip install cupy-cuda13x`, the `gpu` extra) also works")
 
 
 class CudaRuntime(Protocol):
-    """What both sides call. Events are opaque values of the backend; pointers and streams are ints."""
+    """What both sides call; pointers are ints. (Events need no shim: ``torch.cuda.Event`` is interprocess-capable.)"""
 
     name: str
 
@@ -37,13 +36,6 @@ class CudaRuntime(Protocol):
     def mem_handle(self, ptr: int) -> bytes: ...
     def open_mem(self, handle: bytes) -> int: ...
     def close_mem(self, ptr: int) -> None: ...
-    def event_create(self, interprocess: bool = False) -> Any: ...
-    def event_handle(self, event: Any) -> bytes: ...
-    def open_event(self, handle: bytes) -> Any: ...
-    def event_record(self, event: Any, stream: int) -> None: ...
-    def event_done(self, event: Any) -> bool: ...
-    def event_destroy(self, event: Any) -> None: ...
-    def stream_wait(self, stream: int, event: Any) -> None: ...
 
 
 class _CudaBindings:
@@ -85,37 +77,6 @@ class _CudaBindings:
     def close_mem(self, ptr: int) -> None:
         self._check(self.rt.cudaIpcCloseMemHandle(ptr), "cudaIpcCloseMemHandle")
 
-    def event_create(self, interprocess: bool = False) -> Any:
-        flags = self.rt.cudaEventDisableTiming
-        if interprocess:
-            flags |= self.rt.cudaEventInterprocess
-        return self._check(self.rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
-
-    def event_handle(self, event: Any) -> bytes:
-        handle = self._check(self.rt.cudaIpcGetEventHandle(event), "cudaIpcGetEventHandle")
-        return ctypes.string_at(handle.getPtr(), HANDLE_BYTES)
-
-    def open_event(self, handle: bytes) -> Any:
-        raw = self.rt.cudaIpcEventHandle_t()
-        ctypes.memmove(raw.getPtr(), handle, HANDLE_BYTES)
-        return self._check(self.rt.cudaIpcOpenEventHandle(raw), "cudaIpcOpenEventHandle")
-
-    def event_record(self, event: Any, stream: int) -> None:
-        self._check(self.rt.cudaEventRecord(event, stream), "cudaEventRecord")
-
-    def event_done(self, event: Any) -> bool:
-        err = self.rt.cudaEventQuery(event)[0]
-        if err == self.rt.cudaError_t.cudaErrorNotReady:
-            return False
-        self._check((err,), "cudaEventQuery")
-        return True
-
-    def event_destroy(self, event: Any) -> None:
-        self._check(self.rt.cudaEventDestroy(event), "cudaEventDestroy")
-
-    def stream_wait(self, stream: int, event: Any) -> None:
-        self._check(self.rt.cudaStreamWaitEvent(stream, event, 0), "cudaStreamWaitEvent")
-
 
 class _CuPy:
     """The same calls through CuPy's runtime module (which raises on errors itself)."""
@@ -140,35 +101,6 @@ class _CuPy:
 
     def close_mem(self, ptr: int) -> None:
         self.rt.ipcCloseMemHandle(ptr)
-
-    def event_create(self, interprocess: bool = False) -> Any:
-        flags = self.rt.eventDisableTiming
-        if interprocess:
-            flags |= self.rt.eventInterprocess
-        return int(self.rt.eventCreateWithFlags(flags))
-
-    def event_handle(self, event: Any) -> bytes:
-        return bytes(self.rt.ipcGetEventHandle(event))
-
-    def open_event(self, handle: bytes) -> Any:
-        return int(self.rt.ipcOpenEventHandle(handle))
-
-    def event_record(self, event: Any, stream: int) -> None:
-        self.rt.eventRecord(event, stream)
-
-    def event_done(self, event: Any) -> bool:
-        status = int(self.rt.eventQuery(event))  # CuPy returns the raw cudaError_t here, it does not raise
-        if status == _NOT_READY:
-            return False
-        if status != 0:
-            raise RuntimeError(f"cudaEventQuery failed with CUDA error {status}")
-        return True
-
-    def event_destroy(self, event: Any) -> None:
-        self.rt.eventDestroy(event)
-
-    def stream_wait(self, stream: int, event: Any) -> None:
-        self.rt.streamWaitEvent(stream, event, 0)
 
 
 def load_runtime() -> CudaRuntime:

@@ -8,9 +8,10 @@ the event (IPC event handle). The client opens the memory handle once, makes its
 slot only after its own work on it completed. Same slot bookkeeping as :class:`~.shm.SlotPool`.
 
 The memory is a raw ``cudaMalloc``, not torch's caching allocator: an IPC memory handle refers to the base
-of an allocation, and torch's blocks are carved out of larger segments. The pool needs NVIDIA's
+of an allocation, and torch's blocks are carved out of larger segments. That allocation needs NVIDIA's
 ``cuda-bindings`` (``cuda.bindings.runtime``) or CuPy, through the shim shared with the trainer
-(:mod:`wsi_loader.cuda_runtime`, imported lazily: this module imports on machines without CUDA).
+(:mod:`wsi_loader.cuda_runtime`, imported lazily: this module imports on machines without CUDA). The events
+are torch's own (``torch.cuda.Event(interprocess=True)`` and its ``ipc_handle()``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import os
 import threading
 import time
 import uuid
-from typing import Any
 
 import torch
 
@@ -59,15 +59,15 @@ class CudaSlotPool(SlotBook):
         self._cuda = _load_backend()
         self.name = f"wsi-cuda-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.device_uuid = device_uuid(self.device)
-        self._events: list[Any] = []
+        self._events: list[torch.cuda.Event] = []
         self._ptr = 0
         with torch.cuda.device(self.device):
             try:
                 self._ptr = self._cuda.malloc(self.slot_bytes * count)
                 self.mem_handle = self._cuda.mem_handle(self._ptr)
-                for _ in range(count):
-                    self._events.append(self._cuda.event_create(interprocess=True))
-                self._event_handles = [self._cuda.event_handle(event) for event in self._events]
+                for _ in range(count):  # torch's public API for interprocess events (timing disabled)
+                    self._events.append(torch.cuda.Event(interprocess=True))
+                self._event_handles = [bytes(event.ipc_handle()) for event in self._events]
             except BaseException:
                 self._release_cuda()
                 raise
@@ -104,7 +104,7 @@ class CudaSlotPool(SlotBook):
                 if nbytes:
                     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
                     self._buffer[start:start + nbytes].copy_(flat, non_blocking=True)
-                self._cuda.event_record(self._events[slot], stream.cuda_stream)
+                self._events[slot].record(stream)
             self._written[slot] = True
         return pb.CudaRef(mem_handle=self.mem_handle, offset=start, nbytes=nbytes, slot=slot,
                           event_handle=self._event_handles[slot], device_uuid=self.device_uuid)
@@ -122,7 +122,7 @@ class CudaSlotPool(SlotBook):
         for slot, event in enumerate(self._events):
             if not self._written[slot]:
                 continue
-            while not self._cuda.event_done(event):
+            while not event.query():
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"CUDA slot pool {self.name}: the copy into slot {slot} did not complete "
                                        f"within {timeout:.0f}s (is the GPU hung or the stream blocked?)")
@@ -150,12 +150,7 @@ class CudaSlotPool(SlotBook):
 
     def _release_cuda(self) -> None:
         with torch.cuda.device(self.device):
-            for event in self._events:
-                try:
-                    self._cuda.event_destroy(event)
-                except Exception as err:  # noqa: BLE001 - keep freeing the rest
-                    log.warning("CUDA slot pool %s: destroying an event failed: %s", self.name, err)
-            self._events = []
+            self._events = []  # torch destroys the events with their last reference
             if self._ptr:
                 try:
                     self._cuda.free(self._ptr)
