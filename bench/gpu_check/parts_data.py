@@ -158,9 +158,12 @@ def _leg(manifest: Path, cache: Path, workers: int, gpu: bool, seconds: float, b
                          "--transport", transport, "--batch-size", str(batch), "--patch-size", str(patch),
                          "--seconds", str(seconds), "--credits", "8")
         r = run_json(cmd, timeout=seconds + 90)
-    return {"workers": workers, "path": "gpu-aug+nvjpeg+cuda_ipc" if gpu else "cpu-aug+shm",
-            "patches_per_s": round(float(r["tiles_per_s"]), 1), "transport_used": r.get("transport_used"),
-            "batches": r.get("batches")}
+    row = {"workers": workers, "path": "gpu-aug+nvjpeg+cuda_ipc" if gpu else "cpu-aug+shm",
+           "patches_per_s": round(float(r["tiles_per_s"]), 1), "transport_used": r.get("transport_used"),
+           "batches": r.get("batches")}
+    if r.get("transport_used") != transport:
+        row["warning"] = f"asked for {transport}, the service answered {r.get('transport_used')}"
+    return row
 
 
 def end_to_end(ctx: PartContext) -> None:
