@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.cuda_fakes import FakeStream as _FakeStream, HostView as _HostView
+from tests.cuda_fakes import FakeStream as _FakeStream, HostView as _HostView, fake_event_type
 from wsi_loader.v1 import loader_pb2 as pb
 
 BACKEND_ENV = "WSI_LOADER_CUDA_BACKEND"
@@ -103,6 +103,21 @@ def test_modules_import_without_cuda() -> None:
         server.CudaSlotPool(0, 1024, threading.Condition(), torch.device("cuda"))
 
 
+def test_one_cuda_runtime_shim_for_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    shim = importlib.import_module("wsi_loader.cuda_runtime")
+    for name in ("loader_service.transport.cuda_ipc", "trainer_client.cuda_ipc"):
+        module = _module(name)
+        assert module._load_backend is shim.load_runtime and module.device_uuid is shim.device_uuid
+    monkeypatch.setenv(BACKEND_ENV, "opencl")
+    with pytest.raises(ImportError, match="expected 'cuda-bindings' or 'cupy'"):
+        shim.load_runtime()
+    if importlib.util.find_spec("cupy") is None:
+        monkeypatch.setenv(BACKEND_ENV, "cupy")
+        with pytest.raises(ImportError, match="cupy-cuda13x") as caught:
+            shim.load_runtime()
+        assert "cupy-cuda12x" not in str(caught.value) and "torch's CUDA wheels" in str(caught.value)
+
+
 def test_pool_rejects_cpu_device() -> None:
     pool_cls = _module("loader_service.transport.cuda_ipc").CudaSlotPool
     with pytest.raises((ValueError, RuntimeError)):
@@ -128,30 +143,14 @@ class _FakeCuda:
     def close_mem(self, ptr: int) -> None:
         self.closed.append(ptr)
 
-    def open_event(self, handle: bytes) -> Any:
-        return ("ipc-event", handle)
-
-    def event_create(self) -> Any:
-        return object()
-
-    def event_record(self, event: Any, stream: int) -> None:
-        pass
-
-    def event_done(self, event: Any) -> bool:
-        return self.gpu_done.is_set()
-
-    def event_destroy(self, event: Any) -> None:
-        pass
-
-    def stream_wait(self, stream: int, event: Any) -> None:
-        self.waits.append(event)
 
 
 @pytest.fixture
 def fake_receiver(monkeypatch: pytest.MonkeyPatch) -> Any:
     module = _module("trainer_client.cuda_ipc")
     fake = _FakeCuda()
-    stream = _FakeStream()
+    stream = _FakeStream(fake.waits)
+    monkeypatch.setattr(torch.cuda, "Event", fake_event_type(fake.gpu_done))
     monkeypatch.setattr(module, "_load_backend", lambda: fake)
     monkeypatch.setattr(module, "cuda_ipc_available", lambda: (True, "fake"))
     monkeypatch.setattr(module, "device_uuid", lambda device: "GPU-fake")
@@ -188,7 +187,7 @@ def test_receiver_bookkeeping_with_fake_cuda(fake_receiver: Any) -> None:
     tensor = receiver.tensor(_ref(0))
     base = receiver.base_pointer(b"H" * 64)
     assert base and tensor.data_ptr() == base and tuple(tensor.shape) == (4, 3, 4)
-    assert fake.waits == [("ipc-event", bytes([0]) * 64)]          # the stream waited on the slot's event
+    assert [(e.opened, e.handle) for e in fake.waits] == [(True, bytes([0]) * 64)]  # waited on the slot's event
     view = tensor[1:]
     del tensor
     gc.collect()
@@ -232,8 +231,6 @@ class _FakePoolCuda:
     def __init__(self) -> None:
         self.buffers: list[Any] = []
         self.freed: list[int] = []
-        self.destroyed = 0
-        self.recorded: list[Any] = []
         self.gpu_done = threading.Event()
 
     def malloc(self, nbytes: int) -> int:
@@ -246,25 +243,13 @@ class _FakePoolCuda:
     def mem_handle(self, ptr: int) -> bytes:
         return ptr.to_bytes(8, "little") * 8
 
-    def event_create(self) -> Any:
-        return object()
-
-    def event_handle(self, event: Any) -> bytes:
-        return id(event).to_bytes(8, "little") * 8
-
-    def event_record(self, event: Any, stream: int) -> None:
-        self.recorded.append(event)
-
-    def event_done(self, event: Any) -> bool:
-        return self.gpu_done.is_set()
-
-    def event_destroy(self, event: Any) -> None:
-        self.destroyed += 1
 
 
 def test_pool_bookkeeping_with_fake_cuda(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     module = _module("loader_service.transport.cuda_ipc")
     fake = _FakePoolCuda()
+    events = fake_event_type(fake.gpu_done)
+    monkeypatch.setattr(torch.cuda, "Event", events)
     monkeypatch.setattr(module, "_load_backend", lambda: fake)
     monkeypatch.setattr(module, "cuda_ipc_available", lambda: (True, "fake"))
     monkeypatch.setattr(module, "device_uuid", lambda device: "GPU-fake")
@@ -282,8 +267,9 @@ def test_pool_bookkeeping_with_fake_cuda(monkeypatch: pytest.MonkeyPatch, caplog
     batch = torch.arange(48, dtype=torch.int16).reshape(2, 24)
     ref = pool.write(second, batch)
     assert (ref.slot, ref.offset, ref.nbytes, ref.device_uuid) == (second, 8192, 96, "GPU-fake")
-    assert ref.mem_handle == pool.mem_handle and len(ref.event_handle) == 64
-    assert fake.recorded == [pool._events[second]]                   # the slot's own event, after the copy
+    assert ref.mem_handle == pool.mem_handle and ref.event_handle == pool._events[second].ipc_handle()
+    assert all(e.interprocess for e in pool._events) and len(events.created) == 2
+    assert events.records == [pool._events[second]]                  # the slot's own event, after the copy
     assert torch.equal(pool.slot_tensor(second)[:96].view(torch.int16), batch.reshape(-1))
     with pytest.raises(ValueError, match="does not fit"):
         pool.write(first, torch.zeros(9000, dtype=torch.uint8))
@@ -297,7 +283,7 @@ def test_pool_bookkeeping_with_fake_cuda(monkeypatch: pytest.MonkeyPatch, caplog
         pool2.write(pool2.take(), torch.ones(10, dtype=torch.uint8))
     fake.gpu_done.set()
     pool2.close()
-    assert len(fake.freed) == 1 and fake.destroyed == 1 and pool2._ptr == 0  # synchronized, then freed
+    assert len(fake.freed) == 1 and pool2._events == [] and pool2._ptr == 0  # synchronized, then freed
     pool2.close()                                                    # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         pool2.write(0, torch.ones(1, dtype=torch.uint8))
@@ -356,7 +342,7 @@ def _server(conn: Connection) -> dict[str, Any]:
         ref = pool.write(slot, batch)
         message = pb.Tensor(dtype="uint8", shape=list(SHAPE), cuda=ref)
         conn.send(("batch", r, message.SerializeToString()))
-        copy_pending_at_send = not pool._cuda.event_done(pool._events[slot])
+        copy_pending_at_send = not pool._events[slot].query()
         del batch, product
         reply = inbox.get(timeout=STEP_TIMEOUT_S)
         if reply[0] != "checked":

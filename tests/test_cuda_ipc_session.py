@@ -31,7 +31,7 @@ import trainer_client.cuda_ipc as client_cuda
 from loader_service.requests import parse_open
 from loader_service.server import LoaderServer
 from tests.conftest import make_config
-from tests.cuda_fakes import FakeStream as _FakeStream, HostView as _HostView
+from tests.cuda_fakes import FakeStream as _FakeStream, HostView as _HostView, fake_event_type
 from trainer_client import InvalidRequestError, LoaderClient, StreamConfig
 from wsi_loader.v1 import loader_pb2 as pb
 
@@ -125,7 +125,7 @@ class _SameProcessCuda:
         self.buffers: dict[int, Any] = {}
         self.freed: list[int] = []
         self.opened: list[int] = []
-        self.waits = 0
+        self.waits: list[Any] = []
 
     def malloc(self, nbytes: int) -> int:
         buffer = (ctypes.c_uint8 * nbytes)()
@@ -145,32 +145,12 @@ class _SameProcessCuda:
     def close_mem(self, ptr: int) -> None:
         pass
 
-    def event_create(self) -> Any:
-        return object()
-
-    def event_handle(self, event: Any) -> bytes:
-        return id(event).to_bytes(8, "little") + bytes(56)
-
-    def open_event(self, handle: bytes) -> Any:
-        return ("ipc-event", handle)
-
-    def event_record(self, event: Any, stream: int) -> None:
-        pass
-
-    def event_done(self, event: Any) -> bool:
-        return True
-
-    def event_destroy(self, event: Any) -> None:
-        pass
-
-    def stream_wait(self, stream: int, event: Any) -> None:
-        self.waits += 1
-
 
 @pytest.fixture
 def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[_SameProcessCuda]:
     fake = _SameProcessCuda()
-    stream = _FakeStream()
+    stream = _FakeStream(fake.waits)
+    monkeypatch.setattr(torch.cuda, "Event", fake_event_type())
     for module in (server_cuda, client_cuda):
         monkeypatch.setattr(module, "_load_backend", lambda: fake)
         monkeypatch.setattr(module, "cuda_ipc_available", lambda: (True, "fake"))
@@ -205,7 +185,7 @@ def test_session_over_fake_cuda_ipc_zero_copy_release_reuse_and_close(
             held = [next(it), next(it)]
             assert stream.transport == "cuda_ipc" and stream.transport_reason == ""
             (base,) = fake_cuda.buffers  # the session's one allocation, opened by the receiver
-            assert fake_cuda.opened == [base] and fake_cuda.waits == 2
+            assert fake_cuda.opened == [base] and len(fake_cuda.waits) == 2
             slot_bytes = 8 * 3 * 64 * 64
             for batch in held:
                 assert batch["images"].data_ptr() == base + batch["slot"] * slot_bytes  # zero copy, right slot
@@ -353,3 +333,48 @@ def test_gpu_batches_stay_on_the_services_gpu(dataset_dir: Path, dataset: str) -
         assert srv.metrics.sample("wsi_loader_batches_total", {"transport": "cuda_ipc"}) == 10
         assert srv.metrics.sample("wsi_loader_errors_total", {"kind": "client_gone"}) == gone
         assert srv.metrics.sample("wsi_loader_errors_total", {"kind": "internal"}) == 0
+
+
+def _holder(endpoint: str, config: dict[str, Any], ready: Any) -> None:
+    """A trainer that takes batches, keeps them (their slots held), reports, and waits to be killed."""
+    try:
+        with LoaderClient(endpoint, timeout_s=60) as client, client.stream(StreamConfig(**config)) as stream:
+            batches = iter(stream)
+            held = [next(batches)["images"] for _ in range(3)]
+            torch.cuda.synchronize()
+            ready.put(("ok", [str(t.device) for t in held]))
+            time.sleep(300)  # killed with SIGKILL long before: no close, no release, no goodbye
+    except BaseException:  # noqa: BLE001
+        ready.put(("error", traceback.format_exc()))
+
+
+@needs_cuda_ipc
+@pytest.mark.gpu
+def test_slots_come_back_after_the_trainer_is_killed(dataset_dir: Path) -> None:
+    """kill -9 of a trainer holding CUDA IPC batches: the session ends, its pool is freed, the service serves on."""
+    config = dict(dataset="synthetic", batch_size=8, patch_size=64, samples_per_epoch=4000, seed=3, timeout_s=120,
+                  credits=2, shm_keep=4, transport="cuda_ipc")
+    with LoaderServer(make_config(dataset_dir, device="cuda", synthetic=True)) as srv:
+        ctx = mp.get_context("spawn")
+        ready = ctx.Queue()
+        proc = ctx.Process(target=_holder, args=(f"127.0.0.1:{srv.port}", config, ready), daemon=True)
+        proc.start()
+        try:
+            status, payload = ready.get(timeout=180)
+            assert status == "ok", payload
+            assert all(d.startswith("cuda") for d in payload)
+            assert srv.metrics.sample("wsi_loader_cuda_slots", {"state": "in_use"}) >= 3  # the trainer holds them
+            proc.kill()  # SIGKILL
+            proc.join(timeout=30)
+            assert proc.exitcode == -9
+        finally:
+            if proc.is_alive():
+                proc.kill()
+        assert wait_for(lambda: srv.metrics.sample("wsi_loader_active_sessions") == 0, timeout=60), \
+            "the killed trainer's session never ended"
+        assert wait_for(lambda: srv.metrics.sample("wsi_loader_cuda_slots", {"state": "in_use"}) == 0
+                        and srv.metrics.sample("wsi_loader_cuda_slots", {"state": "free"}) == 0, timeout=60), \
+            "the killed trainer's CUDA slot pool was not freed"
+        assert srv.metrics.sample("wsi_loader_errors_total", {"kind": "internal"}) == 0
+        got = _run_trainer(f"127.0.0.1:{srv.port}", {**config, "samples_per_epoch": 80, "shm_keep": 3})
+        assert got["transport"] == "cuda_ipc" and len(got["batches"]) == 10 and got["stalled"] == []

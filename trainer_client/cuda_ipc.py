@@ -8,168 +8,38 @@ the server's copy completed; the host never blocks), and returns a zero-copy ten
 The slot goes back to the server when that tensor and every view of it is freed, or on :meth:`release`. The
 trainer's kernels may still be reading at that moment, so an event is recorded on the current stream (and
 on the stream the tensor was made on, if different) and a background thread hands the slot back only once
-those events completed. Needs NVIDIA's ``cuda-bindings`` or CuPy, imported lazily
-(``WSI_LOADER_CUDA_BACKEND=cupy|cuda-bindings`` forces one); this module imports without CUDA.
+those events completed. Events are torch's (``torch.cuda.Event.from_ipc_handle``, ``Stream.wait_event``); opening
+the server's memory needs NVIDIA's ``cuda-bindings`` or CuPy, through the shim shared with the service
+(:mod:`wsi_loader.cuda_runtime`, imported lazily; ``WSI_LOADER_CUDA_BACKEND=cupy|cuda-bindings`` forces one):
+this module imports without CUDA.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import queue
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from wsi_loader.cuda_runtime import HANDLE_BYTES as _HANDLE_BYTES
+from wsi_loader.cuda_runtime import cuda_ipc_available, device_uuid
+from wsi_loader.cuda_runtime import load_runtime as _load_backend
 from wsi_loader.v1 import loader_pb2 as pb
 
 __all__ = ["CudaReceiver", "cuda_ipc_available", "device_uuid"]
 
 log = logging.getLogger(__name__)
 
-_HANDLE_BYTES = 64
-_BACKEND_ENV = "WSI_LOADER_CUDA_BACKEND"
-_NOT_READY = 600                # cudaErrorNotReady
 _DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
     "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
     "bool": torch.bool,
 }
-
-
-class _CudaBindings:
-    """The CUDA runtime calls the receiver needs, through NVIDIA's cuda-bindings."""
-
-    name = "cuda-bindings"
-
-    def __init__(self) -> None:
-        try:
-            from cuda.bindings import runtime as rt
-        except ImportError:  # cuda-python < 12.6 spelled it cuda.cudart
-            from cuda import cudart as rt  # type: ignore[no-redef]
-        self.rt: Any = rt
-
-    def _check(self, result: Any, what: str) -> Any:
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
-            name = self.rt.cudaGetErrorName(err)[1]
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            raise RuntimeError(f"{what} failed: {name} ({int(err)})")
-        return rest[0] if len(rest) == 1 else rest
-
-    def open_mem(self, handle: bytes) -> int:
-        raw = self.rt.cudaIpcMemHandle_t()
-        ctypes.memmove(raw.getPtr(), handle, _HANDLE_BYTES)
-        flags = self.rt.cudaIpcMemLazyEnablePeerAccess
-        return int(self._check(self.rt.cudaIpcOpenMemHandle(raw, flags), "cudaIpcOpenMemHandle"))
-
-    def close_mem(self, ptr: int) -> None:
-        self._check(self.rt.cudaIpcCloseMemHandle(ptr), "cudaIpcCloseMemHandle")
-
-    def open_event(self, handle: bytes) -> Any:
-        raw = self.rt.cudaIpcEventHandle_t()
-        ctypes.memmove(raw.getPtr(), handle, _HANDLE_BYTES)
-        return self._check(self.rt.cudaIpcOpenEventHandle(raw), "cudaIpcOpenEventHandle")
-
-    def event_create(self) -> Any:
-        return self._check(self.rt.cudaEventCreateWithFlags(self.rt.cudaEventDisableTiming),
-                           "cudaEventCreateWithFlags")
-
-    def event_record(self, event: Any, stream: int) -> None:
-        self._check(self.rt.cudaEventRecord(event, stream), "cudaEventRecord")
-
-    def event_done(self, event: Any) -> bool:
-        err = self.rt.cudaEventQuery(event)[0]
-        if err == self.rt.cudaError_t.cudaErrorNotReady:
-            return False
-        self._check((err,), "cudaEventQuery")
-        return True
-
-    def event_destroy(self, event: Any) -> None:
-        self._check(self.rt.cudaEventDestroy(event), "cudaEventDestroy")
-
-    def stream_wait(self, stream: int, event: Any) -> None:
-        self._check(self.rt.cudaStreamWaitEvent(stream, event, 0), "cudaStreamWaitEvent")
-
-
-class _CuPy:
-    """The same calls through CuPy's runtime module."""
-
-    name = "cupy"
-
-    def __init__(self) -> None:
-        from cupy.cuda import runtime as rt
-        self.rt: Any = rt
-
-    def open_mem(self, handle: bytes) -> int:
-        return int(self.rt.ipcOpenMemHandle(handle, self.rt.cudaIpcMemLazyEnablePeerAccess))
-
-    def close_mem(self, ptr: int) -> None:
-        self.rt.ipcCloseMemHandle(ptr)
-
-    def open_event(self, handle: bytes) -> Any:
-        return int(self.rt.ipcOpenEventHandle(handle))
-
-    def event_create(self) -> Any:
-        return int(self.rt.eventCreateWithFlags(self.rt.eventDisableTiming))
-
-    def event_record(self, event: Any, stream: int) -> None:
-        self.rt.eventRecord(event, stream)
-
-    def event_done(self, event: Any) -> bool:
-        status = int(self.rt.eventQuery(event))  # CuPy returns the raw cudaError_t here, it does not raise
-        if status == _NOT_READY:
-            return False
-        if status != 0:
-            raise RuntimeError(f"cudaEventQuery failed with CUDA error {status}")
-        return True
-
-    def event_destroy(self, event: Any) -> None:
-        self.rt.eventDestroy(event)
-
-    def stream_wait(self, stream: int, event: Any) -> None:
-        self.rt.streamWaitEvent(stream, event, 0)
-
-
-def _load_backend() -> _CudaBindings | _CuPy:
-    """cuda-bindings, else CuPy (or the one ``WSI_LOADER_CUDA_BACKEND`` names); ImportError with the reasons."""
-    wanted = os.environ.get(_BACKEND_ENV, "").strip().lower()
-    choices: list[type[_CudaBindings] | type[_CuPy]] = [_CudaBindings, _CuPy]
-    if wanted:
-        choices = [c for c in choices if c.name == wanted]
-        if not choices:
-            raise ImportError(f"{_BACKEND_ENV}={wanted!r}: expected 'cuda-bindings' or 'cupy'")
-    reasons = []
-    for choice in choices:
-        try:
-            return choice()
-        except Exception as err:  # noqa: BLE001 - ImportError, or a CuPy built for another CUDA
-            reasons.append(f"{choice.name}: {err}")
-    raise ImportError("no CUDA runtime binding for CUDA IPC (install cuda-bindings or cupy-cuda12x): "
-                      + "; ".join(reasons))
-
-
-def cuda_ipc_available() -> tuple[bool, str]:
-    """Whether this process can receive CUDA IPC batches: (True, backend name) or (False, why not)."""
-    if not torch.cuda.is_available():
-        return False, "torch sees no CUDA device"
-    try:
-        backend = _load_backend()
-    except ImportError as err:
-        return False, str(err)
-    return True, backend.name
-
-
-def device_uuid(device: torch.device | int) -> str:
-    """The GPU's UUID as ``GPU-xxxxxxxx-...`` (the same under any CUDA_VISIBLE_DEVICES numbering)."""
-    raw = str(torch.cuda.get_device_properties(device).uuid).strip().lower()
-    return raw if raw.startswith("gpu-") else f"GPU-{raw}"
 
 
 class _SlotMemory:
@@ -206,7 +76,7 @@ class _Lease:
 class _Job:
     """For the release thread: once ``events`` completed, give ``slot`` back and/or close an unused mapping."""
 
-    events: list[tuple[torch.device, Any]]
+    events: list[tuple[torch.device, torch.cuda.Event]]
     slot: int | None
     mapping: _Mapping | None
     queued_at: float = field(default_factory=time.monotonic)
@@ -231,8 +101,8 @@ class CudaReceiver:
         self._lock = threading.RLock()    # RLock: a finalizer may run inside a locked region (GC)
         self._idle = threading.Condition(self._lock)
         self._mappings: dict[bytes, _Mapping] = {}
-        self._events: dict[bytes, Any] = {}         # opened IPC events, by handle
-        self._spare: list[tuple[torch.device, Any]] = []
+        self._events: dict[bytes, torch.cuda.Event] = {}  # opened IPC events, by handle
+        self._spare: list[tuple[torch.device, torch.cuda.Event]] = []
         self._leases: dict[int, _Lease] = {}        # slot -> the trainer's tensor over it
         self._returning: set[int] = set()           # waiting for the trainer's GPU work before going back
         self._stalled: set[int] = set()             # that work never completed within release_timeout_s
@@ -277,7 +147,7 @@ class CudaReceiver:
         with torch.cuda.device(device), self._lock:
             mapping = self._map(bytes(ref.mem_handle), device)
             stream = torch.cuda.current_stream(device)
-            self._cuda.stream_wait(stream.cuda_stream, self._event(bytes(ref.event_handle)))
+            stream.wait_event(self._event(bytes(ref.event_handle), device))
             if ref.nbytes == 0:
                 self._release([slot])
                 return torch.empty(shape, dtype=dtype, device=device)
@@ -313,10 +183,10 @@ class CudaReceiver:
             self._mappings[handle] = mapping
         return mapping
 
-    def _event(self, handle: bytes) -> Any:
+    def _event(self, handle: bytes, device: torch.device) -> torch.cuda.Event:
         event = self._events.get(handle)
-        if event is None:
-            event = self._events[handle] = self._cuda.open_event(handle)
+        if event is None:  # torch's public API for interprocess events
+            event = self._events[handle] = torch.cuda.Event.from_ipc_handle(device, handle)
         return event
 
     def base_pointer(self, mem_handle: bytes) -> int:
@@ -354,26 +224,26 @@ class CudaReceiver:
         self._returning.add(lease.slot)
         self._submit(_Job(self._record(lease), lease.slot, None))
 
-    def _record(self, lease: _Lease) -> list[tuple[torch.device, Any]]:
+    def _record(self, lease: _Lease) -> list[tuple[torch.device, torch.cuda.Event]]:
         """Events on the current stream (the releasing thread's) and on the tensor's own stream if different."""
         device = lease.mapping.device
-        recorded: list[tuple[torch.device, Any]] = []
+        recorded: list[tuple[torch.device, torch.cuda.Event]] = []
         with torch.cuda.device(device):
             streams = [torch.cuda.current_stream(device)]
             if lease.stream != streams[0]:
                 streams.append(lease.stream)
             for stream in streams:
                 event = self._spare_event(device)
-                self._cuda.event_record(event, stream.cuda_stream)
+                event.record(stream)
                 recorded.append((device, event))
         return recorded
 
-    def _spare_event(self, device: torch.device) -> Any:
+    def _spare_event(self, device: torch.device) -> torch.cuda.Event:
         for i, (spare_device, event) in enumerate(self._spare):
             if spare_device == device:
                 del self._spare[i]
                 return event
-        return self._cuda.event_create()
+        return torch.cuda.Event()  # timing disabled; created on the device of the stream it is recorded on
 
     def _submit(self, job: _Job) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -400,10 +270,7 @@ class CudaReceiver:
             done = self._wait(job)
             with self._lock:
                 if done and not self._closed:
-                    self._spare.extend(job.events)
-                elif done:
-                    for _, event in job.events:
-                        self._destroy(event, "release event")
+                    self._spare.extend(job.events)  # else dropped: torch destroys an event with its last reference
                 if job.slot is not None:
                     self._returning.discard(job.slot)
                     if not done:
@@ -420,7 +287,7 @@ class CudaReceiver:
     def _wait(self, job: _Job) -> bool:
         pause = 2e-5
         for _, event in job.events:
-            while not self._cuda.event_done(event):
+            while not event.query():
                 if time.monotonic() - job.queued_at > self._release_timeout_s:
                     what = f"slot {job.slot}" if job.slot is not None else "an unused mapping"
                     log.error("CUDA IPC %s: the trainer's GPU work on it did not complete within %.0fs; "
@@ -470,11 +337,7 @@ class CudaReceiver:
             for mapping in self._mappings.values():
                 if mapping.views == 0:
                     self._close_mapping(mapping)
-            for handle, event in list(self._events.items()):
-                self._destroy(event, f"IPC event {handle[:8].hex()}")
-            self._events.clear()
-            for _, event in self._spare:
-                self._destroy(event, "release event")
+            self._events.clear()  # torch destroys the events with their last reference
             self._spare.clear()
 
     def _close_mapping(self, mapping: _Mapping) -> None:
@@ -486,9 +349,3 @@ class CudaReceiver:
                 self._cuda.close_mem(mapping.ptr)
             except Exception as err:  # noqa: BLE001
                 log.warning("cudaIpcCloseMemHandle failed: %s", err)
-
-    def _destroy(self, event: Any, what: str) -> None:
-        try:
-            self._cuda.event_destroy(event)
-        except Exception as err:  # noqa: BLE001
-            log.warning("destroying %s failed: %s", what, err)

@@ -8,160 +8,32 @@ the event (IPC event handle). The client opens the memory handle once, makes its
 slot only after its own work on it completed. Same slot bookkeeping as :class:`~.shm.SlotPool`.
 
 The memory is a raw ``cudaMalloc``, not torch's caching allocator: an IPC memory handle refers to the base
-of an allocation, and torch's blocks are carved out of larger segments. The pool needs NVIDIA's
-``cuda-bindings`` (``cuda.bindings.runtime``) or CuPy; both are imported lazily, so this module imports on
-machines without CUDA. ``WSI_LOADER_CUDA_BACKEND=cupy|cuda-bindings`` forces one of them.
+of an allocation, and torch's blocks are carved out of larger segments. That allocation needs NVIDIA's
+``cuda-bindings`` (``cuda.bindings.runtime``) or CuPy, through the shim shared with the trainer
+(:mod:`wsi_loader.cuda_runtime`, imported lazily: this module imports on machines without CUDA). The events
+are torch's own (``torch.cuda.Event(interprocess=True)`` and its ``ipc_handle()``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import threading
 import time
 import uuid
-from typing import Any
 
 import torch
 
 from loader_service.transport.shm import SlotBook
+from wsi_loader.cuda_runtime import cuda_ipc_available, device_uuid
+from wsi_loader.cuda_runtime import load_runtime as _load_backend
 from wsi_loader.v1 import loader_pb2 as pb
 
 __all__ = ["CudaSlotPool", "cuda_ipc_available", "device_uuid"]
 
 log = logging.getLogger(__name__)
 
-_HANDLE_BYTES = 64              # sizeof(cudaIpcMemHandle_t) == sizeof(cudaIpcEventHandle_t)
 _CLOSE_TIMEOUT_S = 60.0         # close(): how long the slots' last copies may still run
-_BACKEND_ENV = "WSI_LOADER_CUDA_BACKEND"
-_NOT_READY = 600                # cudaErrorNotReady
-
-
-class _CudaBindings:
-    """The few CUDA runtime calls the pool needs, through NVIDIA's cuda-bindings."""
-
-    name = "cuda-bindings"
-
-    def __init__(self) -> None:
-        try:
-            from cuda.bindings import runtime as rt
-        except ImportError:  # cuda-python < 12.6 spelled it cuda.cudart
-            from cuda import cudart as rt  # type: ignore[no-redef]
-        self.rt: Any = rt
-
-    def _check(self, result: Any, what: str) -> Any:
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
-            name = self.rt.cudaGetErrorName(err)[1]
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            raise RuntimeError(f"{what} failed: {name} ({int(err)})")
-        return rest[0] if len(rest) == 1 else rest
-
-    def malloc(self, nbytes: int) -> int:
-        return int(self._check(self.rt.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
-
-    def free(self, ptr: int) -> None:
-        self._check(self.rt.cudaFree(ptr), "cudaFree")
-
-    def mem_handle(self, ptr: int) -> bytes:
-        handle = self._check(self.rt.cudaIpcGetMemHandle(ptr), "cudaIpcGetMemHandle")
-        return ctypes.string_at(handle.getPtr(), _HANDLE_BYTES)
-
-    def event_create(self) -> Any:
-        flags = self.rt.cudaEventDisableTiming | self.rt.cudaEventInterprocess
-        return self._check(self.rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags(interprocess)")
-
-    def event_handle(self, event: Any) -> bytes:
-        handle = self._check(self.rt.cudaIpcGetEventHandle(event), "cudaIpcGetEventHandle")
-        return ctypes.string_at(handle.getPtr(), _HANDLE_BYTES)
-
-    def event_record(self, event: Any, stream: int) -> None:
-        self._check(self.rt.cudaEventRecord(event, stream), "cudaEventRecord")
-
-    def event_done(self, event: Any) -> bool:
-        err = self.rt.cudaEventQuery(event)[0]
-        if err == self.rt.cudaError_t.cudaErrorNotReady:
-            return False
-        self._check((err,), "cudaEventQuery")
-        return True
-
-    def event_destroy(self, event: Any) -> None:
-        self._check(self.rt.cudaEventDestroy(event), "cudaEventDestroy")
-
-
-class _CuPy:
-    """The same calls through CuPy's runtime module."""
-
-    name = "cupy"
-
-    def __init__(self) -> None:
-        from cupy.cuda import runtime as rt
-        self.rt: Any = rt
-
-    def malloc(self, nbytes: int) -> int:
-        return int(self.rt.malloc(nbytes))
-
-    def free(self, ptr: int) -> None:
-        self.rt.free(ptr)
-
-    def mem_handle(self, ptr: int) -> bytes:
-        return bytes(self.rt.ipcGetMemHandle(ptr))
-
-    def event_create(self) -> Any:
-        return int(self.rt.eventCreateWithFlags(self.rt.eventDisableTiming | self.rt.eventInterprocess))
-
-    def event_handle(self, event: Any) -> bytes:
-        return bytes(self.rt.ipcGetEventHandle(event))
-
-    def event_record(self, event: Any, stream: int) -> None:
-        self.rt.eventRecord(event, stream)
-
-    def event_done(self, event: Any) -> bool:
-        status = int(self.rt.eventQuery(event))  # CuPy returns the raw cudaError_t here, it does not raise
-        if status == _NOT_READY:
-            return False
-        if status != 0:
-            raise RuntimeError(f"cudaEventQuery failed with CUDA error {status}")
-        return True
-
-    def event_destroy(self, event: Any) -> None:
-        self.rt.eventDestroy(event)
-
-
-def _load_backend() -> _CudaBindings | _CuPy:
-    """cuda-bindings, else CuPy (or the one ``WSI_LOADER_CUDA_BACKEND`` names); ImportError with the reasons."""
-    wanted = os.environ.get(_BACKEND_ENV, "").strip().lower()
-    choices: list[type[_CudaBindings] | type[_CuPy]] = [_CudaBindings, _CuPy]
-    if wanted:
-        choices = [c for c in choices if c.name == wanted]
-        if not choices:
-            raise ImportError(f"{_BACKEND_ENV}={wanted!r}: expected 'cuda-bindings' or 'cupy'")
-    reasons = []
-    for choice in choices:
-        try:
-            return choice()
-        except Exception as err:  # noqa: BLE001 - ImportError, or a CuPy built for another CUDA
-            reasons.append(f"{choice.name}: {err}")
-    raise ImportError("no CUDA runtime binding for CUDA IPC (install cuda-bindings or cupy-cuda12x): "
-                      + "; ".join(reasons))
-
-
-def cuda_ipc_available() -> tuple[bool, str]:
-    """Whether this process can serve CUDA IPC slots: (True, backend name) or (False, why not)."""
-    if not torch.cuda.is_available():
-        return False, "torch sees no CUDA device"
-    try:
-        backend = _load_backend()
-    except ImportError as err:
-        return False, str(err)
-    return True, backend.name
-
-
-def device_uuid(device: torch.device | int) -> str:
-    """The GPU's UUID as ``GPU-xxxxxxxx-...`` (the same under any CUDA_VISIBLE_DEVICES numbering)."""
-    raw = str(torch.cuda.get_device_properties(device).uuid).strip().lower()
-    return raw if raw.startswith("gpu-") else f"GPU-{raw}"
 
 
 class _Raw:
@@ -187,15 +59,15 @@ class CudaSlotPool(SlotBook):
         self._cuda = _load_backend()
         self.name = f"wsi-cuda-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.device_uuid = device_uuid(self.device)
-        self._events: list[Any] = []
+        self._events: list[torch.cuda.Event] = []
         self._ptr = 0
         with torch.cuda.device(self.device):
             try:
                 self._ptr = self._cuda.malloc(self.slot_bytes * count)
                 self.mem_handle = self._cuda.mem_handle(self._ptr)
-                for _ in range(count):
-                    self._events.append(self._cuda.event_create())
-                self._event_handles = [self._cuda.event_handle(event) for event in self._events]
+                for _ in range(count):  # torch's public API for interprocess events (timing disabled)
+                    self._events.append(torch.cuda.Event(interprocess=True))
+                self._event_handles = [bytes(event.ipc_handle()) for event in self._events]
             except BaseException:
                 self._release_cuda()
                 raise
@@ -232,7 +104,7 @@ class CudaSlotPool(SlotBook):
                 if nbytes:
                     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
                     self._buffer[start:start + nbytes].copy_(flat, non_blocking=True)
-                self._cuda.event_record(self._events[slot], stream.cuda_stream)
+                self._events[slot].record(stream)
             self._written[slot] = True
         return pb.CudaRef(mem_handle=self.mem_handle, offset=start, nbytes=nbytes, slot=slot,
                           event_handle=self._event_handles[slot], device_uuid=self.device_uuid)
@@ -250,7 +122,7 @@ class CudaSlotPool(SlotBook):
         for slot, event in enumerate(self._events):
             if not self._written[slot]:
                 continue
-            while not self._cuda.event_done(event):
+            while not event.query():
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"CUDA slot pool {self.name}: the copy into slot {slot} did not complete "
                                        f"within {timeout:.0f}s (is the GPU hung or the stream blocked?)")
@@ -278,12 +150,7 @@ class CudaSlotPool(SlotBook):
 
     def _release_cuda(self) -> None:
         with torch.cuda.device(self.device):
-            for event in self._events:
-                try:
-                    self._cuda.event_destroy(event)
-                except Exception as err:  # noqa: BLE001 - keep freeing the rest
-                    log.warning("CUDA slot pool %s: destroying an event failed: %s", self.name, err)
-            self._events = []
+            self._events = []  # torch destroys the events with their last reference
             if self._ptr:
                 try:
                     self._cuda.free(self._ptr)
