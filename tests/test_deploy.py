@@ -618,6 +618,8 @@ def _copy_build_context(dockerfile: Path, root: Path) -> Path:
         for source in sources:
             src = ROOT / source
             target = workdir / dest if dest not in ("./", ".") else workdir
+            if dest.endswith("/"):  # a folder, made if missing (as docker does)
+                target.mkdir(parents=True, exist_ok=True)
             if src.is_dir():
                 shutil.copytree(src, workdir / dest.rstrip("/"), ignore=ignore, dirs_exist_ok=True)
             else:
