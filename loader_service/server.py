@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import functools
@@ -186,6 +187,7 @@ class LoaderServer:
 
     def _bind(self, server: grpc.Server) -> int:
         sec = self.config.security
+        _check_port_free(self.config.listen)  # gRPC's own failure is a C-level log line and a bare 0
         try:
             return self._add_port(server, sec)
         except RuntimeError as err:  # grpcio raises RuntimeError("Failed to bind ...") on some versions
@@ -357,6 +359,25 @@ class LoaderServer:
         if dataset is not None and "*" not in allowed and dataset not in allowed:
             raise Forbidden(f"this token may read {sorted(allowed)}, not dataset {dataset!r}")
         return None if "*" in allowed else frozenset(allowed)
+
+
+def _check_port_free(listen: str) -> None:
+    """Raise OSError (one line: which address, why, what to do) when HOST:PORT cannot be bound."""
+    host, _, port = listen.rpartition(":")
+    if int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise OSError(f"cannot listen on {listen} (gRPC): {err.strerror}; check the host of --listen") from err
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise OSError(f"cannot listen on {listen} (gRPC): {err.strerror}; stop the other process or choose "
+                          "another --listen") from err
 
 
 def _open_metrics(metrics: Metrics, host: str, port: int) -> MetricsEndpoint:
