@@ -19,6 +19,7 @@ import torch
 from trainer_client.client import LoaderClient
 from trainer_client.config import StreamConfig
 from trainer_client.errors import LoaderError
+from wsi_loader import __version__
 
 __all__ = ["main"]
 
@@ -161,7 +162,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trainer-client", description=__doc__)
+    parser = argparse.ArgumentParser(prog="trainer-client", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
 
