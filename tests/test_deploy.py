@@ -723,6 +723,14 @@ def test_dockerfile_shape(dockerfile: Path) -> None:
     for source in copied:
         assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
     assert {"pyproject.toml", "loader_service", "trainer_client", "wsi_loader", "deploy"} <= copied
+    # Dependencies (torch: ~3 GB) are installed before the source is copied: a code edit does not redo them.
+    order = [line.split()[:2] for line in dockerfile.read_text().splitlines() if line.startswith(("COPY ", "RUN "))]
+    deps = order.index(["RUN", "bash"]) if ["RUN", "bash"] in order else -1
+    assert "--stage deps" in next(r for r in ins["RUN"] if "install.sh" in r), "install dependencies as their own step"
+    first_source = min(i for i, (word, src) in enumerate(order) if word == "COPY" and src.rstrip("/") in
+                       {"loader_service", "trainer_client", "wsi_loader"})
+    assert 0 <= deps < first_source, order
+    assert {src for word, src in order[:deps] if word == "COPY"} <= {"pyproject.toml", "deploy/install.sh"}, order
 
 
 def test_image_torch_pin_matches_the_tested_one() -> None:
