@@ -122,7 +122,7 @@ class Metrics:
             "wsi_loader_shm_slots_reclaimed", "Shared-memory slots taken back from vanished clients", registry=r
         )
         for kind in ("invalid_argument", "not_found", "resource_exhausted", "permission_denied", "unauthenticated",
-                     "slide_read", "stalled", "client_gone", "unavailable", "internal"):
+                     "slide_read", "stalled", "client_gone", "unavailable", "not_ready", "internal"):
             self.errors.labels(kind=kind)
         for stage in ("read", "augment", "serialize", "send"):
             self.stage_seconds.labels(stage=stage)

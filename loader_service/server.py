@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2_grpc
 from loader_service.augment import warm_up_cpu_kernels
 from loader_service.config import ServiceConfig
 from loader_service.dataset import DatasetIndex, SlideHandles
-from loader_service.errors import Forbidden, InvalidRequest, NotFound, ServiceError, SlideFailure, TooLarge, Unauthenticated, Unavailable
+from loader_service.errors import Forbidden, InvalidRequest, NotReady, NotFound, ServiceError, SlideFailure, TooLarge, Unauthenticated, Unavailable
 from loader_service.metrics import Metrics, MetricsEndpoint
 from loader_service.pipeline import BatchBuilder, BuiltBatch, resolve_device
 from loader_service.readiness import LOADER_SERVICE, Readiness
@@ -177,8 +177,8 @@ class LoaderServer:
     def check_started(self) -> None:
         """Raise UNAVAILABLE, saying what the service waits for, while it is still starting."""
         if not self._started.is_set():
-            raise Unavailable(f"the service is starting ({self.readiness.reason}); retry when its health check "
-                              "reports SERVING")
+            raise NotReady(f"the service is starting ({self.readiness.reason}); retry when its health check "
+                           "reports SERVING")
 
     def _close_metrics(self) -> None:
         if self.metrics_endpoint is not None:

@@ -130,6 +130,8 @@ def test_health_and_metrics_answer_while_indexing_with_a_reason(held_start: Any)
     with LoaderClient(f"127.0.0.1:{port}", timeout_s=10) as client:
         with pytest.raises(UnavailableError, match="starting"):
             client.datasets()
+    assert server.metrics.sample("wsi_loader_errors_total", {"kind": "not_ready"}) == 1  # not "unavailable"
+    assert server.metrics.sample("wsi_loader_errors_total", {"kind": "unavailable"}) == 0
     release(fifo)
     assert wait_for(lambda: check(port, "wsi_loader.v1.Loader") == (SERVING, "serving train")), errors
     assert not errors
