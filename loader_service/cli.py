@@ -1,27 +1,56 @@
 """`loader-service`: serve datasets, inspect a slide, print the default configuration, run the demo.
 
-The only module that reads the command line, the environment and YAML files.
+The only module that reads the command line, the environment and YAML files. Configuration comes from, in
+increasing precedence: the YAML file (--config), WSI_LOADER_<KEY> environment variables, then flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from loader_service.config import DatasetConfig, ServiceConfig, config_from_mapping, default_workers
+from wsi_loader import __version__
 
-__all__ = ["main", "build_config"]
+__all__ = ["main", "build_config", "config_from_environment"]
 
 log = logging.getLogger("loader_service")
+ENV_PREFIX = "WSI_LOADER_"
+# WSI_LOADER_* variables that are not configuration keys (the log level; the client's and CUDA's own).
+_OTHER_ENV = {"LOG_LEVEL", "TOKEN", "CUDA_BACKEND"}
+_DESCRIPTION = ("Serve whole-slide image datasets to trainers over gRPC and shared memory; inspect slides; "
+                "print the configuration. Every configuration key can also be set as WSI_LOADER_<KEY> "
+                "(e.g. WSI_LOADER_METRICS_PORT=9108); flags override the environment, which overrides --config.")
+
+
+def config_from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Configuration keys from WSI_LOADER_<KEY> variables, each value read as YAML (numbers, lists, mappings)."""
+    known = {f.name for f in dataclasses.fields(ServiceConfig)}
+    found: dict[str, Any] = {}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or name[len(ENV_PREFIX):] in _OTHER_ENV:
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key not in known:  # a warning, not an error: client-side WSI_LOADER_* variables may share the shell
+            log.warning("environment variable %s is not a configuration key and is ignored; "
+                        "`loader-service config --print-defaults` lists the keys (as WSI_LOADER_<KEY>)", name)
+            continue
+        try:
+            found[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"environment variable {name}: not a YAML value ({err})") from err
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def _dataset_arg(text: str) -> DatasetConfig:
@@ -31,14 +60,15 @@ def _dataset_arg(text: str) -> DatasetConfig:
     return DatasetConfig(name=name, manifest=Path(path))
 
 
-def build_config(args: argparse.Namespace) -> ServiceConfig:
-    """YAML file first, then every flag given on the command line overrides it."""
+def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServiceConfig:
+    """YAML file first, then WSI_LOADER_<KEY> environment variables, then every flag given on the command line."""
     data: dict[str, Any] = {}
     if args.config:
         loaded = yaml.safe_load(Path(args.config).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{args.config}: the configuration file must be a mapping of keys to values")
         data.update(loaded)
+    data.update(config_from_environment(os.environ if environ is None else environ))
     if args.manifest:
         data["datasets"] = [_dataset_arg(m) for m in args.manifest]
     flags = {
@@ -46,6 +76,7 @@ def build_config(args: argparse.Namespace) -> ServiceConfig:
         "jpeg_backend": args.jpeg_backend,
         "synthetic": args.synthetic or None, "metrics_host": args.metrics_host,
         "tissue_cache_dir": args.tissue_cache_dir, "max_credits": args.max_credits,
+        "progress_interval_s": args.progress_interval_s,
     }
     if args.data_root:
         data["data_roots"] = [Path(p) for p in args.data_root]
@@ -116,6 +147,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _print_defaults(args: argparse.Namespace) -> int:
     defaults = ServiceConfig(synthetic=True).to_dict()
     defaults["synthetic"] = False
+    defaults["workers"] = "auto"  # the cores of the machine that runs it, not of this one
     defaults["datasets"] = [{"name": "train", "manifest": "/data/train/manifest.csv"}]
     print(yaml.safe_dump(defaults, sort_keys=False), end="")
     return 0
@@ -139,6 +171,8 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from loader_service.readiness import REASON_METADATA_KEY
+
     if args.tls_ca:
         creds = grpc.ssl_channel_credentials(
             root_certificates=Path(args.tls_ca).read_bytes(),
@@ -150,19 +184,22 @@ def _health(args: argparse.Namespace) -> int:
         channel = grpc.insecure_channel(args.endpoint)
     try:
         with channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
+            reply, call = health_pb2_grpc.HealthStub(channel).Check.with_call(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as err:
         print(f"unhealthy: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(status)
+    reason = dict(call.trailing_metadata() or ()).get(REASON_METADATA_KEY, "")
+    print(f"{status}: {reason}" if reason else status)
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loader-service", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("LOADER_LOG_LEVEL", "INFO"))
+    parser = argparse.ArgumentParser(prog="loader-service", description=_DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("WSI_LOADER_LOG_LEVEL", "INFO"),
+                        help="DEBUG, INFO, WARNING or ERROR (default: $WSI_LOADER_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve datasets over gRPC, with Prometheus metrics")
@@ -171,6 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="Prometheus port (default 9108; 0 = any free; -1 = off)")
     serve.add_argument("--metrics-host", help="address of the metrics endpoint (default 127.0.0.1)")
     serve.add_argument("--workers", type=int, help=f"decode threads (default: the cores given, here {default_workers()})")
+    serve.add_argument("--progress-interval", type=float, dest="progress_interval_s",
+                       help="seconds between indexing progress lines in the log (default 10)")
     serve.add_argument("--config", help="YAML file; flags override it")
     serve.add_argument("--device", help="auto | cpu | cuda | cuda:N (augmentation device)")
     serve.add_argument("--jpeg-backend", help="auto | cpu | nvjpeg | batched-cpu: JPEG tile decode (default auto)")
@@ -202,9 +241,10 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=_make_demo_data)
 
-    health = sub.add_parser("health", help="gRPC health check (exit 0 when SERVING); for container probes")
+    health = sub.add_parser("health", help="gRPC health check (exit 0 when SERVING; prints the reason otherwise)")
     health.add_argument("--endpoint", default="127.0.0.1:50051")
-    health.add_argument("--service", default="wsi_loader.v1.Loader")
+    health.add_argument("--service", default="wsi_loader.v1.Loader",
+                        help="wsi_loader.v1.Loader: ready to serve (readiness); '' : the process answers (liveness)")
     health.add_argument("--timeout", type=float, default=5.0)
     health.add_argument("--tls-ca", help="PEM CA of the server's certificate (when the service uses TLS)")
     health.add_argument("--client-cert", help="PEM client certificate (mutual TLS)")
@@ -223,12 +263,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if "LOADER_LOG_LEVEL" in os.environ and "WSI_LOADER_LOG_LEVEL" not in os.environ:
+        print("loader-service: LOADER_LOG_LEVEL is no longer read; set WSI_LOADER_LOG_LEVEL", file=sys.stderr)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("pyvips").setLevel(logging.WARNING)  # libvips reports every thread pool at INFO
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # bad configuration, missing file, port in use: one line
         print(f"loader-service: error: {err}", file=sys.stderr)
         return 2
 

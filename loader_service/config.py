@@ -91,6 +91,7 @@ class ServiceConfig:
     shutdown_grace_s: float = 30.0
     max_message_bytes: int = 1024 * 1024**2 + 1024**2
     shm_slot_bytes: int = 0  # 0 = sized from the first batch
+    progress_interval_s: float = 10.0  # start-up: one log line of indexing progress (done, rate, ETA) this often
     synthetic: bool = False
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
@@ -123,6 +124,8 @@ class ServiceConfig:
         for name in ("tile_cache_bytes", "max_region_pixels", "max_batch_bytes", "max_credits", "max_open_slides"):
             if getattr(self, name) < (0 if name == "tile_cache_bytes" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.progress_interval_s > 0:
+            raise ValueError(f"progress_interval_s must be > 0 seconds, got {self.progress_interval_s}")
         if self.max_message_bytes < self.max_batch_bytes:
             raise ValueError("max_message_bytes must be at least max_batch_bytes (a batch travels in one message)")
 
@@ -152,6 +155,8 @@ def config_from_mapping(data: dict[str, Any]) -> ServiceConfig:
     if unknown:
         raise ValueError(f"unknown configuration keys {unknown}; `loader-service config --print-defaults` lists them")
     values = dict(data)
+    if values.get("workers") == "auto":  # `config --print-defaults` writes this: the cores of the machine it runs on
+        del values["workers"]
     datasets = []
     for entry in values.get("datasets", ()):
         if isinstance(entry, DatasetConfig):

@@ -12,6 +12,7 @@ __all__ = [
     "Forbidden",
     "Unauthenticated",
     "Unavailable",
+    "NotReady",
     "Stalled",
     "SlideFailure",
 ]
@@ -52,6 +53,13 @@ class Unauthenticated(ServiceError):
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
     kind = "unavailable"
+
+
+class NotReady(Unavailable):
+    """Still starting (binding, compiling kernels, indexing): UNAVAILABLE, counted apart from real failures so
+    clients retrying through a long index do not look like an error storm."""
+
+    kind = "not_ready"
 
 
 class Stalled(ServiceError):

@@ -7,11 +7,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
+                               start_http_server)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "MetricsEndpoint", "METRIC_NAMES"]
+__all__ = ["Metrics", "MetricsEndpoint", "METRIC_NAMES", "SLIDE_FAILURE_REASONS"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -37,7 +38,12 @@ METRIC_NAMES = (
     "wsi_loader_shm_slots",
     "wsi_loader_shm_slots_reclaimed_total",
     "wsi_loader_cuda_slots",
+    "wsi_loader_ready",
+    "wsi_loader_dataset_slides",
 )
+
+# Why a slide is left out of a dataset (the `reason` label of wsi_loader_slides_failed_total).
+SLIDE_FAILURE_REASONS = ("outside_roots", "unreadable", "no_tissue")
 
 
 @dataclass(frozen=True)
@@ -116,10 +122,20 @@ class Metrics:
             "wsi_loader_shm_slots_reclaimed", "Shared-memory slots taken back from vanished clients", registry=r
         )
         for kind in ("invalid_argument", "not_found", "resource_exhausted", "permission_denied", "unauthenticated",
-                     "slide_read", "stalled", "client_gone", "unavailable", "internal"):
+                     "slide_read", "stalled", "client_gone", "unavailable", "not_ready", "internal"):
             self.errors.labels(kind=kind)
         for stage in ("read", "augment", "serialize", "send"):
             self.stage_seconds.labels(stage=stage)
+        for reason in SLIDE_FAILURE_REASONS:  # exported as 0 from the start, so increase() sees the first one
+            self.slides_failed.labels(reason=reason)
+        self.ready = Gauge("wsi_loader_ready", "1 when every dataset is indexed and has usable slides "
+                           "(the readiness health status), else 0", registry=r)
+        self.dataset_slides = Gauge(
+            "wsi_loader_dataset_slides",
+            "Slides of each dataset by state: total and indexed while indexing; usable and failed once indexed",
+            ["dataset", "state"], registry=r)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
+        PlatformCollector(registry=r)  # python_info
         self._live = _LiveCollector()
         r.register(self._live)
         self._lock = threading.Lock()

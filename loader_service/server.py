@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import functools
@@ -11,14 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from loader_service.augment import warm_up_cpu_kernels
 from loader_service.config import ServiceConfig
 from loader_service.dataset import DatasetIndex, SlideHandles
-from loader_service.errors import Forbidden, InvalidRequest, NotFound, ServiceError, SlideFailure, TooLarge, Unauthenticated, Unavailable
+from loader_service.errors import Forbidden, InvalidRequest, NotReady, NotFound, ServiceError, SlideFailure, TooLarge, Unauthenticated, Unavailable
 from loader_service.metrics import Metrics, MetricsEndpoint
 from loader_service.pipeline import BatchBuilder, BuiltBatch, resolve_device
+from loader_service.readiness import LOADER_SERVICE, Readiness
 from loader_service.requests import SessionRequest, parse_open
 from loader_service.sampling import CandidateCache, EpochPlan
 from loader_service.session import Session, SessionLimits, check_open
@@ -36,12 +38,12 @@ __all__ = ["LoaderServer"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SERVICE_NAME = "wsi_loader.v1.Loader"
+SERVICE_NAME = LOADER_SERVICE
 _VARIABLE_SIZE = "whole-slide samples differ in size, so they travel as gRPC bytes"
 
 
 class LoaderServer:
-    """One service instance. ``start()`` indexes the datasets and binds; ``stop()`` drains and closes."""
+    """One service instance. ``start()`` binds, then indexes the datasets; ``stop()`` drains and closes."""
 
     def __init__(self, config: ServiceConfig, metrics: Metrics | None = None) -> None:
         self.config = config
@@ -53,7 +55,8 @@ class LoaderServer:
         self.port = 0
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._server: grpc.Server | None = None
-        self._health = health.HealthServicer()
+        self.readiness = Readiness(self.metrics.ready)
+        self._started = threading.Event()  # datasets indexed: RPCs other than health are answered
         self.jobs = JobRegistry()
         self.shm = ShmRegistry()
         self.cuda_pools = ShmRegistry()
@@ -61,6 +64,38 @@ class LoaderServer:
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     def start(self, *, progress: bool | None = None) -> int:
+        """Bind the metrics and gRPC ports, then index the datasets; returns the gRPC port once ready.
+
+        Ports come first, so a port in use fails at once (OSError, one line), and metrics and health answer
+        from the first second: health NOT_SERVING, with the reason, until every dataset is indexed.
+        """
+        cfg = self.config
+        self.readiness.not_ready("starting: binding ports")
+        if cfg.metrics_port >= 0:
+            self.metrics_endpoint = _open_metrics(self.metrics, cfg.metrics_host, cfg.metrics_port)
+        try:
+            self._open_grpc()
+        except BaseException:
+            self._close_metrics()
+            raise
+        try:
+            self._prepare(progress)
+        except BaseException:
+            self._abort_start()
+            raise
+        empty = [name for name, ds in self.datasets.items() if not ds.usable]
+        if empty:
+            self.readiness.not_ready(f"no usable slide in dataset {', '.join(empty)}: every slide was left out "
+                                     "(the log names each slide and why)")
+        else:
+            self.readiness.serving(f"serving {', '.join(self.served_names()) or '(none)'}")
+        log.info("serving %s on %s (port %d), device %s, %d workers%s", ", ".join(self.datasets) or "(none)",
+                 cfg.listen, self.port, self.device, cfg.workers,
+                 f", metrics at {self.metrics_endpoint.url}" if self.metrics_endpoint else "")
+        return self.port
+
+    def _prepare(self, progress: bool | None) -> None:
+        """Everything after binding: caches, pools, kernels, the dataset index."""
         cfg = self.config
         self.tile_cache = TileCache(cfg.tile_cache_bytes)
         self.metrics.watch_tile_cache(self.tile_cache.stats)
@@ -74,17 +109,31 @@ class LoaderServer:
         self.read_pool = ThreadPoolExecutor(max_workers=2 * cfg.workers, thread_name_prefix="read")
         self.batch_pool = ThreadPoolExecutor(max_workers=max(2, cfg.workers), thread_name_prefix="batch")
         self.builder = BatchBuilder(self.handles, self.read_pool, self.device, self.metrics)
+        log.info("listening on %s (port %d)%s; preparing datasets", cfg.listen, self.port,
+                 f", metrics at {self.metrics_endpoint.url}" if self.metrics_endpoint else "")
         if self.device.type == "cpu" and not cfg.synthetic:
+            self.readiness.not_ready("starting: compiling the CPU augmentation kernels")
             started = time.perf_counter()
             warm_up_cpu_kernels()  # compile or load them now, not on the first batch
             log.info("CPU augmentation kernels ready in %.1f s", time.perf_counter() - started)
-        tissue_cache = TissueMaskCache(cfg.tissue_cache_dir) if cfg.tissue_cache_dir else None
-        for dataset in cfg.datasets:
-            self.datasets[dataset.name] = DatasetIndex.build(
-                dataset, cfg.data_roots, metrics=self.metrics, tissue_cache=tissue_cache,
-                tissue_max_size=cfg.tissue_max_size, workers=cfg.workers, progress=progress,
-            )
-            self.candidates[dataset.name] = CandidateCache()
+        self._index_datasets(progress)
+        self._started.set()
+
+    def _abort_start(self) -> None:
+        """A start that failed after binding: release the ports and whatever was made."""
+        if self._server is not None:
+            self._server.stop(0).wait()
+            self._server = None
+        for name in ("batch_pool", "read_pool"):
+            pool = getattr(self, name, None)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        if getattr(self, "decode_pool", None) is not None:
+            self.decode_pool.close()
+        self._close_metrics()
+
+    def _open_grpc(self) -> None:
+        cfg = self.config
         options = [
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
@@ -94,20 +143,58 @@ class LoaderServer:
         self._server = grpc.server(ThreadPoolExecutor(max_workers=256, thread_name_prefix="grpc"), options=options,
                                    maximum_concurrent_rpcs=200)
         pb_grpc.add_LoaderServicer_to_server(_Servicer(self), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        self.port = self._bind(self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.readiness.servicer, self._server)
+        try:
+            self.port = self._bind(self._server)
+        except BaseException:
+            self._server = None
+            raise
         self._server.start()
-        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        if cfg.metrics_port >= 0:
-            self.metrics_endpoint = MetricsEndpoint(self.metrics, cfg.metrics_host, cfg.metrics_port)
-        log.info("serving %s on %s (port %d), device %s, %d workers%s", ", ".join(self.datasets) or "(none)",
-                 cfg.listen, self.port, self.device, cfg.workers,
-                 f", metrics at {self.metrics_endpoint.url}" if self.metrics_endpoint else "")
-        return self.port
+
+    def _index_datasets(self, progress: bool | None) -> None:
+        cfg = self.config
+        tissue_cache = TissueMaskCache(cfg.tissue_cache_dir) if cfg.tissue_cache_dir else None
+        for dataset in cfg.datasets:
+            def on_progress(done: int, total: int, name: str = dataset.name) -> None:
+                self.metrics.dataset_slides.labels(dataset=name, state="total").set(total)
+                self.metrics.dataset_slides.labels(dataset=name, state="indexed").set(done)
+                self.readiness.not_ready(f"indexing dataset {name}: {done}/{total} slides", quiet=True)
+
+            index = DatasetIndex.build(
+                dataset, cfg.data_roots, metrics=self.metrics, tissue_cache=tissue_cache,
+                tissue_max_size=cfg.tissue_max_size, workers=cfg.workers, progress=progress,
+                progress_interval_s=cfg.progress_interval_s, on_progress=on_progress,
+            )
+            usable = len(index.usable)
+            self.metrics.dataset_slides.labels(dataset=dataset.name, state="usable").set(usable)
+            self.metrics.dataset_slides.labels(dataset=dataset.name, state="failed").set(len(index.records) - usable)
+            self.datasets[dataset.name] = index
+            self.candidates[dataset.name] = CandidateCache()
+
+    def served_names(self) -> list[str]:
+        return list(self.datasets) + ([SYNTHETIC_DATASET] if self.synthetic is not None else [])
+
+    def check_started(self) -> None:
+        """Raise UNAVAILABLE, saying what the service waits for, while it is still starting."""
+        if not self._started.is_set():
+            raise NotReady(f"the service is starting ({self.readiness.reason}); retry when its health check "
+                           "reports SERVING")
+
+    def _close_metrics(self) -> None:
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+            self.metrics_endpoint = None
 
     def _bind(self, server: grpc.Server) -> int:
         sec = self.config.security
+        _check_port_free(self.config.listen)  # gRPC's own failure is a C-level log line and a bare 0
+        try:
+            return self._add_port(server, sec)
+        except RuntimeError as err:  # grpcio raises RuntimeError("Failed to bind ...") on some versions
+            raise OSError(f"cannot listen on {self.config.listen} (gRPC): the address is in use or not local; "
+                          "stop the other process or choose another --listen") from err
+
+    def _add_port(self, server: grpc.Server, sec: Any) -> int:
         if sec.tls:
             assert sec.tls_cert is not None and sec.tls_key is not None
             creds = grpc.ssl_server_credentials(
@@ -128,7 +215,8 @@ class LoaderServer:
                             "set tls_cert/tls_key", self.config.listen)
             port = server.add_insecure_port(self.config.listen)
         if port == 0:
-            raise OSError(f"could not bind {self.config.listen}: the address is in use or not local")
+            raise OSError(f"cannot listen on {self.config.listen} (gRPC): the address is in use or not local; "
+                          "stop the other process or choose another --listen")
         return port
 
     def stop(self, grace: float | None = None) -> None:
@@ -136,16 +224,14 @@ class LoaderServer:
         if self._server is None:
             return
         self.draining.set()
-        self._health.enter_graceful_shutdown()
+        self.readiness.draining()
         self._server.stop(self.config.shutdown_grace_s if grace is None else grace).wait()
         self._server = None
         for pool in (self.batch_pool, self.read_pool):
             pool.shutdown(wait=True, cancel_futures=True)
         self.decode_pool.close()
         self.handles.close()
-        if self.metrics_endpoint is not None:
-            self.metrics_endpoint.close()
-            self.metrics_endpoint = None
+        self._close_metrics()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout) if self._server else True
@@ -275,9 +361,37 @@ class LoaderServer:
         return None if "*" in allowed else frozenset(allowed)
 
 
+def _check_port_free(listen: str) -> None:
+    """Raise OSError (one line: which address, why, what to do) when HOST:PORT cannot be bound."""
+    host, _, port = listen.rpartition(":")
+    if int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise OSError(f"cannot listen on {listen} (gRPC): {err.strerror}; check the host of --listen") from err
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise OSError(f"cannot listen on {listen} (gRPC): {err.strerror}; stop the other process or choose "
+                          "another --listen") from err
+
+
+def _open_metrics(metrics: Metrics, host: str, port: int) -> MetricsEndpoint:
+    try:
+        return MetricsEndpoint(metrics, host, port)
+    except OSError as err:
+        raise OSError(f"cannot serve metrics on {host}:{port}: {err.strerror or err}; stop the other process or "
+                      "choose another --metrics-port (-1 = no metrics endpoint)") from err
+
+
 def _guard(server: LoaderServer, context: grpc.ServicerContext, call: Callable[[], T]) -> T:
     """Run a unary handler; typed errors become their gRPC status and are counted."""
     try:
+        server.check_started()
         return call()
     except ServiceError as err:
         server.metrics.errors.labels(kind=err.kind).inc()
@@ -355,6 +469,7 @@ class _Servicer(pb_grpc.LoaderServicer):
         try:
             if s.draining.is_set():
                 raise Unavailable("server is shutting down; connect to another replica or retry after restart")
+            s.check_started()
             s.authorize(context, None)  # who is asking, before looking at what is asked
             request = parse_open(check_open(next(requests, None)), s.config.max_batch_bytes,
                                  s.config.max_region_pixels)

@@ -31,7 +31,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-K8S = DEPLOY / "k8s"
+K8S = DEPLOY / "k8s" / "daemonset"  # topology 1: a loader per node (DaemonSet), hostIPC
+K8S_SIDECAR = DEPLOY / "k8s" / "sidecar"  # topology 2: the loader as a native sidecar in each trainer pod
 SCHEMAS = DEPLOY / "schemas"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "wsi-loader.json"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
@@ -75,10 +76,10 @@ def _host_port(address: str) -> tuple[str, int]:
 
 
 # === Kubernetes =============================================================================================
-def _k8s_docs() -> dict[str, dict[str, Any]]:
-    """kind/name -> manifest, from every YAML under deploy/k8s except the kustomization."""
+def _k8s_docs(folder: Path = K8S) -> dict[str, dict[str, Any]]:
+    """kind/name -> manifest, from every YAML of one topology's folder except the kustomization."""
     docs: dict[str, dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         for doc in yaml.safe_load_all(path.read_text()):
@@ -120,12 +121,21 @@ def k8s() -> dict[str, dict[str, Any]]:
     return _k8s_docs()
 
 
-def test_k8s_manifests_validate_against_their_schemas(k8s: dict[str, dict[str, Any]]) -> None:
+@pytest.fixture(scope="module")
+def sidecar(k8s: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return _k8s_docs(K8S_SIDECAR)
+
+
+def test_k8s_manifests_validate_against_their_schemas(k8s: dict[str, dict[str, Any]],
+                                                      sidecar: dict[str, dict[str, Any]]) -> None:
     expected = {"Namespace/wsi-loader", "ConfigMap/wsi-loader-config", "DaemonSet/wsi-loader", "Service/wsi-loader",
                 "ServiceMonitor/wsi-loader", "Job/wsi-train", "PersistentVolumeClaim/wsi-slides",
-                "NetworkPolicy/wsi-loader"}
+                "PersistentVolumeClaim/wsi-tissue-cache", "NetworkPolicy/wsi-loader"}
     assert expected <= set(k8s), f"missing: {expected - set(k8s)}"
-    for key, doc in k8s.items():
+    expected_sidecar = {"Namespace/wsi-train", "ConfigMap/wsi-loader-sidecar-config", "Job/wsi-train",
+                        "PersistentVolumeClaim/wsi-slides", "PersistentVolumeClaim/wsi-tissue-cache"}
+    assert expected_sidecar <= set(sidecar), f"missing: {expected_sidecar - set(sidecar)}"
+    for key, doc in [*k8s.items(), *sidecar.items()]:
         try:
             _validate_k8s(doc)
         except Exception as err:  # noqa: BLE001 - name the file in the failure
@@ -133,10 +143,12 @@ def test_k8s_manifests_validate_against_their_schemas(k8s: dict[str, dict[str, A
 
 
 @pytest.mark.parametrize("breakage", ["probe-port-name", "unknown-container-key", "shm-medium", "monitor-interval",
-                                      "monitor-typo"])
-def test_k8s_validation_rejects_broken_manifests(k8s: dict[str, dict[str, Any]], breakage: str) -> None:
+                                      "monitor-typo", "sidecar-restart-policy"])
+def test_k8s_validation_rejects_broken_manifests(k8s: dict[str, dict[str, Any]], sidecar: dict[str, dict[str, Any]],
+                                                breakage: str) -> None:
     """The validators are strict: each of these small mistakes must be caught."""
     ds = copy.deepcopy(k8s["DaemonSet/wsi-loader"])
+    job = copy.deepcopy(sidecar["Job/wsi-train"])
     sm = copy.deepcopy(k8s["ServiceMonitor/wsi-loader"])
     container = ds["spec"]["template"]["spec"]["containers"][0]
     broken = ds
@@ -145,7 +157,11 @@ def test_k8s_validation_rejects_broken_manifests(k8s: dict[str, dict[str, Any]],
     elif breakage == "unknown-container-key":
         container["readinesProbe"] = container.pop("readinessProbe")
     elif breakage == "shm-medium":
-        next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] = []
+        next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] = []
+        broken = job
+    elif breakage == "sidecar-restart-policy":  # only Always makes an init container a sidecar
+        job["spec"]["template"]["spec"]["initContainers"][0]["restartPolicy"] = ["Always"]
+        broken = job
     elif breakage == "monitor-interval":
         sm["spec"]["endpoints"][0]["interval"] = "15 seconds"
         broken = sm
@@ -156,10 +172,11 @@ def test_k8s_validation_rejects_broken_manifests(k8s: dict[str, dict[str, Any]],
         _validate_k8s(broken)
 
 
-def test_kustomization_lists_the_manifests() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+@pytest.mark.parametrize("folder", [K8S, K8S_SIDECAR], ids=lambda p: p.name)
+def test_kustomization_lists_the_manifests(folder: Path) -> None:
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    on_disk = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
     # The trainer Job is started per run (kubectl create -f), not applied with the service.
     assert listed == on_disk - {"trainer-job.yaml"}, (listed, on_disk)
 
@@ -210,11 +227,19 @@ def test_k8s_daemonset_runs_on_gpu_nodes_with_probes_and_shm(k8s: dict[str, dict
     for kind in ("requests", "limits"):
         assert {"cpu", "memory", "nvidia.com/gpu"} <= set(container["resources"][kind]), kind
     grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": grpc_port, "service": health_service}, probe
-    dshm = next(v for v in pod["volumes"] if v["name"] == "dshm")
-    assert dshm["emptyDir"]["medium"] == "Memory" and dshm["emptyDir"]["sizeLimit"]
-    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    # Readiness: ready to serve; start-up and liveness: the process answers (a long index restarts nothing).
+    assert container["readinessProbe"]["grpc"] == {"port": grpc_port, "service": health_service}
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": grpc_port, "service": ""}, probe
+    # Shared memory with the trainers: the node's IPC namespace, and no private /dev/shm hiding it.
+    assert pod["hostIPC"] is True
+    assert "/dev/shm" not in {m["mountPath"] for m in container["volumeMounts"]}
+    trainer = k8s["Job/wsi-train"]["spec"]["template"]["spec"]
+    assert trainer["hostIPC"] is True
+    assert "/dev/shm" not in {m["mountPath"] for m in trainer["containers"][0]["volumeMounts"]}
+    cache = next(m for m in container["volumeMounts"] if m["mountPath"] == "/var/cache/wsi-loader")
+    claim = next(v for v in pod["volumes"] if v["name"] == cache["name"])["persistentVolumeClaim"]["claimName"]
+    assert "ReadWriteMany" in k8s[f"PersistentVolumeClaim/{claim}"]["spec"]["accessModes"]
     slides = next(v for v in pod["volumes"] if v["name"] == "slides")
     assert slides["persistentVolumeClaim"]["readOnly"] is True
     # Non-root, the same uid as the image's USER.
@@ -271,6 +296,107 @@ def test_k8s_trainer_job_uses_torchrun_against_the_node_local_service(k8s: dict[
     client_selector = k8s["NetworkPolicy/wsi-loader"]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
     assert client_selector.items() <= pod["metadata"]["labels"].items()
     assert pod["spec"]["nodeSelector"] == k8s["DaemonSet/wsi-loader"]["spec"]["template"]["spec"]["nodeSelector"]
+
+
+_RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                       "projected", "secret"}
+
+
+def pod_security_violations(pod: dict[str, Any]) -> set[str]:
+    """What in a pod spec the "restricted" Pod Security level forbids (the checks of the Kubernetes
+    Pod Security Standards that these manifests can touch; an empty set passes)."""
+    found = set()
+    for key in ("hostIPC", "hostPID", "hostNetwork"):
+        if pod.get(key):
+            found.add(key)
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= _RESTRICTED_VOLUMES:
+            found.add(f"volume {volume['name']}: {sorted(kinds - _RESTRICTED_VOLUMES)}")
+    pod_ctx = pod.get("securityContext", {})
+    for container in pod.get("initContainers", []) + pod.get("containers", []):
+        ctx = container.get("securityContext", {})
+        name = container["name"]
+        if ctx.get("privileged"):
+            found.add(f"{name}: privileged")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            found.add(f"{name}: allowPrivilegeEscalation must be false")
+        if ctx.get("capabilities", {}).get("drop") != ["ALL"] or ctx.get("capabilities", {}).get("add"):
+            found.add(f"{name}: capabilities must drop ALL and add none")
+        if not ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")):
+            found.add(f"{name}: runAsNonRoot")
+        if ctx.get("runAsUser", pod_ctx.get("runAsUser", 1)) == 0:
+            found.add(f"{name}: runAsUser 0")
+        seccomp = ctx.get("seccompProfile", pod_ctx.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.add(f"{name}: seccompProfile")
+        if any("hostPort" in port for port in container.get("ports", [])):
+            found.add(f"{name}: hostPort")
+    return found
+
+
+def test_pod_security_checker_catches_what_restricted_forbids(sidecar: dict[str, dict[str, Any]]) -> None:
+    pod = copy.deepcopy(sidecar["Job/wsi-train"]["spec"]["template"]["spec"])
+    assert pod_security_violations(pod) == set()
+    pod["hostIPC"] = True
+    pod["volumes"].append({"name": "host", "hostPath": {"path": "/dev/shm"}})
+    pod["initContainers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
+    assert pod_security_violations(pod) == {"hostIPC", "volume host: ['hostPath']",
+                                            "loader: allowPrivilegeEscalation must be false"}
+
+
+def test_k8s_pod_security_levels_are_stated_and_met(k8s: dict[str, dict[str, Any]],
+                                                     sidecar: dict[str, dict[str, Any]]) -> None:
+    """Sidecar: every pod passes "restricted". DaemonSet: hostIPC is the only thing beyond it, and its
+    namespace says "privileged" (the level hostIPC needs: baseline forbids host namespaces)."""
+    level = "pod-security.kubernetes.io/enforce"
+    assert sidecar["Namespace/wsi-train"]["metadata"]["labels"][level] == "restricted"
+    assert pod_security_violations(sidecar["Job/wsi-train"]["spec"]["template"]["spec"]) == set()
+    assert k8s["Namespace/wsi-loader"]["metadata"]["labels"][level] == "privileged"
+    for key in ("DaemonSet/wsi-loader", "Job/wsi-train"):
+        assert pod_security_violations(k8s[key]["spec"]["template"]["spec"]) == {"hostIPC"}, key
+
+
+def test_k8s_sidecar_shares_memory_with_the_trainer(sidecar: dict[str, dict[str, Any]]) -> None:
+    from loader_service.cli import _parser
+
+    pod = sidecar["Job/wsi-train"]["spec"]["template"]
+    spec = pod["spec"]
+    (loader,) = spec["initContainers"]
+    (trainer,) = spec["containers"]
+    assert loader["restartPolicy"] == "Always", "a native sidecar is an init container with restartPolicy Always"
+    # One in-memory emptyDir at /dev/shm in both containers: the loader's slots are the trainer's to map.
+    shm = {c["name"]: next(m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm")
+           for c in (loader, trainer)}
+    assert shm["loader"] == shm["trainer"]
+    volume = next(v for v in spec["volumes"] if v["name"] == shm["loader"])
+    assert volume["emptyDir"]["medium"] == "Memory" and volume["emptyDir"]["sizeLimit"]
+    # The loader's configuration: loopback (the pod's network namespace is shared), CPU augmentation
+    # (the GPUs are the trainer's, and the loader's container is given none).
+    mounts = {m["mountPath"]: m for m in loader["volumeMounts"]}
+    args = _parser().parse_args(loader["args"][1:])
+    config_volume = next(v for v in spec["volumes"] if v["name"] == mounts[args.config]["name"])
+    config = _load_config(sidecar[f"ConfigMap/{config_volume['configMap']['name']}"]["data"]["config.yaml"])
+    host, port = _host_port(config.listen)
+    assert host == "127.0.0.1" and config.device == "cpu"
+    assert "nvidia.com/gpu" not in loader["resources"]["limits"]
+    assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"} in loader["env"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(config.metrics_port)
+    # The trainer waits for the loader to be ready (start-up probe on the readiness service) and connects
+    # to it on loopback.
+    health_service = _parser().parse_args(["health"]).service
+    assert loader["startupProbe"]["grpc"] == {"port": port, "service": health_service}
+    assert loader["livenessProbe"]["grpc"] == {"port": port, "service": ""}
+    argv = trainer["command"] + trainer["args"]
+    train = _trainer_args(argv[argv.index("-m") + 2:])
+    assert train.command == "train" and train.endpoint == f"127.0.0.1:{port}"
+    # The tissue cache is on a persistent volume, writable by the loader; the slides are read-only.
+    assert any(str(config.tissue_cache_dir).startswith(m) for m, v in mounts.items() if not v.get("readOnly"))
+    cache = next(m for m in loader["volumeMounts"] if str(config.tissue_cache_dir).startswith(m["mountPath"]))
+    claim = next(v for v in spec["volumes"] if v["name"] == cache["name"])["persistentVolumeClaim"]["claimName"]
+    assert "ReadWriteMany" in sidecar[f"PersistentVolumeClaim/{claim}"]["spec"]["accessModes"]
+    assert mounts["/data"]["readOnly"] is True
+    assert config.shutdown_grace_s < spec["terminationGracePeriodSeconds"]
 
 
 # === docker compose =========================================================================================
@@ -343,6 +469,9 @@ def test_compose_services_fit_together(compose: dict[str, Any]) -> None:
     trainer = _trainer_args(services["trainer"]["command"][1:])
     assert trainer.command == "train" and trainer.endpoint == f"loader:{port}" and trainer.steps >= 10_000
     assert services["trainer"]["depends_on"]["loader"]["condition"] == "service_healthy"
+    # Shared memory between the two containers: the loader's IPC (and /dev/shm) is shareable, the trainer joins it.
+    assert loader["ipc"] == "shareable" and loader["shm_size"]
+    assert services["trainer"]["ipc"] == "service:loader"
     # Prometheus scrapes the loader's metrics port.
     prom = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     targets = [t for job in prom["scrape_configs"] if job["job_name"] == "wsi-loader"
@@ -369,6 +498,16 @@ def test_promtool_check_config() -> None:
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout + result.stderr and "1 rule files found" in result.stdout + result.stderr
+
+
+def test_alerts_fire_on_failures_and_stay_quiet_through_a_normal_start() -> None:
+    """deploy/prometheus/alerts_test.yml: promtool's rule unit tests (normal start, slides left out, no usable
+    slide, a dead process)."""
+    promtool = shutil.which("promtool")
+    _need(promtool is not None, "promtool not installed (Debian package `prometheus`)")
+    result = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], capture_output=True, text=True,
+                            timeout=60, cwd=ALERTS.parent)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
 
 
 def _dashboard_exprs() -> list[tuple[str, str]]:
@@ -584,6 +723,14 @@ def test_dockerfile_shape(dockerfile: Path) -> None:
     for source in copied:
         assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
     assert {"pyproject.toml", "loader_service", "trainer_client", "wsi_loader", "deploy"} <= copied
+    # Dependencies (torch: ~3 GB) are installed before the source is copied: a code edit does not redo them.
+    order = [line.split()[:2] for line in dockerfile.read_text().splitlines() if line.startswith(("COPY ", "RUN "))]
+    deps = order.index(["RUN", "bash"]) if ["RUN", "bash"] in order else -1
+    assert "--stage deps" in next(r for r in ins["RUN"] if "install.sh" in r), "install dependencies as their own step"
+    first_source = min(i for i, (word, src) in enumerate(order) if word == "COPY" and src.rstrip("/") in
+                       {"loader_service", "trainer_client", "wsi_loader"})
+    assert 0 <= deps < first_source, order
+    assert {src for word, src in order[:deps] if word == "COPY"} <= {"pyproject.toml", "deploy/install.sh"}, order
 
 
 def test_image_torch_pin_matches_the_tested_one() -> None:
@@ -618,6 +765,8 @@ def _copy_build_context(dockerfile: Path, root: Path) -> Path:
         for source in sources:
             src = ROOT / source
             target = workdir / dest if dest not in ("./", ".") else workdir
+            if dest.endswith("/"):  # a folder, made if missing (as docker does)
+                target.mkdir(parents=True, exist_ok=True)
             if src.is_dir():
                 shutil.copytree(src, workdir / dest.rstrip("/"), ignore=ignore, dirs_exist_ok=True)
             else:
@@ -639,7 +788,7 @@ def test_dockerfile_run_steps_in_ci(dockerfile: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     _seed_base_image(root)
     workdir = _copy_build_context(dockerfile, root)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSI_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSI_") and k != "PYTHONPATH"}
     for line in ins.get("ENV", []):
         for item in shlex.split(line):
             key, _, value = item.partition("=")

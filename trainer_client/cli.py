@@ -19,6 +19,7 @@ import torch
 from trainer_client.client import LoaderClient
 from trainer_client.config import StreamConfig
 from trainer_client.errors import LoaderError
+from wsi_loader import __version__
 
 __all__ = ["main"]
 
@@ -79,6 +80,11 @@ def _bench(args: argparse.Namespace) -> int:
                 break
         cpu = time.process_time() - cpu_start if start is not None else 0.0
         stream.close()
+        why = stream.transport_reason or {
+            "shm": "the service sees this process' /dev/shm, so batches travel through shared memory",
+            "cuda_ipc": "the service and this process share the GPU: batches stay on it (CUDA IPC)",
+        }.get(stream.transport, "gRPC bytes, as asked")
+        print(f"transport: {stream.transport} (asked {args.transport}): {why}", file=sys.stderr, flush=True)
         elapsed = time.perf_counter() - (start or time.perf_counter())
         elapsed = max(elapsed, 1e-9)
         print(json.dumps({
@@ -86,6 +92,7 @@ def _bench(args: argparse.Namespace) -> int:
             "tiles_per_s": tiles / elapsed, "mpix_per_s": tiles * args.patch_size**2 / elapsed / 1e6,
             "bytes_per_s": nbytes / elapsed, "batch_size": args.batch_size, "patch_size": args.patch_size,
             "batch_bytes": nbytes / max(batches, 1), "transport_used": stream.transport,
+            "transport_reason": stream.transport_reason,
             "cpu_s": round(cpu, 3),  # this process's CPU time over the timed batches (all its threads)
         }), flush=True)
     return 0
@@ -155,7 +162,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trainer-client", description=__doc__)
+    parser = argparse.ArgumentParser(prog="trainer-client", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -246,6 +246,7 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
     def _check_transport(self, want_shm: bool) -> None:
         """Raise if the service did not grant a strict ``shm``; log any other fallback with its reason."""
         asked, got, reason = self.config.transport, self.transport, self.transport_reason
+        log.info("transport: %s (asked %s)%s", got, asked, f": {reason}" if reason else "")
         if asked == "shm" and got != "shm":
             raise InvalidRequestError(f"transport=shm asked for, but {reason}; "
                                       "use transport='auto' to fall back to gRPC bytes")

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 from trainer_client.client import LoaderClient
@@ -29,8 +28,7 @@ from trainer_client.views import TileFeeder
 __all__ = ["add_arguments", "run"]
 
 log = logging.getLogger(__name__)
-ARCHS = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.models.resnet34,
-         "resnet50": torchvision.models.resnet50}
+ARCHS = ("resnet18", "resnet34", "resnet50")  # torchvision models (the `models` extra), imported when training
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,7 +58,9 @@ def _peak_memory_mib(device: torch.device) -> float:
 def run(args: argparse.Namespace, client: LoaderClient, dataset: str, labels: list[str]) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = ARCHS[args.arch](weights=None, num_classes=max(2, len(labels))).to(device)
+    import torchvision  # here, not at import: `trainer-client bench` runs without it (client-only install)
+
+    model = getattr(torchvision.models, args.arch)(weights=None, num_classes=max(2, len(labels))).to(device)
     front = resnet_front(model)
     head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
     budget = int(args.memory_budget_mb * 2**20) if args.memory_budget_mb else None

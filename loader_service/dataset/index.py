@@ -1,7 +1,7 @@
 """Dataset index: every slide of a manifest opened once, described, and given a tissue mask.
 
-Built once at start-up (in parallel, with a progress bar on a terminal); a slide that cannot be used
-(corrupt, unsupported, outside the data roots) is recorded with the reason, counted in metrics and left out
+Built once at start-up (in parallel; progress lines in the log, a progress bar on a terminal); a slide that
+cannot be used (corrupt, unsupported, outside the data roots) is recorded with the reason, counted in metrics and left out
 of sampling, and the service keeps serving the rest.
 """
 
@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from loader_service.config import DatasetConfig
 from loader_service.dataset.manifest import ManifestEntry, read_manifest
+from loader_service.dataset.progress import IndexProgress
 from loader_service.metrics import Metrics
 from loader_service.slides import DecodePool, Slide, SlideError, SlideInfo, TileCache, open_slide
 from loader_service.tissue import TissueMask, TissueMaskCache, compute_tissue_mask
@@ -114,19 +116,26 @@ class DatasetIndex:
         tissue_max_size: int,
         workers: int,
         progress: bool | None = None,
+        progress_interval_s: float = 10.0,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> DatasetIndex:
+        """Index every slide of the manifest; ``on_progress(done, total)`` is called as slides finish."""
         entries = read_manifest(config.manifest)
         roots = roots or (config.manifest.resolve().parent,)
         show = sys.stderr.isatty() if progress is None else progress
+        reporter = IndexProgress(config.name, len(entries), progress_interval_s, on_progress)
 
         def index_one(entry: ManifestEntry) -> SlideRecord:
-            return _index_slide(entry, roots, metrics, tissue_cache, tissue_max_size)
+            record = _index_slide(entry, roots, metrics, tissue_cache, tissue_max_size)
+            reporter.advance()
+            return record
 
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="index") as pool:
             records = list(
                 tqdm(pool.map(index_one, entries), total=len(entries), desc=f"indexing {config.name}",
                      unit="slide", disable=not show, file=sys.stderr)
             )
+        reporter.finish()
         failed = [r for r in records if not r.usable]
         for record in failed:
             log.warning("dataset %s: slide %s left out: %s", config.name, record.slide_id, record.error)
