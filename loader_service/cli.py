@@ -90,16 +90,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from loader_service.tissue import inspect_slide, mask_overlay_png
+    from loader_service.slides import SlideError, open_slide
+    from loader_service.tissue import compute_tissue_mask, inspect_slide, mask_overlay_png
 
-    report = inspect_slide(args.slide)
-    if args.thumbnail:
-        from loader_service.slides import open_slide
-        from loader_service.tissue import compute_tissue_mask
-
-        with open_slide(args.slide) as slide:
-            mask_overlay_png(slide, compute_tissue_mask(slide), args.thumbnail)
-        report["thumbnail"] = str(args.thumbnail)
+    try:
+        report = inspect_slide(args.slide)
+        if args.thumbnail:
+            with open_slide(args.slide) as slide:
+                mask_overlay_png(slide, compute_tissue_mask(slide), args.thumbnail)
+            report["thumbnail"] = str(args.thumbnail)
+    except (SlideError, OSError) as err:  # one line, not a traceback: the file is what needs fixing
+        print(f"loader-service inspect: {err}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(report, default=str))
         return 0
