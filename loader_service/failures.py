@@ -103,12 +103,13 @@ class Quarantine:
         with self._lock:
             if record.path in self._quarantined:
                 return
-            count = self._failures.get(record.path, 0) + (0 if failure.reason == "known_bad_tile" else 1)
+            count = self._failures.get(record.path, 0) + 1
             self._failures[record.path] = count
             now = count >= self.after or failure.reason == "outside_roots"
             if now:
                 self._quarantined[record.path] = f"quarantined after {count} failed samples: {failure.detail}"
-        log.warning("slide %s: sample failed%s: %s [%s]", record.slide_id, where, failure.detail, failure.reason)
+        log.log(logging.DEBUG if failure.reason == "known_bad_tile" else logging.WARNING,
+                "slide %s: sample failed%s: %s [%s]", record.slide_id, where, failure.detail, failure.reason)
         if now:
             self._metrics.slides_quarantined.inc()
             log.error("slide %s quarantined for the life of the service after %d failed samples (last%s: %s)",

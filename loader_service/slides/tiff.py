@@ -25,7 +25,7 @@ from .base import Slide
 from .batched import BatchedJpegDecoder, batchable
 from .bad_tiles import BadTiles
 from .cache import TileCache
-from .codecs import COMPRESSION_NAMES, JPEG_SCALES, TileDecoder, UnsupportedTileFormat
+from .codecs import COMPRESSION_NAMES, JPEG_SCALES, TileDecoder, UnsupportedTileFormat, jpeg_complete
 from .errors import SlideOpenError, SlideReadError
 from .info import LevelInfo, SlideInfo
 from .pool import DecodePool
@@ -407,6 +407,8 @@ class TiffSlide(Slide):
         lv = self._levels[level]
         payloads = [self._tile_bytes(level, index) for index, _, _ in misses]
         present = [p for p in payloads if p is not None]
+        if lv.decoder.compression == 7 and not all(jpeg_complete(p) for p in present):
+            return False  # a truncated tile: the per-tile path names it
         try:
             decoded = iter(batched.decode(lv.decoder, present))
         except Exception as err:  # noqa: BLE001 - corrupt tile, unsupported stream: per-tile path decides
