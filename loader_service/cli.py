@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("pyvips").setLevel(logging.WARNING)  # libvips reports every thread pool at INFO
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its parse warnings repeat the error we report
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:
