@@ -188,3 +188,20 @@ def test_inspect_unreadable_file_is_one_line_and_exit_code_2(tmp_path: Path) -> 
         assert done.returncode == 2, done.stderr
         assert "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and target.name in done.stderr
+
+
+@pytest.mark.parametrize("mpp", [1.5, 3.0])  # 3x and 6x: factors a DCT scale cannot reach alone
+def test_reduced_resolution_reads_are_area_averages(tmp_path: Path, mpp: float) -> None:
+    """docs/slides.md's accuracy claim: a DCT-scaled read leaves only whole-number factors to the area resize."""
+    from PIL import Image
+
+    single = write_synthetic_slide(tmp_path / "single.tiff", 2048, 1536, seed=4, pyramid=False, quality=85)
+    with open_slide(single) as slide:
+        full = slide.read_region(0, 0, 0, 2048, 1536)
+        f = mpp / 0.5
+        x, y, w, h = 37, 21, 200, 150
+        got = slide.read_region_mpp(mpp, x, y, w, h)
+    box = (x * f, y * f, (x + w) * f, (y + h) * f)
+    ref = np.asarray(Image.fromarray(full).resize((w, h), Image.Resampling.BOX, box=box))
+    diff = np.abs(got.astype(int) - ref)
+    assert diff.mean() < 0.7 and diff.max() <= 8, (diff.mean(), diff.max())
