@@ -84,11 +84,12 @@ def _failed(server: LoaderServer, reason: str) -> float:
     return server.metrics.sample("wsi_loader_samples_failed_total", {"reason": reason})
 
 
-def test_damaged_tiles_are_substituted_reproducibly(damaged_dir: Path) -> None:
+@pytest.mark.parametrize("augment", [False, True])
+def test_damaged_tiles_are_substituted_reproducibly(damaged_dir: Path, augment: bool) -> None:
     runs = []
     for workers in (1, 3):  # two fresh servers, different thread counts
         with _server(damaged_dir, workers=workers) as server:
-            runs.append(_epoch(server, _cfg()))
+            runs.append(_epoch(server, _cfg(augment=augment)))
             assert _failed(server, "read") >= 1
             assert server.metrics.sample("wsi_loader_slides_quarantined_total") == 0  # budget of 1000 not spent
     (metas, substituted, pixels), (metas2, substituted2, pixels2) = runs
@@ -178,3 +179,34 @@ def test_truncated_jpeg_tile_is_an_error_not_grey(damaged_dir: Path) -> None:
             with pytest.raises(SlideReadError, match="truncated") as info:
                 slide.read_region(0, tx * 256 + 8, ty * 256 + 8, 16, 16)
             assert info.value.tile == index and info.value.level == 0
+
+
+def test_shard_view_substitutes_and_tiles_view_resumes_past_a_partly_sent_sample(damaged_dir: Path) -> None:
+    """Shard view: one piece per sample in a stream, so a failed sample is replaced like a patch. Tiles view: a
+    failure after earlier tiles of the sample were sent cannot be taken back; the slide is quarantined and the
+    resumed session replaces the sample."""
+    with _server(damaged_dir) as server:
+        endpoint = f"127.0.0.1:{server.port}"
+        shard = _cfg(view="shard", batch_size=1, patch_size=256, grid=(2, 2), shard=(0, 1), samples_per_epoch=48)
+        metas, substituted, _ = _epoch(server, shard)
+        assert len(metas) == 48 and substituted
+        tiles = _cfg(view="tiles", batch_size=1, patch_size=256, tile_size=128, samples_per_epoch=48)
+        state: dict[str, Any] | None = None
+        errors = 0
+        for _ in range(4):
+            with LoaderClient(endpoint, timeout_s=60) as client:
+                stream = client.stream(tiles)
+                if state is not None:
+                    stream.load_state_dict(state)
+                try:
+                    for _ in stream:
+                        pass
+                    break
+                except DataLossError as err:
+                    errors += 1
+                    assert "quarantined" in str(err) and "resume" in str(err)
+                    state = stream.state_dict()
+        else:
+            pytest.fail("the tiles stream never finished")
+        assert errors == 1  # one slide, quarantined at its first partly sent failure
+        assert server.metrics.sample("wsi_loader_slides_quarantined_total") == errors
