@@ -151,6 +151,8 @@ def test_slide_swapped_for_a_link_outside_the_roots(damaged_dir: Path, tmp_path:
     outside = tmp_path / "outside"
     outside.mkdir()
     with _server(root) as server:
+        with LoaderClient(f"127.0.0.1:{server.port}", timeout_s=60) as client:
+            client.read_region("dmg", "good1.tiff", 0, 0, 64, 64)  # good1's handle is open before the swap
         for name in ("good1.tiff", "good2.tiff"):  # after start-up: a link to a file outside the roots
             shutil.copy(root / name, outside / name)
             (root / name).unlink()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 import threading
 from collections import OrderedDict
@@ -67,9 +68,11 @@ def _check_roots(path: Path, roots: tuple[Path, ...]) -> None:
 class SlideHandles:
     """Open slides shared by every session: an LRU bounded in count, so file handles stay bounded.
 
-    Every ``get`` with ``roots`` re-checks that the path still resolves inside them (a slide swapped for a
-    link after indexing is refused with :class:`SlideOutsideRoots`, and its open handle dropped), before
-    opening and again after. Damaged tiles found by any read are remembered in ``bad_tiles``.
+    Every open with ``roots`` checks that the path resolves inside them, before opening and again after (a
+    slide swapped for a link after indexing is refused with :class:`SlideOutsideRoots`). A ``get`` served from
+    the open handles costs one ``lstat``: when the path has become a link or names another file since it was
+    opened, the handle is dropped and the path opened (and checked) again. Damaged tiles found by any read are
+    remembered in ``bad_tiles``.
     """
 
     def __init__(self, capacity: int, cache: TileCache | None, pool: DecodePool | None,
@@ -78,7 +81,7 @@ class SlideHandles:
         self._cache = cache
         self._pool = pool
         self.bad_tiles = bad_tiles if bad_tiles is not None else BadTiles()
-        self._open: OrderedDict[Path, Slide] = OrderedDict()
+        self._open: OrderedDict[Path, tuple[Slide, tuple[int, int]]] = OrderedDict()  # slide, (st_dev, st_ino)
         self._lock = threading.Lock()
 
     def for_record(self, record: SlideRecord) -> Slide:
@@ -86,45 +89,64 @@ class SlideHandles:
         return self.get(record.path, record.roots, record.entry.mpp)
 
     def get(self, path: Path, roots: tuple[Path, ...] = (), mpp: float | None = None) -> Slide:
-        try:
-            _check_roots(path, roots)
-        except SlideOutsideRoots:
-            with self._lock:
-                stale = self._open.pop(path, None)
-            if stale is not None:
-                stale.close()
-            raise
         with self._lock:
-            slide = self._open.get(path)
-            if slide is not None:
+            entry = self._open.get(path)
+            if entry is not None:
                 self._open.move_to_end(path)
+        if entry is not None:
+            slide, file_id = entry
+            if not roots or _still_the_file(path, file_id):  # one lstat: the path still names the opened file
                 return slide
+            self._drop(path)
+        _check_roots(path, roots)
         slide = open_slide(path, cache=self._cache, pool=self._pool, bad_tiles=self.bad_tiles)
         try:
             _check_roots(path, roots)  # swapped between the check and the open
-        except SlideOutsideRoots:
+            file_id = _file_id(os.stat(path))
+        except (SlideOutsideRoots, OSError) as err:
             slide.close()
-            raise
+            if isinstance(err, SlideOutsideRoots):
+                raise
+            raise SlideOpenError(path, f"the file changed while it was opened: {err}") from err
         if mpp is not None:
             slide.info = replace(slide.info, mpp_x=mpp, mpp_y=mpp)
         with self._lock:
             existing = self._open.get(path)
             if existing is not None:  # another thread opened it meanwhile
                 slide.close()
-                return existing
-            self._open[path] = slide
+                return existing[0]
+            self._open[path] = (slide, file_id)
             while len(self._open) > self._capacity:
                 # Closing only drops our reference; readers holding the object finish their read first
                 # because Slide.close() is safe to call while no read is running on *our* side.
-                _, old = self._open.popitem(last=False)
+                _, (old, _) = self._open.popitem(last=False)
                 old.close()
             return slide
 
+    def _drop(self, path: Path) -> None:
+        with self._lock:
+            entry = self._open.pop(path, None)
+        if entry is not None:
+            entry[0].close()
+
     def close(self) -> None:
         with self._lock:
-            for slide in self._open.values():
+            for slide, _ in self._open.values():
                 slide.close()
             self._open.clear()
+
+
+def _file_id(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _still_the_file(path: Path, file_id: tuple[int, int]) -> bool:
+    """The path is not a link now and names the same file (a swapped file or parent folder changes the inode)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return not stat.S_ISLNK(st.st_mode) and _file_id(st) == file_id
 
 
 class DatasetIndex:
