@@ -46,6 +46,7 @@ def build_config(args: argparse.Namespace) -> ServiceConfig:
         "jpeg_backend": args.jpeg_backend,
         "synthetic": args.synthetic or None, "metrics_host": args.metrics_host,
         "tissue_cache_dir": args.tissue_cache_dir, "max_credits": args.max_credits,
+        "quarantine_after": args.quarantine_after,
     }
     if args.data_root:
         data["data_roots"] = [Path(p) for p in args.data_root]
@@ -180,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tile-cache-mb", type=float, help="decoded-tile cache size in MiB (default 512)")
     serve.add_argument("--tissue-cache-dir", help="folder to cache tissue masks in")
     serve.add_argument("--max-credits", type=int, help="most batches in flight per session (default 16)")
+    serve.add_argument("--quarantine-after", type=int,
+                       help="failed samples after which a slide is set aside until restart (default 3; docs/failures.md)")
     serve.add_argument("--synthetic", action="store_true", help="serve random pixels without reading slides")
     serve.add_argument("--tls-cert", help="PEM certificate chain of the server (enables TLS)")
     serve.add_argument("--tls-key", help="PEM private key of the server")
