@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loader_service.dataset import SlideOutsideRoots, SlideRecord
+from loader_service.dataset.index import client_text
 from loader_service.errors import SlideFailure
 from loader_service.metrics import Metrics
 from loader_service.sampling import Sample
@@ -60,7 +61,7 @@ def sample_failed(record: SlideRecord, err: SlideError) -> SampleFailed:
     tile = ""
     if isinstance(err, SlideReadError) and err.tile is not None:
         tile = f"tile {err.tile} of level {err.level}"
-    return SampleFailed(record, failure_reason(err), err.reason, tile)
+    return SampleFailed(record, failure_reason(err), client_text(err.reason, record.path, record.entry), tile)
 
 
 class Quarantine:

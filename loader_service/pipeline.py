@@ -159,6 +159,10 @@ class BatchBuilder:
                 self._read_sample(samples[i], params[i], array[i])
             except SampleFailed as one:
                 failed[i] = one
+        if err.reason == "read":  # the box read did read the tile: count it so, not as already known
+            same = [i for i, one in failed.items() if one.tile == err.tile] or sorted(failed)[:1]
+            for i in same[:1]:
+                failed[i] = err
         return failed
 
     def _read_sample(self, sample: Sample, params: AugmentParams, out: np.ndarray) -> None:

@@ -353,8 +353,7 @@ class _Servicer(pb_grpc.LoaderServicer):
             except SlideError as err:
                 failure = sample_failed(record, err)
                 self.s.quarantine.failed(failure)
-                raise SlideFailure(f"slide {record.slide_id}: {failure.tile + ': ' if failure.tile else ''}"
-                                   f"{err.reason}") from err
+                raise SlideFailure(f"slide {record.slide_id}: {failure.detail}") from err
             except ValueError as err:
                 raise InvalidRequest(str(err)) from err
             return encode_tensor(pixels)

@@ -26,7 +26,7 @@ from loader_service.slides import (BadTiles, DecodePool, Slide, SlideError, Slid
                                    open_slide)
 from loader_service.tissue import TissueMask, TissueMaskCache, compute_tissue_mask
 
-__all__ = ["SlideRecord", "DatasetIndex", "SlideHandles", "SlideOutsideRoots", "is_under_roots"]
+__all__ = ["SlideRecord", "DatasetIndex", "SlideHandles", "SlideOutsideRoots", "client_text", "is_under_roots"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,13 @@ def is_under_roots(path: Path, roots: tuple[Path, ...]) -> bool:
     """True when the fully resolved path lies inside one of the resolved roots."""
     real = Path(os.path.realpath(path))
     return any(real.is_relative_to(Path(os.path.realpath(root))) for root in roots)
+
+
+def client_text(text: str, record_path: Path, entry: ManifestEntry) -> str:
+    """``text`` as a client may see it: the server's paths of the slide replaced by its dataset id."""
+    for path in sorted({str(record_path), str(entry.path), os.path.realpath(entry.path)}, key=len, reverse=True):
+        text = text.replace(path, entry.slide_id)
+    return text
 
 
 class SlideOutsideRoots(SlideOpenError):
@@ -221,7 +228,8 @@ def _index_slide(
     except SlideError as err:
         metrics.slides_failed.labels(reason="unreadable").inc()
         log.warning("slide %s: %s", entry.slide_id, err)
-        return SlideRecord(entry, path, None, None, f"{err.reason} ({err.hint})" if err.hint else err.reason, roots)
+        text = f"{err.reason} ({err.hint})" if err.hint else err.reason
+        return SlideRecord(entry, path, None, None, client_text(text, path, entry), roots)
     except Exception as err:  # noqa: BLE001 - any failure of one slide must not stop the index
         metrics.slides_failed.labels(reason="unreadable").inc()
         log.warning("slide %s (%s) failed to index", entry.slide_id, path, exc_info=True)
