@@ -9,13 +9,10 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-import tifffile
 
 from loader_service.server import LoaderServer
 from loader_service.synthetic import write_synthetic_slide
