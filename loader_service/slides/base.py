@@ -25,8 +25,10 @@ def _dct_scale(scales: tuple[int, ...], extra: float) -> int:
     PIL's BOX filter weighs each source pixel fully or not at all, so a fractional factor after a DCT-scaled
     decode (e.g. 1/2 then 1.5 for 3x) is not an area average of the full image: measured up to 96 levels off
     on a real scan (docs/slides.md). Decoding at 1/s is itself close to an s x s average (mean error < 0.7).
+    "Whole" within MPP_TOLERANCE: pyramids whose downsamples are not exact powers of two (4.004) still use it.
     """
-    whole = [s for s in scales if s <= extra * (1.0 + 1e-9) and abs(extra / s - round(extra / s)) < 1e-6]
+    whole = [s for s in scales
+             if s <= extra * (1.0 + 1e-9) and abs(extra / s - round(extra / s)) <= MPP_TOLERANCE * extra / s]
     return max(whole, default=1)
 
 
