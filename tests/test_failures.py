@@ -212,3 +212,25 @@ def test_shard_view_substitutes_and_tiles_view_resumes_past_a_partly_sent_sample
             pytest.fail("the tiles stream never finished")
         assert errors == 1  # one slide, quarantined at its first partly sent failure
         assert server.metrics.sample("wsi_loader_slides_quarantined_total") == errors
+
+
+def test_resumed_epoch_equals_the_uninterrupted_one(damaged_dir: Path) -> None:
+    """Without a quarantine in between, stopping and resuming gives the same samples and pixels as one run."""
+    with _server(damaged_dir) as server:
+        whole, substituted, _ = _epoch(server, _cfg())
+        assert substituted
+    with _server(damaged_dir) as server, LoaderClient(f"127.0.0.1:{server.port}", timeout_s=60) as client:
+        stream = client.stream(_cfg())
+        first: list[tuple[Any, ...]] = []
+        for batch in stream:
+            first += list(zip(batch["index"].tolist(), batch["slide_id"], batch["x"].tolist(), batch["y"].tolist(),
+                              batch["labels"].tolist()))
+            if len(first) >= 96:
+                break
+        state = stream.state_dict()
+        stream.close()
+        resumed = client.stream(_cfg())
+        resumed.load_state_dict(state)
+        rest = [m for batch in resumed for m in zip(batch["index"].tolist(), batch["slide_id"], batch["x"].tolist(),
+                                                      batch["y"].tolist(), batch["labels"].tolist())]
+    assert first + rest == whole
