@@ -77,6 +77,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         "synthetic": args.synthetic or None, "metrics_host": args.metrics_host,
         "tissue_cache_dir": args.tissue_cache_dir, "max_credits": args.max_credits,
         "progress_interval_s": args.progress_interval_s,
+        "quarantine_after": args.quarantine_after,
     }
     if args.data_root:
         data["data_roots"] = [Path(p) for p in args.data_root]
@@ -121,16 +122,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from loader_service.tissue import inspect_slide, mask_overlay_png
+    from loader_service.slides import SlideError, open_slide
+    from loader_service.tissue import compute_tissue_mask, inspect_slide, mask_overlay_png
 
-    report = inspect_slide(args.slide)
-    if args.thumbnail:
-        from loader_service.slides import open_slide
-        from loader_service.tissue import compute_tissue_mask
-
-        with open_slide(args.slide) as slide:
-            mask_overlay_png(slide, compute_tissue_mask(slide), args.thumbnail)
-        report["thumbnail"] = str(args.thumbnail)
+    try:
+        report = inspect_slide(args.slide)
+        if args.thumbnail:
+            with open_slide(args.slide) as slide:
+                mask_overlay_png(slide, compute_tissue_mask(slide), args.thumbnail)
+            report["thumbnail"] = str(args.thumbnail)
+    except (SlideError, OSError) as err:  # one line, not a traceback: the file is what needs fixing
+        print(f"loader-service inspect: {err}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(report, default=str))
         return 0
@@ -217,6 +220,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tile-cache-mb", type=float, help="decoded-tile cache size in MiB (default 512)")
     serve.add_argument("--tissue-cache-dir", help="folder to cache tissue masks in")
     serve.add_argument("--max-credits", type=int, help="most batches in flight per session (default 16)")
+    serve.add_argument("--quarantine-after", type=int,
+                       help="failed samples after which a slide is set aside until restart (default 3; docs/failures.md)")
     serve.add_argument("--synthetic", action="store_true", help="serve random pixels without reading slides")
     serve.add_argument("--tls-cert", help="PEM certificate chain of the server (enables TLS)")
     serve.add_argument("--tls-key", help="PEM private key of the server")
@@ -268,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("pyvips").setLevel(logging.WARNING)  # libvips reports every thread pool at INFO
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its parse warnings repeat the error we report
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as err:  # bad configuration, missing file, port in use: one line

@@ -88,6 +88,7 @@ class ServiceConfig:
     max_credits: int = 16
     max_open_slides: int = 256
     credit_timeout_s: float = 600.0
+    quarantine_after: int = 3  # failed samples after which a slide is set aside for the life of the service
     shutdown_grace_s: float = 30.0
     max_message_bytes: int = 1024 * 1024**2 + 1024**2
     shm_slot_bytes: int = 0  # 0 = sized from the first batch
@@ -126,6 +127,8 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.progress_interval_s > 0:
             raise ValueError(f"progress_interval_s must be > 0 seconds, got {self.progress_interval_s}")
+        if self.quarantine_after < 1:
+            raise ValueError(f"quarantine_after must be >= 1 failed samples per slide, got {self.quarantine_after}")
         if self.max_message_bytes < self.max_batch_bytes:
             raise ValueError("max_message_bytes must be at least max_batch_bytes (a batch travels in one message)")
 

@@ -40,6 +40,9 @@ METRIC_NAMES = (
     "wsi_loader_cuda_slots",
     "wsi_loader_ready",
     "wsi_loader_dataset_slides",
+    "wsi_loader_samples_failed_total",
+    "wsi_loader_slides_quarantined_total",
+    "wsi_loader_slides_skipped_total",
 )
 
 # Why a slide is left out of a dataset (the `reason` label of wsi_loader_slides_failed_total).
@@ -118,6 +121,17 @@ class Metrics:
         self.samples_decoded = Counter(
             "wsi_loader_samples_decoded", "Samples read and decoded (shared by every rank of a job)", registry=r
         )
+        self.samples_failed = Counter(
+            "wsi_loader_samples_failed", "Samples not served as drawn, by reason (read, known_bad_tile, "
+            "outside_roots, quarantined); with on_error=skip each was substituted", ["reason"], registry=r)
+        self.slides_quarantined = Counter(
+            "wsi_loader_slides_quarantined", "Slides set aside for the life of the service after failed samples",
+            registry=r)
+        self.slides_skipped = Counter(
+            "wsi_loader_slides_skipped", "Slides a session left out because they cannot serve its level or mpp "
+            "(counted per session), by reason", ["reason"], registry=r)
+        for reason in ("read", "known_bad_tile", "outside_roots", "quarantined"):
+            self.samples_failed.labels(reason=reason)
         self.shm_reclaimed = Counter(
             "wsi_loader_shm_slots_reclaimed", "Shared-memory slots taken back from vanished clients", registry=r
         )

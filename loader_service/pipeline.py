@@ -7,6 +7,7 @@ to the CPU, except with ``on_device=True`` (CUDA IPC sessions: the batch stays o
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
@@ -15,14 +16,17 @@ from functools import partial
 
 import numpy as np
 import torch
+from PIL import Image
 
 from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, render_piece,
                                     resample_rect, to_nchw, to_output)
 from loader_service.dataset import SlideHandles
 from loader_service.errors import SlideFailure
+from loader_service.failures import FailureBudget, SampleFailed, sample_failed
 from loader_service.metrics import Metrics
 from loader_service.sampling import Sample
-from loader_service.slides import SlideError
+from loader_service.slides import Slide, SlideError
+from loader_service.slides.base import MPP_TOLERANCE
 from loader_service.views import PieceSpec
 
 __all__ = ["OutputSpec", "BuiltBatch", "BatchBuilder", "resolve_device"]
@@ -80,41 +84,115 @@ class BatchBuilder:
         x, y, w, h = sample.x, sample.y, sample.width, sample.height
         if rect is not None:
             x, y, w, h = x + rect.x, y + rect.y, rect.width, rect.height
-        slide = self.handles.get(sample.record.path)
         try:
+            slide = self.handles.for_record(sample.record)  # re-checks the data roots at every open
             if sample.record.info is not None and sample.mpp > 0 and sample.mpp != _level_mpp(sample):
-                slide.read_region_mpp(sample.mpp, x, y, w, h, out=out)
+                if sample.mpp < (slide.info.mpp or 0.0) * (1.0 - MPP_TOLERANCE):  # mixed datasets, fallback
+                    _read_upsampled(slide, sample.mpp / (slide.info.mpp or 1.0), x, y, w, h, out)
+                else:
+                    slide.read_region_mpp(sample.mpp, x, y, w, h, out=out)
             else:
                 slide.read_region(sample.level, x, y, w, h, out=out)
         except SlideError as err:
-            raise SlideFailure(f"slide {sample.record.slide_id} failed while reading: {err}") from err
+            raise sample_failed(sample.record, err) from err
 
-    def read(self, samples: list[Sample], params: list[AugmentParams] | None = None) -> torch.Tensor:
+    def read(self, samples: list[Sample], params: list[AugmentParams] | None = None,
+             failures: FailureBudget | None = None) -> torch.Tensor:
         """Decode the samples' regions into one uint8 NHWC tensor (pinned when the device is a GPU).
 
         Patches cut from one locality region (``Sample.region``) are read together: one read of their
         bounding box (inside the region), then cut, when that touches no more tiles than reading them one by one.
         Samples whose ``params`` set an image-level scale or crop are resampled from the slide around their
-        region (``augment.resample``), each on its own.
+        region (``augment.resample``), each on its own. Without ``failures`` a failed read raises; with it see
+        :meth:`read_substituting`.
         """
+        return self.read_substituting(samples, params, failures)[0]
+
+    def read_substituting(self, samples: list[Sample], params: list[AugmentParams] | None,
+                          failures: FailureBudget | None) -> tuple[torch.Tensor, list[Sample]]:
+        """:meth:`read`, and the samples actually read: a sample whose read fails is counted against its slide
+        and, with ``on_error='skip'``, replaced by its next substitute draw (``Sample.substituted`` says why)."""
         first = samples[0]
         shape = (len(samples), first.height, first.width, 3)
         buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         array = buffer.numpy()
         params = params or [AugmentParams()] * len(samples)
-        tasks: list[Callable[[], None]] = [partial(self._read_resampled, s, p, array[i])
-                                           for i, (s, p) in enumerate(zip(samples, params)) if not p.resample_is_identity]
+        tasks: list[tuple[list[int], Callable[[], None]]] = [
+            ([i], partial(self._read_resampled, s, p, array[i]))
+            for i, (s, p) in enumerate(zip(samples, params)) if not p.resample_is_identity]
         plain = [i for i, p in enumerate(params) if p.resample_is_identity]
         for group in _region_groups([samples[i] for i in plain]):
             idx = [plain[g] for g in group]
             if len(idx) == 1:
-                tasks.append(partial(self._read_one, samples[idx[0]], array[idx[0]]))
+                tasks.append((idx, partial(self._read_one, samples[idx[0]], array[idx[0]])))
             else:
-                tasks.append(partial(self._read_cut, [samples[i] for i in idx], [array[i] for i in idx]))
-        for future in [self.read_pool.submit(task) for task in tasks]:
-            future.result()
+                tasks.append((idx, partial(self._read_cut, [samples[i] for i in idx], [array[i] for i in idx])))
+        failed: dict[int, SampleFailed] = {}
+        for idx, future in [(idx, self.read_pool.submit(task)) for idx, task in tasks]:
+            try:
+                future.result()
+            except SampleFailed as err:
+                if failures is None:
+                    raise
+                failed.update(self._which_failed(samples, params, array, idx, err))
+        samples = list(samples)
+        for i in sorted(failed):  # index order: the same substitutes whatever the thread timing
+            assert failures is not None
+            samples[i], pixels = self._substitute(samples[i], params[i], array[i], failed[i], failures)
+            if pixels is not None:  # whole slides: the substitute has its own size (batches of one)
+                buffer = torch.from_numpy(pixels[None]).pin_memory() if self.device.type == "cuda" \
+                    else torch.from_numpy(pixels[None])
+        quarantined = sum(1 for s in samples if s.substituted == "quarantined")
+        if quarantined:
+            self.metrics.samples_failed.labels(reason="quarantined").inc(quarantined)
         self.metrics.samples_decoded.inc(len(samples))
-        return buffer
+        return buffer, samples
+
+    def _which_failed(self, samples: list[Sample], params: list[AugmentParams], array: np.ndarray, idx: list[int],
+                      err: SampleFailed) -> dict[int, SampleFailed]:
+        """The samples of one failed read task that fail on their own (a locality box may touch tiles none needs)."""
+        if len(idx) == 1:
+            return {idx[0]: err}
+        failed: dict[int, SampleFailed] = {}
+        for i in idx:
+            try:
+                self._read_sample(samples[i], params[i], array[i])
+            except SampleFailed as one:
+                failed[i] = one
+        if err.reason == "read":  # the box read did read the tile: count it so, not as already known
+            same = [i for i, one in failed.items() if one.tile == err.tile] or sorted(failed)[:1]
+            for i in same[:1]:
+                failed[i] = err
+        return failed
+
+    def _read_sample(self, sample: Sample, params: AugmentParams, out: np.ndarray) -> None:
+        if params.resample_is_identity:
+            self._read_one(sample, out)
+        else:
+            self._read_resampled(sample, params, out)
+
+    def _substitute(self, sample: Sample, params: AugmentParams, out: np.ndarray, failure: SampleFailed,
+                    failures: FailureBudget) -> tuple[Sample, np.ndarray | None]:
+        """Count the failure, then read substitute draws until one reads (or fail, by policy or budget).
+
+        Returns the substitute and, when its size differs from ``out`` (whole slides), its own pixels.
+        """
+        last = failure
+        for _ in range(failures.max_attempts):
+            failures.quarantine.failed(last)
+            if failures.on_error == "fail":
+                raise last
+            candidate = failures.draw(sample, sample.attempt + 1, last.reason)
+            pixels = out if (candidate.height, candidate.width) == out.shape[:2] else \
+                np.empty((candidate.height, candidate.width, 3), np.uint8)
+            try:
+                self._read_sample(candidate, params, pixels)
+            except SampleFailed as err:
+                sample, last = candidate, err
+                continue
+            return replace(candidate, substituted=failure.reason), (None if pixels is out else pixels)
+        raise SlideFailure(f"sample {sample.index}: {failures.max_attempts} substitutes in a row failed to read "
+                           f"(last: {last}); too much of the dataset is unreadable, see the server log")
 
     def _read_resampled(self, sample: Sample, params: AugmentParams, out: np.ndarray) -> None:
         whole = Rect(0, 0, sample.height, sample.width)
@@ -139,7 +217,7 @@ class BatchBuilder:
         if sample.record.info is None or sample.mpp <= 0 or sample.mpp == _level_mpp(sample):
             return True
         try:
-            return self.handles.get(sample.record.path).level_for_mpp(sample.mpp)[1] == 1.0
+            return self.handles.for_record(sample.record).level_for_mpp(sample.mpp)[1] == 1.0
         except (SlideError, ValueError):
             return False  # read one by one: each read reports the failure
 
@@ -150,11 +228,14 @@ class BatchBuilder:
         return out
 
     def build(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int, epoch: int,
-              output: OutputSpec, on_device: bool = False) -> BuiltBatch:
+              output: OutputSpec, on_device: bool = False, failures: FailureBudget | None = None) -> BuiltBatch:
         """One batch of augmented images; on the service's device with ``on_device``, else on the CPU."""
         t0 = time.perf_counter()
         params = [draw_params(augment, seed, epoch, s.global_index) for s in samples] if augment is not None else []
-        pixels = self.read(samples, params)
+        pixels, read = self.read_substituting(samples, params, failures)
+        if failures is not None:
+            labels = [failures.label_of(s.record) if s.substituted else label for s, label in zip(read, labels)]
+        samples = read
         t1 = time.perf_counter()
         batch = pixels.to(self.device, non_blocking=True)
         if augment is not None:
@@ -174,17 +255,31 @@ class BatchBuilder:
 
 
     def build_piece(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int,
-                    epoch: int, output: OutputSpec, piece: PieceSpec, on_device: bool = False) -> BuiltBatch:
+                    epoch: int, output: OutputSpec, piece: PieceSpec, on_device: bool = False,
+                    failures: FailureBudget | None = None) -> BuiltBatch:
         """One piece (tile or shard) of one sample's augmented image, reading only the raw pixels it needs.
 
-        On the service's device with ``on_device``, else on the CPU.
+        On the service's device with ``on_device``, else on the CPU. A failed read is substituted only when the
+        piece is the sample's only one in this stream (shard view): pieces already sent cannot be taken back, so
+        otherwise the slide is quarantined at once and the session ends (its resume substitutes the sample).
         """
         sample = samples[0]
         t0 = time.perf_counter()
         params = draw_params(augment, seed, epoch, sample.global_index) if augment is not None else AugmentParams()
 
-        chw = render_piece(params, (sample.height, sample.width), piece.rect,
-                           lambda rect: self._read_rect(sample, rect), self.device)
+        def render(s: Sample) -> torch.Tensor:
+            return render_piece(params, (s.height, s.width), piece.rect, lambda rect: self._read_rect(s, rect),
+                                self.device)
+
+        try:
+            chw = render(sample)
+        except SampleFailed as err:
+            if failures is None:
+                raise
+            sample, chw = self._substitute_piece(sample, piece, err, render, failures)
+            samples, labels = [sample], [failures.label_of(sample.record)]
+        if sample.substituted == "quarantined" and piece.index == 0:
+            self.metrics.samples_failed.labels(reason="quarantined").inc()
         images = to_output(chw[None], output.dtype, output.mean or None, output.std or None)
         if output.channels_last:
             images = images.permute(0, 2, 3, 1)
@@ -193,11 +288,50 @@ class BatchBuilder:
         self.metrics.stage_seconds.labels(stage="read").observe(time.perf_counter() - t0)
         return BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, piece=piece)
 
+    def _substitute_piece(self, sample: Sample, piece: PieceSpec, failure: SampleFailed,
+                          render: Callable[[Sample], torch.Tensor], failures: FailureBudget
+                          ) -> tuple[Sample, torch.Tensor]:
+        first = sample
+        last = failure
+        for _ in range(failures.max_attempts):
+            failures.quarantine.failed(last)
+            if failures.on_error == "fail":
+                raise last
+            if piece.count != 1:
+                failures.quarantine.set_aside(first.record, f"failed in piece {piece.index} of {piece.count} "
+                                              f"after earlier pieces were sent: {failure.detail}")
+                raise SlideFailure(f"sample {first.index} of slide {first.record.slide_id} failed in piece "
+                                   f"{piece.index} of {piece.count} ({failure.detail}); its earlier pieces were sent, "
+                                   "so it cannot be replaced in this stream. The slide is now quarantined: resume "
+                                   "from the last cursor and the sample is replaced")
+            candidate = failures.draw(sample, sample.attempt + 1, last.reason)
+            if (candidate.height, candidate.width) != (first.height, first.width):
+                break  # whole slides differ in size: the piece's geometry no longer fits
+            try:
+                return replace(candidate, substituted=failure.reason), render(candidate)
+            except SampleFailed as err:
+                sample, last = candidate, err
+        failures.quarantine.set_aside(first.record, failure.detail)
+        raise SlideFailure(f"sample {first.index} of slide {first.record.slide_id} failed ({failure.detail}) and no "
+                           "substitute of the same size could be read; the slide is now quarantined: resume from the "
+                           "last cursor and the sample is replaced")
+
 
 def _placed(images: torch.Tensor, on_device: bool) -> torch.Tensor:
     """The finished batch, contiguous: where it was built (the service's device) or copied to the CPU."""
     images = images.contiguous()
     return images if on_device else images.cpu()
+
+
+def _read_upsampled(slide: Slide, f: float, x: int, y: int, w: int, h: int, out: np.ndarray) -> None:
+    """The region in a grid ``1/f`` times finer than level 0 (f < 1): level 0 around it, bilinear upsampling."""
+    box = (x * f, y * f, (x + w) * f, (y + h) * f)
+    x0, y0 = math.floor(box[0]) - 1, math.floor(box[1]) - 1
+    x1, y1 = math.ceil(box[2]) + 1, math.ceil(box[3]) + 1
+    src = slide.read_region(0, x0, y0, x1 - x0, y1 - y0)
+    resized = Image.fromarray(src).resize((w, h), Image.Resampling.BILINEAR,
+                                          box=(box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0))
+    np.copyto(out, np.asarray(resized))
 
 
 def _region_groups(samples: list[Sample]) -> list[list[int]]:

@@ -15,6 +15,8 @@ from wsi_loader.v1 import loader_pb2 as pb
 __all__ = ["SessionRequest", "parse_open", "MODE_NAMES", "BALANCE_NAMES"]
 
 MODE_NAMES = {pb.MODE_UNSPECIFIED: "random", pb.RANDOM: "random", pb.GRID: "grid"}
+ON_ERROR_NAMES = {pb.ON_ERROR_SKIP: "skip", pb.ON_ERROR_FAIL: "fail"}
+UNSERVABLE_NAMES = {pb.UNSERVABLE_SKIP: "skip", pb.UNSERVABLE_FALLBACK: "fallback"}
 BALANCE_NAMES = {pb.BALANCE_UNSPECIFIED: "area", pb.BY_AREA: "area", pb.BY_SLIDE: "slide", pb.BY_LABEL: "label"}
 
 
@@ -35,6 +37,8 @@ class SessionRequest:
     job_id: str
     shm_slots: int
     view: ViewConfig
+    on_error: str = "skip"  # skip | fail: what a sample whose read fails does (docs/failures.md)
+    unservable: str = "skip"  # skip | fallback: slides that cannot serve the level/mpp (mixed datasets)
 
     def tensor_bytes(self) -> int | None:
         """The largest images tensor one message of this session carries; None when it depends on the slide.
@@ -56,6 +60,10 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
         raise InvalidRequest("open.dataset is empty: name one of the datasets ListDatasets returns")
     if msg.mode not in MODE_NAMES:
         raise InvalidRequest(f"open.mode {msg.mode} is unknown; use RANDOM or GRID")
+    if msg.on_error not in ON_ERROR_NAMES:
+        raise InvalidRequest(f"open.on_error {msg.on_error} is unknown; use ON_ERROR_SKIP or ON_ERROR_FAIL")
+    if msg.unservable not in UNSERVABLE_NAMES:
+        raise InvalidRequest(f"open.unservable {msg.unservable} is unknown; use UNSERVABLE_SKIP or UNSERVABLE_FALLBACK")
     if msg.balance not in BALANCE_NAMES:
         raise InvalidRequest(f"open.balance {msg.balance} is unknown; use BY_AREA, BY_SLIDE or BY_LABEL")
     world = msg.world_size or 1
@@ -87,6 +95,7 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
         dataset=msg.dataset, spec=spec, epoch=msg.epoch, rank=msg.rank, world_size=world, cursor=msg.cursor,
         batch_size=batch, drop_last=msg.drop_last, augment=augment, output=output, transport=msg.transport,
         shm_probe=msg.shm_probe, job_id=msg.job_id, shm_slots=msg.shm_slots, view=view,
+        on_error=ON_ERROR_NAMES[msg.on_error], unservable=UNSERVABLE_NAMES[msg.unservable],
     )
     nbytes = request.tensor_bytes()
     if nbytes is not None and nbytes > max_batch_bytes and view.view != "shard":

@@ -16,8 +16,9 @@ from grpc_health.v1 import health_pb2_grpc
 
 from loader_service.augment import warm_up_cpu_kernels
 from loader_service.config import ServiceConfig
-from loader_service.dataset import DatasetIndex, SlideHandles
+from loader_service.dataset import DatasetIndex, SlideHandles, SlideOutsideRoots
 from loader_service.errors import Forbidden, InvalidRequest, NotReady, NotFound, ServiceError, SlideFailure, TooLarge, Unauthenticated, Unavailable
+from loader_service.failures import FailureBudget, Quarantine, sample_failed
 from loader_service.metrics import Metrics, MetricsEndpoint
 from loader_service.pipeline import BatchBuilder, BuiltBatch, resolve_device
 from loader_service.readiness import LOADER_SERVICE, Readiness
@@ -106,6 +107,7 @@ class LoaderServer:
             self.metrics.shm_reclaimed.inc(reclaimed)
         self.decode_pool = DecodePool(cfg.workers, jpeg_backend=cfg.jpeg_backend, jpeg_device=cfg.device)
         self.handles = SlideHandles(cfg.max_open_slides, self.tile_cache, self.decode_pool)
+        self.quarantine = Quarantine(cfg.quarantine_after, self.metrics)
         self.read_pool = ThreadPoolExecutor(max_workers=2 * cfg.workers, thread_name_prefix="read")
         self.batch_pool = ThreadPoolExecutor(max_workers=max(2, cfg.workers), thread_name_prefix="batch")
         self.builder = BatchBuilder(self.handles, self.read_pool, self.device, self.metrics)
@@ -255,14 +257,19 @@ class LoaderServer:
             build_s = functools.partial(self.synthetic.build, output=request.output)
             return plan_s, build_s, build_s
         ds = self.dataset(request.dataset)
-        plan = EpochPlan(ds, request.spec, request.epoch, request.rank, request.world_size, self.candidates[ds.name])
+        plan = EpochPlan(ds, request.spec, request.epoch, request.rank, request.world_size, self.candidates[ds.name],
+                         avoid=self.quarantine.snapshot(), unservable=request.unservable)
+        for reason in plan.skipped_reasons:
+            self.metrics.slides_skipped.labels(reason=reason).inc()
         if request.spec.whole_slide:
             limit = self.config.max_region_pixels
             big = [r.slide_id for r, c in plan.slides if c.geometry.width * c.geometry.height > limit]
             if big:
                 raise TooLarge(f"whole slides {big[:3]} exceed the server's limit of {limit} pixels at this level; "
                                "ask for a coarser level or a larger mpp")
-        common = dict(augment=request.augment, seed=request.spec.seed, epoch=request.epoch, output=request.output)
+        failures = FailureBudget(request.on_error, self.quarantine, plan.substitute, plan.label_index)
+        common = dict(augment=request.augment, seed=request.spec.seed, epoch=request.epoch, output=request.output,
+                      failures=failures)
         return plan, functools.partial(self.builder.build, **common), functools.partial(self.builder.build_piece, **common)
 
     def open_transport(self, request: SessionRequest, session: Session
@@ -447,14 +454,20 @@ class _Servicer(pb_grpc.LoaderServicer):
                                      f"0..{len(record.info.levels) - 1}")
             if request.mpp < 0:
                 raise InvalidRequest(f"mpp must be >= 0 (0 = use level), got {request.mpp}")
-            slide = self.s.handles.get(record.path)
             try:
+                slide = self.s.handles.for_record(record)  # re-checks the data roots
                 if request.mpp > 0:
                     pixels = slide.read_region_mpp(request.mpp, request.x, request.y, request.width, request.height)
                 else:
                     pixels = slide.read_region(request.level, request.x, request.y, request.width, request.height)
+            except SlideOutsideRoots as err:
+                self.s.quarantine.failed(sample_failed(record, err))
+                raise Forbidden(f"slide {record.slide_id} now resolves outside the server's data roots; it is refused "
+                                "and quarantined (ask the operator to restore it)") from err
             except SlideError as err:
-                raise SlideFailure(str(err)) from err
+                failure = sample_failed(record, err)
+                self.s.quarantine.failed(failure)
+                raise SlideFailure(f"slide {record.slide_id}: {failure.detail}") from err
             except ValueError as err:
                 raise InvalidRequest(str(err)) from err
             return encode_tensor(pixels)
@@ -489,6 +502,7 @@ class _Servicer(pb_grpc.LoaderServicer):
                 session_id=session.id, shard_length=plan.shard_length, batches=session.cursor.remaining_batches(),
                 transport=transport, transport_reason=reason, labels=plan.labels,
                 shm_segment=pool.name if isinstance(pool, SlotPool) else "",
+                skipped_slides=getattr(plan, "skipped", []),
             ))
             yield from session.batches()
         except ServiceError as err:

@@ -224,7 +224,7 @@ class Session:
 
     def batches(self) -> Iterator[pb.StreamResponse]:
         pending: deque[tuple[int, int, Future[tuple[BuiltBatch, pb.StreamResponse]]]] = deque()
-        sent = 0
+        sent = substituted = 0
         sent_cursor = self.cursor.cursor  # the cursor after the last batch handed to gRPC
         try:
             while True:
@@ -257,8 +257,9 @@ class Session:
                     return
                 self._count(built, built.timings.get("serialize", 0.0), sent_s)
                 sent += len(built.samples)
+                substituted += sum(1 for s in built.samples if s.substituted)
             self.completed = True  # before the yield: the client may hang up as soon as it sees the end
-            yield pb.StreamResponse(end=pb.EndOfEpoch(samples=sent, cursor=self.cursor.cursor))
+            yield pb.StreamResponse(end=pb.EndOfEpoch(samples=sent, cursor=self.cursor.cursor, substituted=substituted))
         finally:
             for _, _, future in pending:
                 future.cancel()

@@ -1,7 +1,8 @@
 """Tissue detection on a low-resolution view of a slide, an on-disk mask cache, overlays, inspect.
 
 The mask is Otsu's threshold on HSV saturation (stained tissue is saturated, glass background
-is near-grey), with a floor so that an empty slide is not split in two by noise, followed by
+is near-grey); on a greyscale slide (no colour at all, so no saturation) it is Otsu's threshold on
+darkness instead (tissue is darker than glass). Either has a floor so that an empty slide is not split in two by noise, followed by
 morphological clean-up whose sizes are physical (µm) and converted to mask pixels with the
 slide's resolution: specks smaller than ``min_object_um`` across are removed, holes smaller than
 ``max_hole_um`` across are filled.
@@ -37,7 +38,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _ASSUMED_MPP = 0.5  # for sizing the morphology when a slide has no resolution metadata
-_MASK_VERSION = 1  # bump when the algorithm changes: invalidates cached masks
+_MASK_VERSION = 2  # bump when the algorithm changes: invalidates cached masks
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,18 @@ class TissueParams:
     min_object_um: float = 60.0  # remove specks smaller than this across
     max_hole_um: float = 120.0  # fill holes smaller than this across
     smooth_um: float = 20.0  # closing then opening with a square this wide
+    min_darkness: float = 0.2  # greyscale slides: threshold floor on 1 - value (tissue darker than this is kept)
+    grey_fraction: float = 0.999  # a thumbnail is greyscale when this share of its pixels has no colour
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_saturation < 1.0:
             raise ValueError("min_saturation must be in [0, 1)")
         if not 0.0 <= self.max_value_black < 1.0:
             raise ValueError("max_value_black must be in [0, 1)")
+        if not 0.0 <= self.min_darkness < 1.0:
+            raise ValueError("min_darkness must be in [0, 1)")
+        if not 0.0 < self.grey_fraction <= 1.0:
+            raise ValueError("grey_fraction must be in (0, 1]")
         for name in ("min_object_um", "max_hole_um", "smooth_um"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -62,7 +69,7 @@ class TissueParams:
     def key(self) -> str:
         return (
             f"v{_MASK_VERSION}-{self.min_saturation:g}-{self.max_value_black:g}-{self.min_object_um:g}"
-            f"-{self.max_hole_um:g}-{self.smooth_um:g}"
+            f"-{self.max_hole_um:g}-{self.smooth_um:g}-{self.min_darkness:g}-{self.grey_fraction:g}"
         )
 
 
@@ -150,12 +157,20 @@ def _close_open(mask: np.ndarray, size: int) -> np.ndarray:
     return m.astype(bool)
 
 
+def _is_greyscale(sat: np.ndarray, params: TissueParams) -> bool:
+    """No colour anywhere (R = G = B but for compression noise): a greyscale scan, not an empty colour one."""
+    return float(np.count_nonzero(sat <= 8)) >= params.grey_fraction * sat.size
+
+
 def _mask_from_rgb(rgb: np.ndarray, um_per_px: float, params: TissueParams) -> tuple[np.ndarray, float]:
     sat, value = _saturation(rgb)
     not_black = value >= params.max_value_black * 255
-    hist = np.bincount(sat.ravel(), minlength=256) - np.bincount(sat[~not_black], minlength=256)
-    thr = max(otsu_threshold_hist(hist) if hist.any() else 255.0, params.min_saturation * 255)
-    mask = (sat > thr) & not_black
+    feature, floor = sat, params.min_saturation
+    if _is_greyscale(sat, params):
+        feature, floor = 255 - value, params.min_darkness  # darkness: tissue absorbs, glass does not
+    hist = np.bincount(feature.ravel(), minlength=256) - np.bincount(feature[~not_black], minlength=256)
+    thr = max(otsu_threshold_hist(hist) if hist.any() else 255.0, floor * 255)
+    mask = (feature > thr) & not_black
     size = int(round(params.smooth_um / um_per_px))
     if size >= 2:
         mask = _close_open(mask, size)

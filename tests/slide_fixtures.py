@@ -30,6 +30,7 @@ __all__ = [
     "write_aperio_j2k_svs",
     "write_ome_subifd",
     "write_broken_files",
+    "damage_tiles",
     "aperio_style_jpeg_tiles",
     "ycbcr_from_rgb",
     "shared_wsi",
@@ -291,6 +292,31 @@ def write_broken_files(directory: Path, good_jpeg_tiff: Path) -> dict[str, Path]
     out["corrupt_tile"].write_bytes(bytes(corrupt))
     out["corrupt_tile_index"] = Path("5")  # which tile of level 0 is broken (as a Path for one dict type)
     return out
+
+
+def damage_tiles(src: Path, dst: Path, damage: dict[int, str], level: int = 0) -> Path:
+    """Copy ``src`` to ``dst`` with tiles of ``level`` damaged, the pyramid otherwise valid (it still indexes).
+
+    ``damage`` maps tile index -> "zero" (the tile's bytes zeroed) or "truncate" (its byte count halved in the
+    IFD: the stream is cut off mid-scan, as a short copy of the tile would be).
+    """
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tf:
+        page = tf.pages[level]
+        offsets, counts = page.dataoffsets, page.databytecounts
+        tag = page.tags["TileByteCounts"]
+        fmt = {3: "<H", 4: "<I", 16: "<Q"}[int(tag.dtype)]
+        value_offset = tag.valueoffset
+    for index, how in damage.items():
+        off, n = offsets[index], counts[index]
+        if how == "zero":
+            data[off : off + n] = b"\x00" * n
+        elif how == "truncate":
+            struct.pack_into(fmt, data, value_offset + struct.calcsize(fmt) * index, n // 2)
+        else:
+            raise ValueError(f"damage must be 'zero' or 'truncate', got {how!r}")
+    dst.write_bytes(bytes(data))
+    return dst
 
 
 # --- pytest fixtures (session scope) -----------------------------------------------------------

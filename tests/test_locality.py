@@ -131,8 +131,8 @@ def _counting_builder(threads: int) -> tuple[BatchBuilder, Counter[str], ThreadP
     reads: Counter[str] = Counter()
     opened = handles.get
 
-    def get(path: Any) -> Any:
-        slide = opened(path)
+    def get(path: Any, *args: Any) -> Any:  # (path, roots, mpp): the roots re-check at every get
+        slide = opened(path, *args)
         if not hasattr(slide, "_counted"):
             real = slide.read_region
 

@@ -183,6 +183,7 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
         self.shard_length = 0
         self.transport = ""          # the transport the service chose: grpc | shm | cuda_ipc
         self.transport_reason = ""   # the service's reason when that is not the one asked for
+        self.skipped_slides: list[str] = []  # slides the service left out of the last session, with why
         self._call: _Call | None = None
 
     # --- state ---------------------------------------------------------------------------------------------
@@ -227,6 +228,10 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
             self.shard_length = opened.shard_length
             self.transport = _NAMES.get(opened.transport, "grpc")
             self.transport_reason = opened.transport_reason
+            self.skipped_slides = list(opened.skipped_slides)  # "slide_id: why" left out of this session
+            if self.skipped_slides:
+                log.warning("the service left %d slides out of this session: %s", len(self.skipped_slides),
+                            "; ".join(self.skipped_slides[:5]))
             self._check_transport(want_shm)
             call.receiver = self._receiver(call, opened)  # ready before any batch can be sent
             call.grant(self.config.credits)
@@ -313,6 +318,7 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
             "level": torch.tensor([s.level for s in samples], dtype=torch.int64),
             "index": torch.tensor([s.index for s in samples], dtype=torch.int64),
             "padding": torch.tensor([s.padding for s in samples], dtype=torch.bool),
+            "substituted": torch.tensor(list(batch.substituted), dtype=torch.int64),  # shard indices replaced
             "piece": _piece(samples[0]) if samples and samples[0].HasField("piece") else None,
         }
 

@@ -14,6 +14,8 @@ _MODES = {"random": pb.RANDOM, "grid": pb.GRID}
 _BALANCES = {"area": pb.BY_AREA, "slide": pb.BY_SLIDE, "label": pb.BY_LABEL}
 _TRANSPORTS = ("auto", "grpc", "shm", "cuda_ipc")
 _VIEWS = {"patches": pb.PATCHES, "image": pb.IMAGE, "tiles": pb.TILES, "shard": pb.SHARD}
+_ON_ERROR = {"skip": pb.ON_ERROR_SKIP, "fail": pb.ON_ERROR_FAIL}
+_UNSERVABLE = {"skip": pb.UNSERVABLE_SKIP, "fallback": pb.UNSERVABLE_FALLBACK}
 _TILE_ORDERS = {"row-major": pb.ROW_MAJOR, "column-major": pb.COLUMN_MAJOR, "serpentine": pb.SERPENTINE}
 
 
@@ -62,6 +64,12 @@ class StreamConfig:
     shard: tuple[int, int] = (0, 0)  # shard view: this rank's (row, col)
     halo: int = 0
     align: int = 1
+    # A sample whose read fails: skip = replaced deterministically (batch["substituted"] lists the indices),
+    # fail = the stream ends with SlideReadError (docs/failures.md)
+    on_error: str = "skip"
+    # Slides that cannot serve the level/mpp (mixed datasets): skip = left out (the service logs why),
+    # fallback = read at their nearest resolution and resampled
+    unservable: str = "skip"
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -78,6 +86,10 @@ class StreamConfig:
             raise ValueError(f"credits (batches in flight) must be 1..64, got {self.credits}")
         if self.view not in _VIEWS:
             raise ValueError(f"view must be one of {sorted(_VIEWS)}, got {self.view!r}")
+        if self.on_error not in _ON_ERROR:
+            raise ValueError(f"on_error must be one of {sorted(_ON_ERROR)}, got {self.on_error!r}")
+        if self.unservable not in _UNSERVABLE:
+            raise ValueError(f"unservable must be one of {sorted(_UNSERVABLE)}, got {self.unservable!r}")
         if self.tile_order not in _TILE_ORDERS:
             raise ValueError(f"tile_order must be one of {sorted(_TILE_ORDERS)}, got {self.tile_order!r}")
         object.__setattr__(self, "grid", tuple(self.grid))
@@ -111,6 +123,7 @@ class StreamConfig:
             transport=transport, shm_probe=shm_probe, job_id=self.job_id,
             patches_per_region=self.patches_per_region, locality_window=self.locality_window,
             locality_region_size=self.locality_region_size,
+            on_error=_ON_ERROR[self.on_error], unservable=_UNSERVABLE[self.unservable],
             view=pb.ViewSpec(view=_VIEWS[self.view], region_width=self.region_width, region_height=self.region_height,
                              whole_slide=self.whole_slide, tile_size=self.tile_size, overlap=self.overlap,
                              grid_rows=self.grid[0], grid_cols=self.grid[1], shard_row=self.shard[0],

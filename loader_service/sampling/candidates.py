@@ -10,7 +10,7 @@ import numpy as np
 from loader_service.dataset import SlideRecord
 from loader_service.errors import InvalidRequest
 
-__all__ = ["SlideGeometry", "Candidates", "slide_geometry", "tissue_cells", "CandidateCache"]
+__all__ = ["SlideGeometry", "Candidates", "Unservable", "slide_geometry", "tissue_cells", "CandidateCache"]
 
 
 @dataclass(frozen=True)
@@ -30,33 +30,47 @@ class Candidates:
     cells: np.ndarray  # (n, 2) int64 top-left (x, y) in sample pixels, ordered by row then column
 
 
-def slide_geometry(record: SlideRecord, level: int, mpp: float) -> SlideGeometry:
+class Unservable(InvalidRequest):
+    """A slide cannot serve a session's level or mpp. ``reason``: level_missing, no_mpp or mpp_too_fine."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def slide_geometry(record: SlideRecord, level: int, mpp: float, fallback_downsample: float | None = None
+                   ) -> SlideGeometry:
+    """The slide in the sampling grid of ``level`` or ``mpp``; raises :class:`Unservable` when it has no such grid.
+
+    ``fallback_downsample`` (mixed datasets, fallback asked): instead of raising, a missing level is read at that
+    downsample (resampled from the nearest level; the coarsest level when the slide has no mpp) and a too-fine
+    mpp is upsampled from level 0. A slide without mpp still cannot serve an mpp.
+    """
     info = record.info
     assert info is not None
     width0, height0 = info.levels[0].width, info.levels[0].height
     base_mpp = info.mpp or 0.0
+    fallback = fallback_downsample is not None
     if mpp > 0:
         if not base_mpp:
-            raise InvalidRequest(
-                f"slide {record.slide_id} has no microns-per-pixel metadata, so it cannot be read at {mpp} µm/px; "
-                "ask by level instead (mpp=0) or fix the slide's resolution tags"
-            )
+            raise Unservable(f"slide {record.slide_id} has no microns-per-pixel metadata, so it cannot be read at "
+                             f"{mpp} µm/px", "no_mpp")
         scale = mpp / base_mpp
-        if scale < 0.999:
-            raise InvalidRequest(
-                f"{mpp} µm/px is finer than slide {record.slide_id}'s full resolution ({base_mpp:.4f} µm/px); "
-                f"ask for mpp >= {base_mpp:.4f}"
-            )
+        if scale < 0.999 and not fallback:
+            raise Unservable(f"{mpp} µm/px is finer than slide {record.slide_id}'s full resolution "
+                             f"({base_mpp:.4f} µm/px)", "mpp_too_fine")
         level_read = 0
         for i, lv in enumerate(info.levels):
             if lv.downsample <= scale * 1.001:
                 level_read = i
         return SlideGeometry(level_read, mpp, scale, int(width0 / scale), int(height0 / scale))
     if level >= len(info.levels):
-        raise InvalidRequest(
-            f"level {level} does not exist in slide {record.slide_id} (it has {len(info.levels)} levels, "
-            f"0..{len(info.levels) - 1}); ask for a lower level or by mpp"
-        )
+        if fallback_downsample is None:
+            raise Unservable(f"level {level} does not exist in slide {record.slide_id} (it has {len(info.levels)} "
+                             f"levels, 0..{len(info.levels) - 1})", "level_missing")
+        if base_mpp:
+            return slide_geometry(record, 0, base_mpp * fallback_downsample, fallback_downsample)
+        level = len(info.levels) - 1  # no mpp: no resampling target but the nearest level itself
     lv = info.levels[level]
     return SlideGeometry(level, base_mpp * lv.downsample, lv.downsample, lv.width, lv.height)
 
@@ -103,13 +117,13 @@ class CandidateCache:
         self._lock = threading.Lock()
 
     def get(self, record: SlideRecord, level: int, mpp: float, patch: tuple[int, int], stride: int,
-            threshold: float) -> Candidates:
-        key = (record.slide_id, level, mpp, patch, stride, threshold)
+            threshold: float, fallback_downsample: float | None = None) -> Candidates:
+        key = (record.path, level, mpp, patch, stride, threshold, fallback_downsample)
         with self._lock:
             found = self._cache.get(key)
         if found is not None:
             return found
-        geometry = slide_geometry(record, level, mpp)
+        geometry = slide_geometry(record, level, mpp, fallback_downsample)
         result = Candidates(geometry, tissue_cells(record, geometry, patch, stride, threshold))
         with self._lock:
             self._cache[key] = result

@@ -15,14 +15,16 @@ index), so sharding and cursors behave exactly as with independent draws.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from loader_service.dataset import DatasetIndex, SlideRecord
-from loader_service.errors import InvalidRequest
-from loader_service.sampling.candidates import CandidateCache, Candidates, slide_geometry
+from loader_service.errors import InvalidRequest, SlideFailure
+from loader_service.sampling.candidates import CandidateCache, Candidates, Unservable, slide_geometry
 from loader_service.sampling.spec import SamplingSpec
 
 __all__ = ["Sample", "EpochPlan", "ShardCursor", "sample_rng"]
@@ -31,6 +33,8 @@ _SALT_SAMPLE = 0x5A17  # distinct streams for sampling and augmentation (augment
 _SALT_ORDER = 0x0D3E
 _SALT_GROUP = 0x6A0C  # locality: the order of a group's (region, patch) pairs
 _SALT_REGION = 0x5E61  # locality: a region's placement and its patches' positions
+_SALT_SUBSTITUTE = 0x5B57  # substitutes of a failed sample: the same index's stream, attempt 1, 2, ...
+_MAX_SUBSTITUTE_DRAWS = 256  # draws tried before giving up on finding a slide that is not quarantined
 _CACHE_GROUPS = 64  # locality groups (and their regions) kept per plan: consecutive batches reuse them
 
 Rect4 = tuple[int, int, int, int]  # (x, y, width, height) in the sample grid
@@ -53,31 +57,41 @@ class Sample:
     height: int
     padding: bool = False
     region: Rect4 | None = None  # locality sampling: the region this patch was cut from (contains the patch)
+    substituted: str = ""  # why this replaces the index's own draw ("quarantined", a failure reason); "" = it is
+    attempt: int = 0  # 0: the index's own draw; n: its n-th substitute draw (EpochPlan.substitute)
 
 
 class EpochPlan:
     """Samples of one (spec, epoch) over a dataset, and one rank's shard of them."""
 
     def __init__(self, index: DatasetIndex, spec: SamplingSpec, epoch: int, rank: int, world_size: int,
-                 candidates: CandidateCache) -> None:
+                 candidates: CandidateCache, avoid: Mapping[Path, str] | Collection[Path] = (),
+                 unservable: str = "skip") -> None:
+        """``avoid``: quarantined slides (path -> why); samples drawn on them are replaced by :meth:`substitute`
+        (the plan's slides and weights stay those of the dataset, so the other indices draw exactly what they
+        would). ``unservable``: slides that cannot serve the level or mpp are left out ("skip") or read at the
+        nearest resolution and resampled ("fallback"); ``skipped`` lists them ("slide_id: why")."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise InvalidRequest(f"rank {rank} must be in 0..world_size-1 with world_size >= 1 (got {world_size})")
         self.spec, self.epoch, self.rank, self.world_size = spec, epoch, rank, world_size
+        self.avoid = frozenset(avoid)
         records = [r for r in index.usable if not spec.split or r.entry.split == spec.split]
         if not records:
             split = f" in split {spec.split!r}" if spec.split else ""
             raise InvalidRequest(f"dataset {index.name} has no usable slides{split}; check the manifest and the server log")
+        self.skipped: list[str] = []  # "slide_id: why" of the slides this session leaves out
+        self.skipped_reasons: list[str] = []
         self._slides: list[tuple[SlideRecord, Candidates]] = []
-        patch = spec.region_shape  # the patch itself unless patches_per_region > 1
-        stride = spec.stride if spec.patches_per_region == 1 else min(patch)
+        patch = self._select(records, candidates, unservable)
+        if not self._slides and self.skipped_reasons:
+            raise InvalidRequest(_unservable_text(index.name, records, spec))
+        if self._slides and all(r.path in self.avoid for r, _ in self._slides):
+            raise SlideFailure(f"every slide of dataset {index.name} this session samples is quarantined after failed "
+                               "reads (see the server log); repair the slides and restart the service")
         for record in records:
-            if spec.whole_slide:
-                geo = slide_geometry(record, spec.level, spec.mpp)
-                self._slides.append((record, Candidates(geo, np.zeros((1, 2), dtype=np.int64))))
-                continue
-            cands = candidates.get(record, spec.level, spec.mpp, patch, stride, spec.tissue_threshold)
-            if len(cands.cells):
-                self._slides.append((record, cands))
+            if record.path in self.avoid:
+                why = avoid[record.path] if isinstance(avoid, Mapping) else "quarantined"
+                self.skipped.append(f"{record.slide_id}: {why}")
         if not self._slides:
             locality = (f" (a locality region of {spec.patches_per_region} patches; lower patches_per_region or "
                         "locality_region_size)") if spec.patches_per_region > 1 else ""
@@ -92,6 +106,33 @@ class EpochPlan:
         else:
             self._init_grid()
         self.shard_length = self.epoch_length // world_size
+
+    def _select(self, records: list[SlideRecord], candidates: CandidateCache, unservable: str) -> tuple[int, int]:
+        """Fill ``_slides`` with the slides that serve the spec (and have a region over tissue); the region shape."""
+        spec = self.spec
+        patch = spec.region_shape  # the patch itself unless patches_per_region > 1
+        stride = spec.stride if spec.patches_per_region == 1 else min(patch)
+        fallback = _level_downsample(records, spec.level) if unservable == "fallback" else None
+        for record in records:
+            try:
+                try:
+                    geo = slide_geometry(record, spec.level, spec.mpp)
+                    fell_back = None
+                except Unservable as err:
+                    if fallback is None or err.reason == "no_mpp":
+                        raise
+                    geo, fell_back = slide_geometry(record, spec.level, spec.mpp, fallback), fallback
+                if spec.whole_slide:
+                    self._slides.append((record, Candidates(geo, np.zeros((1, 2), dtype=np.int64))))
+                    continue
+                cands = candidates.get(record, spec.level, spec.mpp, patch, stride, spec.tissue_threshold, fell_back)
+            except Unservable as err:
+                self.skipped.append(f"{record.slide_id}: {err}")
+                self.skipped_reasons.append(err.reason)
+                continue
+            if len(cands.cells):
+                self._slides.append((record, cands))
+        return patch
 
     # --- random mode -------------------------------------------------------------------------------------
     def _init_random(self) -> None:
@@ -204,12 +245,41 @@ class EpochPlan:
         else:
             slide, x, y = self._grid_sample(global_index)
             padding = global_index >= self._grid_total
+        drawn = self._make(shard_index, global_index, slide, x, y, padding, region)
+        if drawn.record.path in self.avoid:
+            return self.substitute(drawn, 1, "quarantined")
+        return drawn
+
+    def _make(self, shard_index: int, global_index: int, slide: int, x: int, y: int, padding: bool,
+              region: Rect4 | None, substituted: str = "", attempt: int = 0) -> Sample:
         record, cands = self._slides[slide]
         geo = cands.geometry
         if self.spec.whole_slide:
-            return Sample(shard_index, global_index, record, geo.level, geo.mpp, 0, 0, geo.width, geo.height, padding)
+            return Sample(shard_index, global_index, record, geo.level, geo.mpp, 0, 0, geo.width, geo.height, padding,
+                          None, substituted, attempt)
         return Sample(shard_index, global_index, record, geo.level, geo.mpp, x, y, self.spec.patch_size,
-                      self.spec.height, padding, region)
+                      self.spec.height, padding, region, substituted, attempt)
+
+    def substitute(self, sample: Sample, attempt: int, reason: str) -> Sample:
+        """The first substitute draw of ``sample``'s index from ``attempt`` on whose slide is not avoided.
+
+        Draw ``n`` is a pure function of (seed, epoch, global index, n): a sample of the same mode (random: a
+        slide by the balance, a tissue cell, a jitter; grid and whole slides: a uniform cell of the grid), same
+        size, shard index and augmentation parameters. Raises SlideFailure when no such draw is found.
+        """
+        for n in range(attempt, attempt + _MAX_SUBSTITUTE_DRAWS):
+            rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(
+                [self.spec.seed, self.epoch, sample.global_index, _SALT_SUBSTITUTE, n])))
+            if self.spec.mode == "random" and not self.spec.whole_slide:
+                slide, x, y = self._place(rng, self.spec.patch_size, self.spec.height)
+            else:
+                position = int(rng.integers(self._grid_total))
+                slide = int(np.searchsorted(self._offsets, position, side="right")) - 1
+                x, y = (int(v) for v in self._slides[slide][1].cells[position - self._offsets[slide]])
+            if self._slides[slide][0].path not in self.avoid:
+                return self._make(sample.index, sample.global_index, slide, x, y, sample.padding, None, reason, n)
+        raise SlideFailure(f"sample {sample.index}: no readable substitute in {_MAX_SUBSTITUTE_DRAWS} draws; most of "
+                           "the dataset's tissue is on quarantined slides (see the server log)")
 
     def label_index(self, record: SlideRecord) -> int:
         return self._label_index[record.entry.label]
@@ -218,6 +288,28 @@ class EpochPlan:
     def slides(self) -> list[tuple[SlideRecord, Candidates]]:
         """The slides this plan samples from, with their candidate cells."""
         return self._slides
+
+
+def _level_downsample(records: list[SlideRecord], level: int) -> float:
+    """The downsample of ``level`` in the slides that have it (their median): what a fallback reads others at."""
+    found = [r.info.levels[level].downsample for r in records if r.info is not None and level < len(r.info.levels)]
+    return float(np.median(found)) if found else 2.0 ** level
+
+
+def _unservable_text(name: str, records: list[SlideRecord], spec: SamplingSpec) -> str:
+    """Why no slide serves the spec, suggesting only what every slide serves."""
+    infos = [r.info for r in records if r.info is not None]
+    if spec.mpp > 0:
+        with_mpp = [i.mpp for i in infos if i.mpp]
+        if not with_mpp:
+            return (f"no slide of dataset {name} has microns-per-pixel metadata, so none can be read at {spec.mpp} "
+                    "µm/px; ask by level (mpp=0), or give the slides' resolution in a manifest column `mpp`")
+        return (f"no slide of dataset {name} can serve {spec.mpp} µm/px (finer than the slides' full resolution, "
+                f"or no mpp metadata); mpp >= {max(with_mpp):.4f} is served by every slide with metadata, or ask "
+                "unservable=fallback to upsample")
+    common = min(len(i.levels) for i in infos) - 1
+    return (f"level {spec.level} does not exist in any slide of dataset {name}; levels 0..{common} exist in every "
+            "slide, or ask unservable=fallback to resample the nearest level")
 
 
 class ShardCursor:

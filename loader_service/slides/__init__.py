@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from .bad_tiles import BadTiles
 from .base import Slide
 from .cache import CacheStats, TileCache
 from .errors import SlideError, SlideOpenError, SlideReadError
@@ -18,6 +19,7 @@ from .openslide_backend import OpenSlideSlide
 from .tiff import NotFastPathFile, TiffSlide
 
 __all__ = [
+    "BadTiles",
     "LevelInfo",
     "SlideInfo",
     "Slide",
@@ -50,12 +52,14 @@ def open_slide(
     cache: TileCache | None = None,
     pool: DecodePool | None = None,
     backend: str = "auto",
+    bad_tiles: BadTiles | None = None,
 ) -> Slide:
     """Open a whole-slide image.
 
     ``backend``: 'tiff' (fast path only), 'openslide', or 'auto' (fast path when the file is a
     tiled TIFF it supports, else OpenSlide). ``cache`` and ``pool`` are used by the fast path:
-    without a pool tiles decode in the calling thread, without a cache nothing is kept.
+    without a pool tiles decode in the calling thread, without a cache nothing is kept. ``bad_tiles``
+    (fast path) remembers damaged tiles so that later reads fail without touching their bytes.
     Raises :class:`SlideOpenError` (naming the file and the cause) when the file cannot be used.
     """
     if backend not in _BACKENDS:
@@ -74,7 +78,7 @@ def open_slide(
     fast_error: NotFastPathFile | None = None
     if backend in ("auto", "tiff"):
         try:
-            return TiffSlide(p, cache=cache, pool=pool)
+            return TiffSlide(p, cache=cache, pool=pool, bad_tiles=bad_tiles)
         except NotFastPathFile as err:
             if backend == "tiff":
                 raise SlideOpenError(p, f"the TIFF fast path cannot read it: {err}") from err

@@ -32,6 +32,7 @@ __all__ = [
     "UnsupportedTileFormat",
     "COMPRESSION_NAMES",
     "splice_jpeg_tables",
+    "jpeg_complete",
     "add_adobe_rgb_marker",
     "jpeg_decoders",
     "ycbcr_to_rgb",
@@ -62,6 +63,15 @@ _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"  # APP14, tran
 
 class UnsupportedTileFormat(ValueError):
     """The level's tile layout/encoding is not handled by the fast path (OpenSlide may read it)."""
+
+
+def jpeg_complete(data: bytes) -> bool:
+    """Whether a JPEG tile stream ends with its end-of-image marker (zero padding after it allowed).
+
+    libjpeg decodes a truncated stream with a mere warning, filling the missing blocks with grey: without this
+    check a cut-off tile would be served as silently wrong pixels.
+    """
+    return data.endswith(b"\xff\xd9") or data.rstrip(b"\0").endswith(b"\xff\xd9")
 
 
 def splice_jpeg_tables(tables: bytes | None, tile: bytes) -> bytes:
@@ -203,6 +213,9 @@ class TileDecoder:
         if scale not in JPEG_SCALES or (scale > 1 and not self.supports_scale):
             raise ValueError(f"scale {scale} is not available for {self.name} tiles")
         if self.compression == 7:
+            if not jpeg_complete(data):
+                raise ValueError("the tile's bytes are all zero" if data.count(0) == len(data) else
+                                 "truncated JPEG tile: no end-of-image marker (libjpeg would fill the rest with grey)")
             arr = self._decode_jpeg(data, scale)
         elif self.compression == 50001:
             arr = imagecodecs.webp_decode(data)

@@ -41,9 +41,18 @@ class SlideOpenError(SlideError):
 
 
 class SlideReadError(SlideError):
-    """Pixels of an opened slide could not be read (corrupt tile data, file changed or truncated)."""
+    """Pixels of an opened slide could not be read (corrupt tile data, file changed or truncated).
+
+    ``level`` and ``tile`` name the damaged tile when known; ``known`` is true when the tile was not read
+    at all because an earlier read found it damaged (see :class:`BadTiles`).
+    """
 
     default_hint = (
         "the file's image data is damaged or the file changed since it was opened; re-copy it or "
         "remove it from the manifest"
     )
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, hint: str | None = None, *,
+                 level: int | None = None, tile: int | None = None, known: bool = False) -> None:
+        super().__init__(path, reason, hint)
+        self.level, self.tile, self.known = level, tile, known

@@ -23,8 +23,9 @@ import tifffile
 
 from .base import Slide
 from .batched import BatchedJpegDecoder, batchable
+from .bad_tiles import BadTiles
 from .cache import TileCache
-from .codecs import COMPRESSION_NAMES, JPEG_SCALES, TileDecoder, UnsupportedTileFormat
+from .codecs import COMPRESSION_NAMES, JPEG_SCALES, TileDecoder, UnsupportedTileFormat, jpeg_complete
 from .errors import SlideOpenError, SlideReadError
 from .info import LevelInfo, SlideInfo
 from .pool import DecodePool
@@ -235,7 +236,8 @@ def _parse(path: str, file_size: int) -> tuple[SlideInfo, list[_Level]]:
 class TiffSlide(Slide):
     """A slide read by the fast path. Create through :func:`open_slide`."""
 
-    def __init__(self, path: str, *, cache: TileCache | None = None, pool: DecodePool | None = None) -> None:
+    def __init__(self, path: str, *, cache: TileCache | None = None, pool: DecodePool | None = None,
+                 bad_tiles: BadTiles | None = None) -> None:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             st = os.fstat(fd)
@@ -250,6 +252,7 @@ class TiffSlide(Slide):
         self._levels = levels
         self._cache = cache
         self._pool = pool
+        self._bad_tiles = bad_tiles
         self._identity: tuple[str, int, int] = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
         self._close_lock = threading.Lock()
         if pool is not None and pool.jpeg_choice is None:
@@ -297,16 +300,25 @@ class TiffSlide(Slide):
         fd = self._fd
         if fd < 0:
             raise SlideReadError(self.path, "the slide is closed", "open it again")
+        known = self._bad_tiles.get((self._identity, level, index)) if self._bad_tiles is not None else None
+        if known is not None:
+            raise SlideReadError(self.path, f"tile {index} of level {level} is known to be damaged, not read again "
+                                 f"({known})", level=level, tile=index, known=True)
         try:
             data = os.pread(fd, count, offset)
         except OSError as err:
-            raise SlideReadError(self.path, f"reading tile {index} of level {level} failed: {err}") from err
+            raise self._damaged(level, index, f"reading tile {index} of level {level} failed: {err}") from err
         if len(data) != count:
-            raise SlideReadError(
-                self.path,
-                f"the file is truncated: tile {index} of level {level} needs bytes {offset}..{offset + count}",
+            raise self._damaged(
+                level, index, f"the file is truncated: tile {index} of level {level} needs bytes {offset}..{offset + count}"
             )
         return data
+
+    def _damaged(self, level: int, index: int, reason: str) -> SlideReadError:
+        """The error for a damaged tile, remembered so that no later read touches its bytes."""
+        if self._bad_tiles is not None:
+            self._bad_tiles.add((self._identity, level, index), reason)
+        return SlideReadError(self.path, reason, level=level, tile=index)
 
     def decode_tile(self, level: int, index: int, scale: int = 1) -> np.ndarray:
         """One tile as RGB (cached when the slide has a cache). Mainly for tools and tests."""
@@ -328,8 +340,8 @@ class TiffSlide(Slide):
         try:
             return lv.decoder.decode(data, scale)
         except Exception as err:
-            raise SlideReadError(
-                self.path,
+            raise self._damaged(
+                level, index,
                 f"tile {index} of level {level} ({lv.decoder.name}, {len(data)} bytes at offset "
                 f"{int(lv.offsets[index])}) could not be decoded: {err}",
             ) from err
@@ -395,6 +407,8 @@ class TiffSlide(Slide):
         lv = self._levels[level]
         payloads = [self._tile_bytes(level, index) for index, _, _ in misses]
         present = [p for p in payloads if p is not None]
+        if lv.decoder.compression == 7 and not all(jpeg_complete(p) for p in present):
+            return False  # a truncated tile: the per-tile path names it
         try:
             decoded = iter(batched.decode(lv.decoder, present))
         except Exception as err:  # noqa: BLE001 - corrupt tile, unsupported stream: per-tile path decides

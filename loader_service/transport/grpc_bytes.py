@@ -42,7 +42,7 @@ def sample_meta(built: BuiltBatch, labels: list[str]) -> list[pb.SampleMeta]:
         metas.append(pb.SampleMeta(
             slide_id=sample.record.slide_id, level=sample.level, mpp=sample.mpp, x=sample.x, y=sample.y,
             width=sample.width, height=sample.height, label=labels[label], label_index=label,
-            index=sample.index, padding=sample.padding, piece=piece,
+            index=sample.index, padding=sample.padding, piece=piece, substituted=bool(sample.substituted),
         ))
     return metas
 
@@ -63,4 +63,5 @@ def batch_response(built: BuiltBatch, sequence: int, cursor_after: int, labels: 
         batch.images.CopyFrom(images)
     fill_tensor(batch.labels, built.labels)
     batch.samples.extend(sample_meta(built, labels))
+    batch.substituted.extend(s.index for s in built.samples if s.substituted)
     return message

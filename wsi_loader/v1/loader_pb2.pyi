@@ -39,6 +39,16 @@ class TileOrder(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROW_MAJOR: _ClassVar[TileOrder]
     COLUMN_MAJOR: _ClassVar[TileOrder]
     SERPENTINE: _ClassVar[TileOrder]
+
+class OnError(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ON_ERROR_SKIP: _ClassVar[OnError]
+    ON_ERROR_FAIL: _ClassVar[OnError]
+
+class Unservable(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UNSERVABLE_SKIP: _ClassVar[Unservable]
+    UNSERVABLE_FALLBACK: _ClassVar[Unservable]
 MODE_UNSPECIFIED: Mode
 RANDOM: Mode
 GRID: Mode
@@ -57,6 +67,10 @@ SHARD: View
 ROW_MAJOR: TileOrder
 COLUMN_MAJOR: TileOrder
 SERPENTINE: TileOrder
+ON_ERROR_SKIP: OnError
+ON_ERROR_FAIL: OnError
+UNSERVABLE_SKIP: Unservable
+UNSERVABLE_FALLBACK: Unservable
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()
@@ -243,7 +257,7 @@ class Output(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., channels_last: _Optional[bool] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots", "patches_per_region", "locality_window", "locality_region_size")
+    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots", "patches_per_region", "locality_window", "locality_region_size", "on_error", "unservable")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +285,8 @@ class OpenSession(_message.Message):
     PATCHES_PER_REGION_FIELD_NUMBER: _ClassVar[int]
     LOCALITY_WINDOW_FIELD_NUMBER: _ClassVar[int]
     LOCALITY_REGION_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ON_ERROR_FIELD_NUMBER: _ClassVar[int]
+    UNSERVABLE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: str
     mode: Mode
@@ -298,7 +314,9 @@ class OpenSession(_message.Message):
     patches_per_region: int
     locality_window: int
     locality_region_size: int
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ..., patches_per_region: _Optional[int] = ..., locality_window: _Optional[int] = ..., locality_region_size: _Optional[int] = ...) -> None: ...
+    on_error: OnError
+    unservable: Unservable
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ..., patches_per_region: _Optional[int] = ..., locality_window: _Optional[int] = ..., locality_region_size: _Optional[int] = ..., on_error: _Optional[_Union[OnError, str]] = ..., unservable: _Optional[_Union[Unservable, str]] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
@@ -323,7 +341,7 @@ class StreamRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "shard_length", "batches", "transport", "transport_reason", "labels", "shm_segment")
+    __slots__ = ("session_id", "shard_length", "batches", "transport", "transport_reason", "labels", "shm_segment", "skipped_slides")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +349,7 @@ class SessionOpened(_message.Message):
     TRANSPORT_REASON_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_SLIDES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     shard_length: int
     batches: int
@@ -338,10 +357,11 @@ class SessionOpened(_message.Message):
     transport_reason: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     shm_segment: str
-    def __init__(self, session_id: _Optional[str] = ..., shard_length: _Optional[int] = ..., batches: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., transport_reason: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., shm_segment: _Optional[str] = ...) -> None: ...
+    skipped_slides: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., shard_length: _Optional[int] = ..., batches: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., transport_reason: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., shm_segment: _Optional[str] = ..., skipped_slides: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SampleMeta(_message.Message):
-    __slots__ = ("slide_id", "level", "mpp", "x", "y", "width", "height", "label", "label_index", "index", "padding", "piece")
+    __slots__ = ("slide_id", "level", "mpp", "x", "y", "width", "height", "label", "label_index", "index", "padding", "piece", "substituted")
     SLIDE_ID_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     MPP_FIELD_NUMBER: _ClassVar[int]
@@ -354,6 +374,7 @@ class SampleMeta(_message.Message):
     INDEX_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
     PIECE_FIELD_NUMBER: _ClassVar[int]
+    SUBSTITUTED_FIELD_NUMBER: _ClassVar[int]
     slide_id: str
     level: int
     mpp: float
@@ -366,7 +387,8 @@ class SampleMeta(_message.Message):
     index: int
     padding: bool
     piece: Piece
-    def __init__(self, slide_id: _Optional[str] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., label: _Optional[str] = ..., label_index: _Optional[int] = ..., index: _Optional[int] = ..., padding: _Optional[bool] = ..., piece: _Optional[_Union[Piece, _Mapping]] = ...) -> None: ...
+    substituted: bool
+    def __init__(self, slide_id: _Optional[str] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., label: _Optional[str] = ..., label_index: _Optional[int] = ..., index: _Optional[int] = ..., padding: _Optional[bool] = ..., piece: _Optional[_Union[Piece, _Mapping]] = ..., substituted: _Optional[bool] = ...) -> None: ...
 
 class Piece(_message.Message):
     __slots__ = ("image_height", "image_width", "y", "x", "height", "width", "core_y", "core_x", "core_height", "core_width", "index", "count")
@@ -397,26 +419,30 @@ class Piece(_message.Message):
     def __init__(self, image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., y: _Optional[int] = ..., x: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., core_y: _Optional[int] = ..., core_x: _Optional[int] = ..., core_height: _Optional[int] = ..., core_width: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("sequence", "cursor_after", "images", "labels", "samples")
+    __slots__ = ("sequence", "cursor_after", "images", "labels", "samples", "substituted")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CURSOR_AFTER_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SUBSTITUTED_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     cursor_after: int
     images: Tensor
     labels: Tensor
     samples: _containers.RepeatedCompositeFieldContainer[SampleMeta]
-    def __init__(self, sequence: _Optional[int] = ..., cursor_after: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[_Iterable[_Union[SampleMeta, _Mapping]]] = ...) -> None: ...
+    substituted: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sequence: _Optional[int] = ..., cursor_after: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[_Iterable[_Union[SampleMeta, _Mapping]]] = ..., substituted: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EndOfEpoch(_message.Message):
-    __slots__ = ("samples", "cursor")
+    __slots__ = ("samples", "cursor", "substituted")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
+    SUBSTITUTED_FIELD_NUMBER: _ClassVar[int]
     samples: int
     cursor: int
-    def __init__(self, samples: _Optional[int] = ..., cursor: _Optional[int] = ...) -> None: ...
+    substituted: int
+    def __init__(self, samples: _Optional[int] = ..., cursor: _Optional[int] = ..., substituted: _Optional[int] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("opened", "batch", "end")
