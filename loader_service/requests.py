@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from loader_service.augment import AugmentConfig
 from loader_service.errors import InvalidRequest, TooLarge
 from loader_service.pipeline import OutputSpec
-from loader_service.sampling import SamplingSpec
+from loader_service.sampling import ResumeStages, SamplingSpec
 from loader_service.views import TILE_ORDERS, VIEWS, ViewConfig
 from wsi_loader.v1 import loader_pb2 as pb
 
@@ -35,6 +35,7 @@ class SessionRequest:
     job_id: str
     shm_slots: int
     view: ViewConfig
+    resume: ResumeStages = ResumeStages()  # elastic resume: the stages the epoch was read in before
 
     def tensor_bytes(self) -> int | None:
         """The largest images tensor one message of this session carries; None when it depends on the slide.
@@ -87,6 +88,7 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
         dataset=msg.dataset, spec=spec, epoch=msg.epoch, rank=msg.rank, world_size=world, cursor=msg.cursor,
         batch_size=batch, drop_last=msg.drop_last, augment=augment, output=output, transport=msg.transport,
         shm_probe=msg.shm_probe, job_id=msg.job_id, shm_slots=msg.shm_slots, view=view,
+        resume=ResumeStages.from_wire(list(msg.resume_world_sizes), list(msg.resume_cursors)),
     )
     nbytes = request.tensor_bytes()
     if nbytes is not None and nbytes > max_batch_bytes and view.view != "shard":

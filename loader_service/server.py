@@ -165,11 +165,12 @@ class LoaderServer:
         if self.synthetic is not None and request.dataset == SYNTHETIC_DATASET:
             if request.view.view != "patches":
                 raise InvalidRequest("the synthetic dataset serves the patches view only")
-            plan_s = SyntheticPlan(request.spec, request.epoch, request.rank, request.world_size)
+            plan_s = SyntheticPlan(request.spec, request.epoch, request.rank, request.world_size, request.resume)
             build_s = functools.partial(self.synthetic.build, output=request.output)
             return plan_s, build_s, build_s
         ds = self.dataset(request.dataset)
-        plan = EpochPlan(ds, request.spec, request.epoch, request.rank, request.world_size, self.candidates[ds.name])
+        plan = EpochPlan(ds, request.spec, request.epoch, request.rank, request.world_size, self.candidates[ds.name],
+                         request.resume)
         if request.spec.whole_slide:
             limit = self.config.max_region_pixels
             big = [r.slide_id for r, c in plan.slides if c.geometry.width * c.geometry.height > limit]
