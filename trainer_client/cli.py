@@ -27,7 +27,8 @@ log = logging.getLogger("trainer_client")
 
 def _client(args: argparse.Namespace) -> LoaderClient:
     client = LoaderClient(args.endpoint, token=args.token, tls_ca=args.tls_ca, client_cert=args.client_cert,
-                          client_key=args.client_key, server_name=args.server_name)
+                          client_key=args.client_key, server_name=args.server_name,
+                          connect_timeout_s=args.connect_timeout)
     client.wait_ready()
     return client
 
@@ -152,6 +153,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-key", type=Path, default=None, help="PEM client key (mutual TLS)")
     p.add_argument("--server-name", default=None, help="name on the service's certificate, if not the endpoint's")
     p.add_argument("--dataset", default=None, help="dataset name (default: the first the service lists)")
+    p.add_argument("--connect-timeout", type=float, default=10.0,
+                   help="seconds to wait for the service to accept the connection before failing (default 10)")
 
 
 def _parser() -> argparse.ArgumentParser:
