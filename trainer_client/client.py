@@ -85,45 +85,33 @@ class LoaderClient:
             raise_from_rpc(err, f"{what} at {self.connection.endpoint}")
 
     def wait_ready(self, timeout_s: float | None = None, *, fail_fast: bool = False) -> None:
-        """Wait until the service accepts the connection (``connect_timeout_s`` by default).
+        """Wait until the service answers (``connect_timeout_s`` by default).
 
         Raises UnavailableError naming the endpoint and gRPC's reason (refused, unknown host, TLS...) when it
         does not; with ``fail_fast``, at the first failed connection attempt instead of retrying until then.
         """
         timeout = self.connection.connect_timeout_s if timeout_s is None else timeout_s
         endpoint = self.connection.endpoint
-        states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
-        self.channel.subscribe(states.put, try_to_connect=True)
         deadline = time.monotonic() + timeout
-        warned = False
-        try:
-            while True:
-                try:
-                    state = states.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if state == grpc.ChannelConnectivity.READY:
-                    return
-                if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
-                    if fail_fast or state == grpc.ChannelConnectivity.SHUTDOWN:
-                        break
-                    if not warned:
-                        log.warning("cannot connect to the service at %s yet (%s); retrying for up to %.0fs "
-                                    "(ConnectionConfig.connect_timeout_s)", endpoint, self._reason(), timeout)
-                        warned = True
-        finally:
-            self.channel.unsubscribe(states.put)
-        raise UnavailableError(f"cannot connect to the service at {endpoint} within {timeout:.1f}s: {self._reason()}; "
-                               "check the endpoint (HOST:PORT) and that the service is running")
+        reason = self._probe(min(timeout, 5.0), wait=False)  # fails at once when the connection does
+        if reason and not fail_fast and time.monotonic() < deadline:
+            log.warning("cannot connect to the service at %s yet (%s); retrying for up to %.0fs "
+                        "(connect_timeout_s)", endpoint, reason, timeout)
+            reason = self._probe(max(0.0, deadline - time.monotonic()), wait=True)
+        if reason:
+            raise UnavailableError(f"cannot connect to the service at {endpoint} within {timeout:.1f}s: {reason}; "
+                                   "check the endpoint (HOST:PORT) and that the service is running")
 
-    def _reason(self) -> str:
-        """gRPC's account of why the channel is not connected, from a call that does not wait."""
+    def _probe(self, timeout: float, wait: bool) -> str:
+        """'' when the service answers a call within ``timeout`` (waiting for a connection or not), else why not."""
         try:
-            self.stub.ListDatasets(pb.ListDatasetsRequest(), timeout=2.0, wait_for_ready=False,
+            self.stub.ListDatasets(pb.ListDatasetsRequest(), timeout=timeout, wait_for_ready=wait,
                                    metadata=self.connection.metadata())
         except grpc.RpcError as err:
-            return f"{err.details()} [{err.code().name}]"  # type: ignore[attr-defined]
-        return "connected just now"
+            code = err.code()  # type: ignore[attr-defined]
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return f"{err.details()} [{code.name}]"  # type: ignore[attr-defined]
+        return ""  # answered (an authorization error is an answer too: the call that needs it reports it)
 
     def datasets(self) -> list[pb.DatasetSummary]:
         return list(self._call("ListDatasets", self.stub.ListDatasets, pb.ListDatasetsRequest()).datasets)
