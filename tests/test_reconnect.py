@@ -3,6 +3,7 @@ trainer sees is the undisturbed one (same samples, same order, same pixels). Wro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -56,7 +57,9 @@ class Service:
 
 
 def _key(batch: dict[str, Any]) -> list[tuple[str, int, int]]:
-    return list(zip(batch["slide_id"], batch["x"].tolist(), batch["y"].tolist()))
+    """(slide_id, x, y) of each sample; a piece of a sample (tiles view) adds its index to the slide id."""
+    ids = batch["slide_id"] if batch["piece"] is None else [f"{batch['slide_id'][0]}#{batch['piece']['index']}"]
+    return list(zip(ids, batch["x"].tolist(), batch["y"].tolist()))
 
 
 def _epoch(batches: Iterator[dict[str, Any]]) -> tuple[list[tuple[str, int, int]], torch.Tensor]:
@@ -83,9 +86,9 @@ def undisturbed(dataset_dir: Path) -> tuple[list[tuple[str, int, int]], torch.Te
         return _epoch(iter(stream))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["drained", "killed"])
-def test_restart_on_the_same_port_leaves_the_epoch_unchanged(dataset_dir: Path, undisturbed: Any, sig: int) -> None:
-    keys, images = undisturbed
+def _restarted_during(dataset_dir: Path, config: StreamConfig, after: int, sig: int
+                      ) -> tuple[list[tuple[str, int, int]], torch.Tensor, WSIStream]:
+    """The epoch read while the service is stopped with ``sig`` after ``after`` messages and restarted on its port."""
     services = [Service(dataset_dir)]
     port = services[0].port
 
@@ -95,19 +98,41 @@ def test_restart_on_the_same_port_leaves_the_epoch_unchanged(dataset_dir: Path, 
 
     restarter = threading.Thread(target=restart)
     policy = ReconnectPolicy(backoff_s=0.2, max_backoff_s=1.0, deadline_s=90, attempts=200)
+    config = dataclasses.replace(config, reconnect=policy)
     try:
-        with WSIStream(StreamConfig(**CONFIG, reconnect=policy), endpoint=services[0].endpoint) as stream:
-            got_keys, got_images = _disturbed(stream, 3, restarter.start)
-            assert stream.stats.reconnects >= 1 and stream.stats.reconnect_attempts >= stream.stats.reconnects
-            assert stream.stats.last_break
-            assert stream.epoch == 1 and stream.cursor == 0
-        restarter.join(timeout=90)
-        assert got_keys == keys  # nothing lost, nothing repeated, same order
-        assert torch.equal(got_images, images)  # same pixels: augmentation is a function of (seed, epoch, index)
+        with WSIStream(config, endpoint=services[0].endpoint) as stream:
+            keys, images = _disturbed(stream, after, restarter.start)
+        return keys, images, stream
     finally:
         restarter.join(timeout=90)
         for service in services:
             service.__exit__()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["drained", "killed"])
+def test_restart_on_the_same_port_leaves_the_epoch_unchanged(dataset_dir: Path, undisturbed: Any, sig: int) -> None:
+    keys, images = undisturbed
+    got_keys, got_images, stream = _restarted_during(dataset_dir, StreamConfig(**CONFIG), 3, sig)
+    assert stream.stats.reconnects >= 1 and stream.stats.reconnect_attempts >= stream.stats.reconnects
+    assert stream.stats.last_break
+    assert stream.epoch == 1 and stream.cursor == 0
+    assert got_keys == keys  # nothing lost, nothing repeated, same order
+    assert torch.equal(got_images, images)  # same pixels: augmentation is a function of (seed, epoch, index)
+
+
+def test_a_session_reopened_mid_sample_skips_the_pieces_already_handed_out(dataset_dir: Path) -> None:
+    """Tiles view: a resumed session sends the sample's tiles from the first again; the trainer sees each once."""
+    config = StreamConfig(dataset="train", batch_size=1, view="tiles", region_width=256, region_height=192,
+                          tile_size=64, samples_per_epoch=2, seed=5, transport="grpc", tissue_threshold=0.2,
+                          credits=2, timeout_s=60)
+
+    with Service(dataset_dir) as service, WSIStream(config, endpoint=service.endpoint) as stream:
+        keys, images = _epoch(iter(stream))
+    assert len(keys) == 24 and len(set(keys)) == 24  # 2 samples of 4x3 tiles
+    got_keys, got_images, resumed = _restarted_during(dataset_dir, config, 5, signal.SIGKILL)
+    assert resumed.stats.reconnects >= 1
+    assert got_keys == keys
+    assert torch.equal(got_images, images)
 
 
 def test_a_second_service_takes_over(dataset_dir: Path, undisturbed: Any) -> None:
