@@ -135,14 +135,17 @@ def test_a_session_reopened_mid_sample_skips_the_pieces_already_handed_out(datas
     assert torch.equal(got_images, images)
 
 
-def test_a_second_service_takes_over(dataset_dir: Path, undisturbed: Any) -> None:
-    """A rolling update: the first replica drains and exits, the stream moves to the next endpoint it knows."""
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_a_second_service_takes_over(dataset_dir: Path, undisturbed: Any, transport: str) -> None:
+    """A rolling update: the first replica drains and exits, the stream moves to the next endpoint it knows
+    (with shared memory: a new segment from the new replica; tensors of the old one stay valid)."""
     keys, images = undisturbed
     with Service(dataset_dir) as old, Service(dataset_dir) as new:
         policy = ReconnectPolicy(endpoints=(new.endpoint,), backoff_s=0.1, deadline_s=60)
-        with WSIStream(StreamConfig(**CONFIG, reconnect=policy), endpoint=old.endpoint) as stream:
+        config = StreamConfig(**{**CONFIG, "transport": transport}, reconnect=policy)
+        with WSIStream(config, endpoint=old.endpoint) as stream:
             got_keys, got_images = _disturbed(stream, 2, lambda: old.stop(signal.SIGTERM))
-            assert stream.endpoint == new.endpoint
+            assert stream.endpoint == new.endpoint and stream.transport == transport
             assert stream.stats.reconnects == 1
         assert got_keys == keys
         assert torch.equal(got_images, images)

@@ -283,9 +283,9 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
         try:
             while True:
                 try:
-                    if attempt:
-                        self._reconnect_to(self._endpoints[(self._endpoint_index + attempt - 1) % len(self._endpoints)],
-                                           broke_at)
+                    if attempt:  # the endpoint that broke first, then the next ones in turn
+                        turn = (self._endpoint_index + (attempt > 1)) % len(self._endpoints)
+                        self._reconnect_to(self._endpoints[turn], broke_at)
                     call = self._open_session()
                     if attempt:
                         self.stats.reconnects += 1
