@@ -4,13 +4,14 @@ served exactly once across the new ranks (docs/architecture.md, "Elastic resume"
 from __future__ import annotations
 
 import io
+import random
 from collections import Counter
 from typing import Any
 
 import pytest
 import torch
 
-from trainer_client import LoaderClient, StreamConfig, WSIStream, merge_state_dicts
+from trainer_client import InvalidRequestError, LoaderClient, StreamConfig, WSIStream, merge_state_dicts
 
 CFG = StreamConfig(dataset="train", batch_size=4, patch_size=64, samples_per_epoch=48, seed=11, transport="grpc",
                    augment=False)
@@ -103,3 +104,32 @@ def test_mismatched_states_are_refused(client: LoaderClient) -> None:
         merge_state_dicts([states[0], states[0]])
     with pytest.raises(ValueError, match="not already merged"):
         merge_state_dicts([merge_state_dicts(states)])
+
+
+def test_shard_map_serves_every_unread_index_once() -> None:
+    """The service's layout alone, over chains of uneven cursors: read + unread = the epoch, exactly once."""
+    from loader_service.sampling import ResumeStages, ShardMap
+
+    rng = random.Random(4)
+    for _ in range(50):
+        length = rng.randrange(1, 200)
+        worlds = [rng.randrange(1, 9) for _ in range(rng.randrange(1, 4))] + [rng.randrange(1, 9)]
+        read: list[int] = []
+        stages: tuple[tuple[int, tuple[int, ...]], ...] = ()
+        for world in worlds[:-1]:
+            maps = [ShardMap(length, r, world, ResumeStages(stages)) for r in range(world)]
+            cursors = tuple(rng.randrange(0, m.shard_length + 1) for m in maps)
+            read += [m.global_index(i) for m, c in zip(maps, cursors) for i in range(c)]
+            stages += ((world, cursors),)
+        final = [ShardMap(length, r, worlds[-1], ResumeStages(stages)) for r in range(worlds[-1])]
+        rest = [m.global_index(i) for m in final for i in range(m.shard_length)]
+        assert sorted(read + rest) == list(range(length))
+        assert max(m.shard_length for m in final) - min(m.shard_length for m in final) <= 1
+
+
+def test_a_resume_past_the_shard_is_refused_by_the_service(client: LoaderClient) -> None:
+    bogus = {"merged": True, "epoch": 0, "seed": CFG.seed, "dataset": CFG.dataset, "resume": [[4, [100, 0, 0, 0]]]}
+    with client.stream(CFG, rank=0, world_size=2) as stream:
+        stream.load_state_dict(bogus)
+        with pytest.raises(InvalidRequestError, match="rank 0's cursor 100 is past its shard of 12 samples"):
+            next(iter(stream))
