@@ -412,7 +412,8 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
             ) from err
         if isinstance(item, grpc.RpcError):
             if item.code() == grpc.StatusCode.CANCELLED:  # not by this side (it stops reading first): the service
-                raise UnavailableError(f"stream from {self.endpoint} cancelled by the service: {item.details()}") from item
+                raise UnavailableError(
+                    f"stream from {self.endpoint} cancelled by the service: {item.details()}") from item
             raise_from_rpc(item, f"stream from {self.endpoint}")
         if item is _END:
             raise UnavailableError(f"stream from {self.endpoint} ended without end-of-epoch")

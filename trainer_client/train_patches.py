@@ -40,9 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples-per-epoch", type=int, default=0,
                    help="epoch length (default: steps x batch size x ranks; a resumed run keeps its checkpoint's)")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--checkpoint", type=Path, default=None, help="rank 0 saves here every --save-every steps and at the end")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="rank 0 saves here every --save-every steps and at the end")
     p.add_argument("--save-every", type=int, default=0, help="0 = at the end only")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists (any number of ranks)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint when it exists (on any number of ranks)")
 
 
 def _distributed() -> tuple[int, int, torch.device]:
@@ -108,12 +110,14 @@ def run(args: argparse.Namespace, client: LoaderClient, dataset: str, labels: li
     core = torchvision.models.resnet18(weights=None, num_classes=max(2, len(labels))).to(device)
     model: torch.nn.Module = core
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=device_ids)
     optimiser = torch.optim.SGD(core.parameters(), lr=0.01, momentum=0.9)
     checkpoint: dict[str, Any] | None = None
     if args.resume and args.checkpoint is not None and args.checkpoint.exists():
         checkpoint = torch.load(args.checkpoint, map_location=device, weights_only=True)
-    samples = (checkpoint or {}).get("samples_per_epoch") or args.samples_per_epoch or args.steps * args.batch_size * world
+    samples = ((checkpoint or {}).get("samples_per_epoch") or args.samples_per_epoch
+               or args.steps * args.batch_size * world)
     config = StreamConfig(dataset=dataset, batch_size=args.batch_size, patch_size=args.patch_size, level=args.level,
                           dtype="float32", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                           samples_per_epoch=samples, seed=args.seed, pin_memory=device.type == "cuda")
