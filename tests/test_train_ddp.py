@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ def _train(server: Any, ranks: int, *args: str) -> list[dict[str, Any]]:
                 "--master-addr", "127.0.0.1", "--master-port", str(free_port())] if ranks > 1 else [sys.executable]
     proc = subprocess.run([*launcher, *train], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    # the ranks share one stdout: their summary lines may run together
+    summaries = [json.loads(m.group()) for m in re.finditer(r'\{"rank": .*?"weights": "[0-9a-f]{64}"\}', proc.stdout)]
     assert sorted(s["rank"] for s in summaries) == list(range(ranks)), proc.stdout
     return summaries
 
