@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from loader_service.augment import AugmentConfig
 from loader_service.errors import InvalidRequest, TooLarge
 from loader_service.pipeline import OutputSpec
-from loader_service.sampling import SamplingSpec
+from loader_service.sampling import ResumeStages, SamplingSpec
 from loader_service.views import TILE_ORDERS, VIEWS, ViewConfig
 from wsi_loader.v1 import loader_pb2 as pb
 
@@ -39,6 +39,7 @@ class SessionRequest:
     view: ViewConfig
     on_error: str = "skip"  # skip | fail: what a sample whose read fails does (docs/failures.md)
     unservable: str = "skip"  # skip | fallback: slides that cannot serve the level/mpp (mixed datasets)
+    resume: ResumeStages = ResumeStages()  # elastic resume: the stages the epoch was read in before
 
     def tensor_bytes(self) -> int | None:
         """The largest images tensor one message of this session carries; None when it depends on the slide.
@@ -96,6 +97,7 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
         batch_size=batch, drop_last=msg.drop_last, augment=augment, output=output, transport=msg.transport,
         shm_probe=msg.shm_probe, job_id=msg.job_id, shm_slots=msg.shm_slots, view=view,
         on_error=ON_ERROR_NAMES[msg.on_error], unservable=UNSERVABLE_NAMES[msg.unservable],
+        resume=ResumeStages.from_wire(list(msg.resume_world_sizes), list(msg.resume_cursors)),
     )
     nbytes = request.tensor_bytes()
     if nbytes is not None and nbytes > max_batch_bytes and view.view != "shard":

@@ -253,12 +253,12 @@ class LoaderServer:
         if self.synthetic is not None and request.dataset == SYNTHETIC_DATASET:
             if request.view.view != "patches":
                 raise InvalidRequest("the synthetic dataset serves the patches view only")
-            plan_s = SyntheticPlan(request.spec, request.epoch, request.rank, request.world_size)
+            plan_s = SyntheticPlan(request.spec, request.epoch, request.rank, request.world_size, request.resume)
             build_s = functools.partial(self.synthetic.build, output=request.output)
             return plan_s, build_s, build_s
         ds = self.dataset(request.dataset)
         plan = EpochPlan(ds, request.spec, request.epoch, request.rank, request.world_size, self.candidates[ds.name],
-                         avoid=self.quarantine.snapshot(), unservable=request.unservable)
+                         avoid=self.quarantine.snapshot(), unservable=request.unservable, resume=request.resume)
         for reason in plan.skipped_reasons:
             self.metrics.slides_skipped.labels(reason=reason).inc()
         if request.spec.whole_slide:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_client import LoaderClient, StreamConfig, UnavailableError
+from trainer_client import LoaderClient, ReconnectPolicy, StreamConfig, UnavailableError
 
 
 def test_sigterm_finishes_in_flight_batches(dataset_dir: Path) -> None:
@@ -27,7 +27,7 @@ def test_sigterm_finishes_in_flight_batches(dataset_dir: Path) -> None:
         port = json.loads(line)["port"]
         # an epoch far longer than the drain, however slow the signal is handled on a loaded machine
         cfg = StreamConfig(dataset="train", batch_size=8, patch_size=64, samples_per_epoch=10**6, credits=3,
-                           timeout_s=60)
+                           timeout_s=60, reconnect=ReconnectPolicy(attempts=0))  # the drain's own answer
         received = 0
         with LoaderClient(f"127.0.0.1:{port}") as client, client.stream(cfg) as stream:
             it = iter(stream)

@@ -5,8 +5,9 @@ protocol in ``wsi_loader.v1``.
 """
 
 from trainer_client.channel import ConnectionConfig
-from trainer_client.client import LoaderClient, WSIStream, decode_tensor
-from trainer_client.config import StreamConfig
+from trainer_client.client import LoaderClient, StreamStats, WSIStream, decode_tensor
+from trainer_client.config import ReconnectPolicy, StreamConfig
+from trainer_client.elastic import merge_state_dicts
 from trainer_client.errors import (
     AuthenticationError,
     DataLossError,
@@ -28,10 +29,13 @@ __all__ = [
     "LoaderError",
     "NotFoundError",
     "PermissionDeniedError",
+    "ReconnectPolicy",
     "ResourceExhaustedError",
     "StalledError",
     "StreamConfig",
+    "StreamStats",
     "UnavailableError",
     "WSIStream",
     "decode_tensor",
+    "merge_state_dicts",
 ]

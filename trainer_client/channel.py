@@ -20,7 +20,8 @@ class ConnectionConfig:
     client_key: Path | None = None
     token: str | None = None  # bearer token, sent as `authorization: Bearer <token>`
     server_name: str | None = None  # TLS name override (when the certificate names another host)
-    timeout_s: float = 60.0  # connect and unary-call deadline; stream waits use StreamConfig.timeout_s
+    timeout_s: float = 60.0  # unary-call deadline; stream waits use StreamConfig.timeout_s
+    connect_timeout_s: float = 10.0  # how long to wait for the service to accept the connection
 
     def __post_init__(self) -> None:
         host, sep, port = self.endpoint.rpartition(":")
@@ -30,8 +31,9 @@ class ConnectionConfig:
             raise ValueError("mutual TLS needs both client_cert and client_key")
         if self.client_cert is not None and self.tls_ca is None:
             raise ValueError("client_cert needs tls_ca too (the CA that signed the server's certificate)")
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.timeout_s <= 0 or self.connect_timeout_s <= 0:
+            raise ValueError(f"timeout_s ({self.timeout_s}) and connect_timeout_s ({self.connect_timeout_s}) "
+                             "must be > 0")
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()

@@ -28,7 +28,8 @@ log = logging.getLogger("trainer_client")
 
 def _client(args: argparse.Namespace) -> LoaderClient:
     client = LoaderClient(args.endpoint, token=args.token, tls_ca=args.tls_ca, client_cert=args.client_cert,
-                          client_key=args.client_key, server_name=args.server_name)
+                          client_key=args.client_key, server_name=args.server_name,
+                          connect_timeout_s=args.connect_timeout)
     client.wait_ready()
     return client
 
@@ -99,44 +100,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import torchvision
+    from trainer_client.train_patches import run
 
-    torch.manual_seed(args.seed)
     with _client(args) as client:
         dataset = _dataset(client, args.dataset)
-        labels = next(d.labels for d in client.datasets() if d.name == dataset)
-        config = StreamConfig(dataset=dataset, batch_size=args.batch_size, patch_size=args.patch_size,
-                              level=args.level, dtype="float32", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                              samples_per_epoch=args.steps * args.batch_size, seed=args.seed, pin_memory=True)
-        device = torch.device("cpu")
-        if torch.cuda.is_available():  # under torchrun each rank takes its own GPU
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        model = torchvision.models.resnet18(weights=None, num_classes=max(2, len(labels))).to(device)
-        optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        stream = client.stream(config)
-        start = time.perf_counter()
-        images_seen = 0
-        wait = 0.0
-        t_wait = time.perf_counter()
-        for step, batch in enumerate(stream, start=1):
-            wait += time.perf_counter() - t_wait
-            x = batch["images"].to(device, non_blocking=True)
-            y = batch["labels"].to(device, non_blocking=True)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            images_seen += x.shape[0]
-            if step % args.log_every == 0 or step == 1:
-                rate = images_seen / (time.perf_counter() - start)
-                print(f"step {step:4d}  loss {loss.item():.4f}  {rate:7.1f} images/s", flush=True)
-            t_wait = time.perf_counter()
-        stream.close()
-        elapsed = time.perf_counter() - start
-        print(json.dumps({"steps": step if images_seen else 0, "images": images_seen,
-                          "images_per_s": images_seen / elapsed, "data_wait_fraction": wait / elapsed,
-                          "device": str(device)}), flush=True)
+        labels = next(list(d.labels) for d in client.datasets() if d.name == dataset)
+        print(json.dumps(run(args, client, dataset, labels)), flush=True)
     return 0
 
 
@@ -159,6 +128,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-key", type=Path, default=None, help="PEM client key (mutual TLS)")
     p.add_argument("--server-name", default=None, help="name on the service's certificate, if not the endpoint's")
     p.add_argument("--dataset", default=None, help="dataset name (default: the first the service lists)")
+    p.add_argument("--connect-timeout", type=float, default=10.0,
+                   help="seconds to wait for the service to accept the connection before failing (default 10)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -195,14 +166,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="locality: region side in pixels (0 = ceil(sqrt(patches-per-region)) patches)")
     bench.set_defaults(func=_bench)
 
-    train = sub.add_parser("train", help="train a ResNet-18 patch classifier for a few steps from the stream")
+    train = sub.add_parser("train", help="train a ResNet-18 patch classifier from the stream (DDP under torchrun)")
     _common(train)
-    train.add_argument("--steps", type=int, default=30)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--patch-size", type=int, default=224)
-    train.add_argument("--level", type=int, default=0)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--log-every", type=int, default=10)
+    from trainer_client.train_patches import add_arguments as add_train_arguments
+
+    add_train_arguments(train)
     train.set_defaults(func=_train)
 
     streaming = sub.add_parser("train-streaming", help="train a streaming ResNet on whole regions (tiles view)")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,12 +19,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from trainer_client.channel import ConnectionConfig, open_channel
 from trainer_client.config import StreamConfig
 from trainer_client.cuda_ipc import CudaReceiver
+from trainer_client.elastic import Stages, stages_for, wire
 from trainer_client.errors import InvalidRequestError, LoaderError, StalledError, UnavailableError, raise_from_rpc
 from trainer_client.shm import ShmProbe, ShmReceiver, shm_supported
 from wsi_loader.v1 import loader_pb2 as pb
 from wsi_loader.v1 import loader_pb2_grpc as pb_grpc
 
-__all__ = ["LoaderClient", "WSIStream", "decode_tensor", "distributed_rank"]
+__all__ = ["LoaderClient", "StreamStats", "WSIStream", "decode_tensor", "distributed_rank"]
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -81,12 +84,34 @@ class LoaderClient:
         except grpc.RpcError as err:
             raise_from_rpc(err, f"{what} at {self.connection.endpoint}")
 
-    def wait_ready(self, timeout_s: float | None = None) -> None:
-        timeout = self.connection.timeout_s if timeout_s is None else timeout_s
+    def wait_ready(self, timeout_s: float | None = None, *, fail_fast: bool = False) -> None:
+        """Wait until the service answers (``connect_timeout_s`` by default).
+
+        Raises UnavailableError naming the endpoint and gRPC's reason (refused, unknown host, TLS...) when it
+        does not; with ``fail_fast``, at the first failed connection attempt instead of retrying until then.
+        """
+        timeout = self.connection.connect_timeout_s if timeout_s is None else timeout_s
+        endpoint = self.connection.endpoint
+        deadline = time.monotonic() + timeout
+        reason = self._probe(min(timeout, 5.0), wait=False)  # fails at once when the connection does
+        if reason and not fail_fast and time.monotonic() < deadline:
+            log.warning("cannot connect to the service at %s yet (%s); retrying for up to %.0fs "
+                        "(connect_timeout_s)", endpoint, reason, timeout)
+            reason = self._probe(max(0.0, deadline - time.monotonic()), wait=True)
+        if reason:
+            raise UnavailableError(f"cannot connect to the service at {endpoint} within {timeout:.1f}s: {reason}; "
+                                   "check the endpoint (HOST:PORT) and that the service is running")
+
+    def _probe(self, timeout: float, wait: bool) -> str:
+        """'' when the service answers a call within ``timeout`` (waiting for a connection or not), else why not."""
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError as err:
-            raise UnavailableError(f"service at {self.connection.endpoint} not reachable within {timeout:.0f}s") from err
+            self.stub.ListDatasets(pb.ListDatasetsRequest(), timeout=timeout, wait_for_ready=wait,
+                                   metadata=self.connection.metadata())
+        except grpc.RpcError as err:
+            code = err.code()  # type: ignore[attr-defined]
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return f"{err.details()} [{code.name}]"  # type: ignore[attr-defined]
+        return ""  # answered (an authorization error is an answer too: the call that needs it reports it)
 
     def datasets(self) -> list[pb.DatasetSummary]:
         return list(self._call("ListDatasets", self.stub.ListDatasets, pb.ListDatasetsRequest()).datasets)
@@ -157,12 +182,25 @@ class _Call:
             self.receiver.close()
 
 
+@dataclasses.dataclass
+class StreamStats:
+    """Counters of one stream over its life (every epoch): ``stream.stats``."""
+
+    batches: int = 0  # batches handed to the trainer
+    reconnects: int = 0  # sessions reopened at the cursor after the service went away
+    reconnect_attempts: int = 0  # attempts, failed ones included
+    last_break: str = ""  # why the last session broke
+
+
 class WSIStream(IterableDataset):  # type: ignore[type-arg]
     """Batches of augmented patches as dicts of tensors; one pass of ``iter()`` is one epoch of this rank.
 
     Usable directly (``for batch in stream``) or in ``DataLoader(stream, batch_size=None)`` with
-    ``num_workers=0`` (the service does the parallel work). ``state_dict()`` taken after a batch resumes right
-    after it: nothing repeated, nothing skipped.
+    ``num_workers=0`` (the service does the parallel work; worker processes are refused: their cursor would
+    not be the one ``state_dict()`` saves). ``state_dict()`` taken after a batch resumes right after it:
+    nothing repeated, nothing skipped. When the service goes away mid-epoch (drain, restart, rolling update)
+    the stream reopens its session at the cursor, per ``config.reconnect``: the trainer sees no gap and no
+    duplicate. A checkpoint of every rank (``merge_state_dicts``) resumes at another world size.
     """
 
     def __init__(self, config: StreamConfig, *, client: LoaderClient | None = None, endpoint: str | None = None,
@@ -184,69 +222,165 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
         self.transport = ""          # the transport the service chose: grpc | shm | cuda_ipc
         self.transport_reason = ""   # the service's reason when that is not the one asked for
         self.skipped_slides: list[str] = []  # slides the service left out of the last session, with why
+        self.stats = StreamStats()
         self._call: _Call | None = None
+        self._resume: Stages = []  # elastic resume: how the epoch was read before (trainer_client/elastic.py)
+        self._ended: dict[str, Any] | None = None  # the epoch this stream finished last, for merge_state_dicts
+        self._pieces_seen = 0  # tiles/shard views: pieces of the sample at the cursor already yielded
+        self._endpoints = (self.client.connection.endpoint, *config.reconnect.endpoints)
+        self._endpoint_index = 0
+        self._active = self.client  # the connection sessions open on: another one after a reconnect
+
+    @property
+    def endpoint(self) -> str:
+        """The service this stream reads from now."""
+        return self._active.connection.endpoint
 
     # --- state ---------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.cursor = epoch, 0
+            self.epoch, self.cursor, self._resume, self._pieces_seen = epoch, 0, [], 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "rank": self.rank, "world_size": self.world_size,
-                "seed": self.config.seed, "dataset": self.config.dataset}
+        state = {"epoch": self.epoch, "cursor": self.cursor, "rank": self.rank, "world_size": self.world_size,
+                 "seed": self.config.seed, "dataset": self.config.dataset, "resume": self._resume}
+        if self._ended is not None and self.cursor == 0 and self._ended["epoch"] == self.epoch - 1:
+            state["ended"] = self._ended
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, mine in (("world_size", self.world_size), ("seed", self.config.seed), ("dataset", self.config.dataset)):
+        """Resume from this rank's own ``state_dict()``, or from ``merge_state_dicts`` of every rank's at any
+        world size (the rest of the epoch re-sharded over this job's ranks)."""
+        for key, mine in (("seed", self.config.seed), ("dataset", self.config.dataset)):
             if state.get(key) != mine:
                 raise ValueError(f"state_dict was saved with {key}={state.get(key)!r}, this stream has {mine!r}; "
                                  "resume with the same configuration")
+        if state.get("merged"):
+            self.epoch = int(state["epoch"])
+            self.cursor, self._resume = stages_for(state, self.rank, self.world_size)
+            self._ended, self._pieces_seen = None, 0
+            return
+        if state.get("world_size") != self.world_size or state.get("rank", self.rank) != self.rank:
+            raise ValueError(
+                f"state_dict is rank {state.get('rank')} of world_size {state.get('world_size')}, this stream is rank "
+                f"{self.rank} of {self.world_size}: load each rank's own state, or merge every rank's state with "
+                "trainer_client.merge_state_dicts(...) and load the merged one on every rank of the new job")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._resume = [list(s) for s in state.get("resume", [])]
+        self._ended, self._pieces_seen = state.get("ended"), 0
 
     # --- iteration -----------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        if info is not None and info.num_workers > 1:
-            raise InvalidRequestError("use DataLoader(stream, batch_size=None, num_workers=0): the service decodes "
-                                      "in parallel already, and several workers would read the same shard")
+        if info is not None:
+            raise InvalidRequestError(
+                f"WSIStream cannot run in a DataLoader worker (num_workers={info.num_workers}): the worker's copy "
+                f"would advance its own cursor while this process's state_dict() stays at epoch {self.epoch} cursor "
+                f"{self.cursor}, so checkpoints would restart the epoch. Use DataLoader(stream, batch_size=None, "
+                "num_workers=0) or iterate the stream directly: the service decodes in parallel already")
         self.close_stream()
+        self._active.wait_ready()  # a wrong endpoint fails here, fast and by name
+        attempt, broke_at = 0, 0.0
+        try:
+            while True:
+                try:
+                    if attempt:  # the endpoint that broke first, then the next ones in turn
+                        turn = (self._endpoint_index + (attempt > 1)) % len(self._endpoints)
+                        self._reconnect_to(self._endpoints[turn], broke_at)
+                    call = self._open_session()
+                    if attempt:
+                        self.stats.reconnects += 1
+                        log.warning("stream resumed on %s at epoch %d cursor %d (attempt %d)", self.endpoint,
+                                    self.epoch, self.cursor, attempt)
+                        attempt = 0
+                    yield from self._batches(call)
+                    return
+                except UnavailableError as err:
+                    self.close_stream()
+                    broke_at = broke_at if attempt else time.monotonic()
+                    attempt += 1
+                    self._before_attempt(attempt, broke_at, err)
+        finally:
+            self.close_stream()
+
+    def _before_attempt(self, attempt: int, broke_at: float, err: UnavailableError) -> None:
+        """Give up (UnavailableError) when the policy says so, else wait the attempt's backoff."""
+        policy = self.config.reconnect
+        self.stats.last_break = str(err)
+        elapsed = time.monotonic() - broke_at
+        resume = f"resume from cursor {self.cursor} of epoch {self.epoch}: stream.state_dict()"
+        if policy.attempts == 0:
+            raise UnavailableError(f"{err} (reconnection off; {resume})") from err
+        if attempt > policy.attempts or elapsed >= policy.deadline_s:
+            raise UnavailableError(
+                f"{err}; gave up reconnecting after {attempt - 1} attempt(s) in {elapsed:.1f}s "
+                f"(ReconnectPolicy attempts={policy.attempts}, deadline_s={policy.deadline_s}); {resume}") from err
+        delay = min(policy.delay(attempt), max(0.0, policy.deadline_s - elapsed))
+        log.warning("stream broke at epoch %d cursor %d: %s; reconnect attempt %d/%d in %.1fs", self.epoch,
+                    self.cursor, err, attempt, policy.attempts, delay)
+        if delay:
+            threading.Event().wait(delay)  # backoff: nothing to wait for but time
+
+    def _reconnect_to(self, endpoint: str, broke_at: float) -> None:
+        """A fresh channel to ``endpoint`` (none of gRPC's backoff from the old one), connected or UnavailableError."""
+        policy = self.config.reconnect
+        self.stats.reconnect_attempts += 1
+        if self._active is not self.client:
+            self._active.close()
+        self._active = LoaderClient(dataclasses.replace(self.client.connection, endpoint=endpoint))
+        self._endpoint_index = self._endpoints.index(endpoint)
+        left = policy.deadline_s - (time.monotonic() - broke_at)
+        self._active.wait_ready(max(0.1, min(policy.connect_timeout_s, left)), fail_fast=True)
+
+    def _open_session(self) -> _Call:
+        """Open a session at (epoch, cursor, resume stages), read its `opened`, grant the credits."""
         asked = self.config.transport
         # CUDA IPC sends a shared-memory probe too: the service falls back to shared memory when it cannot.
         want_shm = asked == "shm" or (asked in ("auto", "cuda_ipc") and shm_supported())
         probe = ShmProbe() if want_shm else None
-        wire = _WIRE[asked] if asked != "auto" else _WIRE["shm" if want_shm else "grpc"]
-        message = self.config.open_message(self.epoch, self.rank, self.world_size, self.cursor, wire,
-                                           probe.name if probe else "")
+        transport = _WIRE[asked] if asked != "auto" else _WIRE["shm" if want_shm else "grpc"]
+        message = self.config.open_message(self.epoch, self.rank, self.world_size, self.cursor, transport,
+                                           probe.name if probe else "", wire(self._resume))
         message.shm_slots = self.config.credits + self.config.shm_keep
-        call = self._call = _Call(self.client, message, self.config.credits)
+        call = self._call = _Call(self._active, message, self.config.credits)
         try:
-            try:
-                opened = self._next(call).opened
-            finally:
-                if probe is not None:
-                    probe.close()
-            self.labels = list(opened.labels)
-            self.shard_length = opened.shard_length
-            self.transport = _NAMES.get(opened.transport, "grpc")
-            self.transport_reason = opened.transport_reason
-            self.skipped_slides = list(opened.skipped_slides)  # "slide_id: why" left out of this session
-            if self.skipped_slides:
-                log.warning("the service left %d slides out of this session: %s", len(self.skipped_slides),
-                            "; ".join(self.skipped_slides[:5]))
-            self._check_transport(want_shm)
-            call.receiver = self._receiver(call, opened)  # ready before any batch can be sent
-            call.grant(self.config.credits)
-            while True:
-                response = self._next(call)
-                kind = response.WhichOneof("kind")
-                if kind == "end":
-                    self.epoch, self.cursor = self.epoch + 1, 0
-                    return
-                batch = self._to_dict(response.batch, call.receiver)
-                self.cursor = response.batch.cursor_after
-                call.grant(1)
-                yield batch
+            opened = self._next(call).opened
         finally:
-            self.close_stream()
+            if probe is not None:
+                probe.close()
+        self.labels = list(opened.labels)
+        self.shard_length = opened.shard_length
+        self.transport = _NAMES.get(opened.transport, "grpc")
+        self.transport_reason = opened.transport_reason
+        self.skipped_slides = list(opened.skipped_slides)  # "slide_id: why" left out of this session
+        if self.skipped_slides:
+            log.warning("the service left %d slides out of this session: %s", len(self.skipped_slides),
+                        "; ".join(self.skipped_slides[:5]))
+        self._check_transport(want_shm)
+        call.receiver = self._receiver(call, opened)  # ready before any batch can be sent
+        call.grant(self.config.credits)
+        return call
+
+    def _batches(self, call: _Call) -> Iterator[dict[str, Any]]:
+        skip = self._pieces_seen  # a session reopened mid-sample sends its pieces from the first again
+        while True:
+            response = self._next(call)
+            if response.WhichOneof("kind") == "end":
+                self._ended = {"epoch": self.epoch, "shard_length": self.shard_length, "resume": self._resume}
+                self.epoch, self.cursor, self._resume, self._pieces_seen = self.epoch + 1, 0, [], 0
+                return
+            batch = self._to_dict(response.batch, call.receiver)
+            call.grant(1)
+            if skip:
+                skip -= 1
+                self.release(batch)
+                continue
+            after = response.batch.cursor_after
+            self._pieces_seen = self._pieces_seen + 1 if after == self.cursor else 0
+            self.cursor = after
+            self.stats.batches += 1
+            yield batch
+
 
     def _check_transport(self, want_shm: bool) -> None:
         """Raise if the service did not grant a strict ``shm``; log any other fallback with its reason."""
@@ -279,17 +413,16 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
             item = call.responses.get(timeout=self.config.timeout_s)
         except queue.Empty as err:
             raise StalledError(
-                f"no batch from {self.client.connection.endpoint} for {self.config.timeout_s:.0f}s "
+                f"no batch from {self.endpoint} for {self.config.timeout_s:.0f}s "
                 f"(dataset {self.config.dataset}, epoch {self.epoch}, cursor {self.cursor})"
             ) from err
         if isinstance(item, grpc.RpcError):
-            what = f"stream from {self.client.connection.endpoint}"
-            if item.code() == grpc.StatusCode.UNAVAILABLE:  # the client's own cursor: right however it died
-                what += f" (this rank can resume from cursor {self.cursor} of epoch {self.epoch}: stream.state_dict())"
-            raise_from_rpc(item, what)
+            if item.code() == grpc.StatusCode.CANCELLED:  # not by this side (it stops reading first): the service
+                raise UnavailableError(
+                    f"stream from {self.endpoint} cancelled by the service: {item.details()}") from item
+            raise_from_rpc(item, f"stream from {self.endpoint}")
         if item is _END:
-            raise UnavailableError(f"stream from {self.client.connection.endpoint} ended without end-of-epoch; "
-                                   f"resume from cursor {self.cursor}")
+            raise UnavailableError(f"stream from {self.endpoint} ended without end-of-epoch")
         return item
 
     def _to_dict(self, batch: pb.Batch, receiver: ShmReceiver | CudaReceiver | None) -> dict[str, Any]:
@@ -339,6 +472,9 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
 
     def close(self) -> None:
         self.close_stream()
+        if self._active is not self.client:
+            self._active.close()
+            self._active = self.client
         if self._owns_client:
             self.client.close()
 

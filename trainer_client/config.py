@@ -8,7 +8,7 @@ from typing import Any
 
 from wsi_loader.v1 import loader_pb2 as pb
 
-__all__ = ["StreamConfig"]
+__all__ = ["ReconnectPolicy", "StreamConfig"]
 
 _MODES = {"random": pb.RANDOM, "grid": pb.GRID}
 _BALANCES = {"area": pb.BY_AREA, "slide": pb.BY_SLIDE, "label": pb.BY_LABEL}
@@ -17,6 +17,43 @@ _VIEWS = {"patches": pb.PATCHES, "image": pb.IMAGE, "tiles": pb.TILES, "shard": 
 _ON_ERROR = {"skip": pb.ON_ERROR_SKIP, "fail": pb.ON_ERROR_FAIL}
 _UNSERVABLE = {"skip": pb.UNSERVABLE_SKIP, "fallback": pb.UNSERVABLE_FALLBACK}
 _TILE_ORDERS = {"row-major": pb.ROW_MAJOR, "column-major": pb.COLUMN_MAJOR, "serpentine": pb.SERPENTINE}
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """What a stream does when its service goes away mid-epoch (drain, restart, rolling update).
+
+    The stream reopens its session at the rank's cursor, on its endpoint then on ``endpoints`` in turn, the
+    waits between attempts growing from ``backoff_s`` to ``max_backoff_s``; it gives up (UnavailableError) after
+    ``attempts`` failed attempts in a row or ``deadline_s`` since the break. ``attempts=0`` turns reconnection
+    off: the break raises UnavailableError with the cursor to resume from.
+    """
+
+    attempts: int = 20
+    backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+    deadline_s: float = 120.0
+    connect_timeout_s: float = 5.0  # per attempt: how long to wait for the service to accept the connection
+    endpoints: tuple[str, ...] = ()  # other replicas (HOST:PORT), tried after the stream's own endpoint
+
+    def __post_init__(self) -> None:
+        if self.attempts < 0:
+            raise ValueError(f"reconnect attempts must be >= 0 (0 = off), got {self.attempts}")
+        if not 0 <= self.backoff_s <= self.max_backoff_s:
+            raise ValueError(f"reconnect backoff must satisfy 0 <= backoff_s ({self.backoff_s}) <= max_backoff_s "
+                             f"({self.max_backoff_s})")
+        if self.deadline_s <= 0 or self.connect_timeout_s <= 0:
+            raise ValueError(f"reconnect deadline_s ({self.deadline_s}) and connect_timeout_s "
+                             f"({self.connect_timeout_s}) must be > 0")
+        object.__setattr__(self, "endpoints", tuple(self.endpoints))
+        for endpoint in self.endpoints:
+            host, sep, port = endpoint.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"reconnect endpoint {endpoint!r} must be HOST:PORT, e.g. 10.0.0.2:50051")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before reconnection attempt ``attempt`` (1-based): none before the first."""
+        return 0.0 if attempt <= 1 else min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 2))
 
 
 @dataclass(frozen=True)
@@ -51,6 +88,7 @@ class StreamConfig:
     shm_keep: int = 2  # SHM/CUDA IPC: batches the trainer may hold zero-copy at once; further ones arrive as copies
     pin_memory: bool = False
     timeout_s: float = 120.0  # longest wait for the next batch before StalledError
+    reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy)  # on UNAVAILABLE mid-epoch
     job_id: str = ""
     # Views (DESIGN.md): patches (default) | image | tiles | shard. Regions for the other views:
     view: str = "patches"
@@ -107,12 +145,15 @@ class StreamConfig:
             raise ValueError(f"locality_region_size must be >= 0 (0 = auto), got {self.locality_region_size}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if isinstance(self.reconnect, dict):  # from YAML/JSON
+            object.__setattr__(self, "reconnect", ReconnectPolicy(**self.reconnect))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
     def open_message(self, epoch: int, rank: int, world_size: int, cursor: int, transport: int,
-                     shm_probe: str = "") -> pb.OpenSession:
+                     shm_probe: str = "", resume: tuple[list[int], list[int]] = ([], [])) -> pb.OpenSession:
         return pb.OpenSession(
+            resume_world_sizes=resume[0], resume_cursors=resume[1],
             dataset=self.dataset, split=self.split, mode=_MODES[self.mode], balance=_BALANCES[self.balance],
             patch_size=self.patch_size, level=self.level, mpp=self.mpp, tissue_threshold=self.tissue_threshold,
             samples_per_epoch=self.samples_per_epoch, grid_stride=self.grid_stride, seed=self.seed, epoch=epoch,

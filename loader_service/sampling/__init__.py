@@ -1,8 +1,9 @@
 """Sampling: which regions an epoch reads, in which order, and which rank reads them."""
 
 from loader_service.sampling.candidates import CandidateCache, Candidates, SlideGeometry
+from loader_service.sampling.elastic import ResumeStages, ShardMap
 from loader_service.sampling.plan import EpochPlan, Sample, ShardCursor, sample_rng
 from loader_service.sampling.spec import BALANCES, MODES, SamplingSpec
 
-__all__ = ["BALANCES", "MODES", "CandidateCache", "Candidates", "EpochPlan", "Sample", "SamplingSpec",
-           "ShardCursor", "SlideGeometry", "sample_rng"]
+__all__ = ["BALANCES", "MODES", "CandidateCache", "Candidates", "EpochPlan", "ResumeStages", "Sample",
+           "SamplingSpec", "ShardCursor", "ShardMap", "SlideGeometry", "sample_rng"]

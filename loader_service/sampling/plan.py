@@ -4,7 +4,8 @@ Every sample is a pure function of (seed, epoch, global index): the order, the c
 augmentation parameters do not depend on threads, timing or how many ranks read the epoch. Rank ``r`` of
 ``world_size`` owns the global indices ``r, r + W, r + 2W, ...``: disjoint, equal-length shards whose
 union is the epoch (random mode draws a multiple of W samples; grid mode pads with repeats flagged
-``padding``).
+``padding``). After an elastic resume (``resume`` stages, sampling/elastic.py) the epoch keeps the layout of
+the world size that started it, and the ranks share what it left unread.
 
 Locality (random mode, ``patches_per_region`` k > 1): global indices are cut into groups of
 ``locality_window`` (here L) times k. Region ``group * L + r`` (r < L) is placed over tissue from its own
@@ -25,6 +26,7 @@ import numpy as np
 from loader_service.dataset import DatasetIndex, SlideRecord
 from loader_service.errors import InvalidRequest, SlideFailure
 from loader_service.sampling.candidates import CandidateCache, Candidates, Unservable, slide_geometry
+from loader_service.sampling.elastic import ResumeStages, ShardMap
 from loader_service.sampling.spec import SamplingSpec
 
 __all__ = ["Sample", "EpochPlan", "ShardCursor", "sample_rng"]
@@ -66,15 +68,17 @@ class EpochPlan:
 
     def __init__(self, index: DatasetIndex, spec: SamplingSpec, epoch: int, rank: int, world_size: int,
                  candidates: CandidateCache, avoid: Mapping[Path, str] | Collection[Path] = (),
-                 unservable: str = "skip") -> None:
+                 unservable: str = "skip", resume: ResumeStages | None = None) -> None:
         """``avoid``: quarantined slides (path -> why); samples drawn on them are replaced by :meth:`substitute`
         (the plan's slides and weights stay those of the dataset, so the other indices draw exactly what they
         would). ``unservable``: slides that cannot serve the level or mpp are left out ("skip") or read at the
-        nearest resolution and resampled ("fallback"); ``skipped`` lists them ("slide_id: why")."""
+        nearest resolution and resampled ("fallback"); ``skipped`` lists them ("slide_id: why").
+        ``resume``: elastic resume stages (how the epoch was read before at other world sizes)."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise InvalidRequest(f"rank {rank} must be in 0..world_size-1 with world_size >= 1 (got {world_size})")
         self.spec, self.epoch, self.rank, self.world_size = spec, epoch, rank, world_size
         self.avoid = frozenset(avoid)
+        self._layout_world = (resume.base_world if resume else None) or world_size  # who laid the epoch out
         records = [r for r in index.usable if not spec.split or r.entry.split == spec.split]
         if not records:
             split = f" in split {spec.split!r}" if spec.split else ""
@@ -105,7 +109,8 @@ class EpochPlan:
             self._init_random()
         else:
             self._init_grid()
-        self.shard_length = self.epoch_length // world_size
+        self._shards = ShardMap(self.epoch_length, rank, world_size, resume)
+        self.shard_length = self._shards.shard_length
 
     def _select(self, records: list[SlideRecord], candidates: CandidateCache, unservable: str) -> tuple[int, int]:
         """Fill ``_slides`` with the slides that serve the spec (and have a region over tissue); the region shape."""
@@ -137,11 +142,11 @@ class EpochPlan:
     # --- random mode -------------------------------------------------------------------------------------
     def _init_random(self) -> None:
         spec = self.spec
-        if spec.samples_per_epoch < self.world_size:
+        if spec.samples_per_epoch < self._layout_world:
             raise InvalidRequest(
-                f"samples_per_epoch ({spec.samples_per_epoch}) is smaller than world_size ({self.world_size})"
+                f"samples_per_epoch ({spec.samples_per_epoch}) is smaller than world_size ({self._layout_world})"
             )
-        self.epoch_length = spec.samples_per_epoch - spec.samples_per_epoch % self.world_size
+        self.epoch_length = spec.samples_per_epoch - spec.samples_per_epoch % self._layout_world
         counts = np.array([len(c.cells) for _, c in self._slides], dtype=np.float64)
         if spec.balance == "area":
             weights = counts
@@ -217,7 +222,7 @@ class EpochPlan:
     def _init_grid(self) -> None:
         self._offsets = np.cumsum([0] + [len(c.cells) for _, c in self._slides])
         self._grid_total = int(self._offsets[-1])
-        w = self.world_size
+        w = self._layout_world
         self.epoch_length = -(-self._grid_total // w) * w
         self._order: np.ndarray | None = None
         if self.spec.shuffle_grid or (self.spec.whole_slide and self.spec.mode == "random"):
@@ -235,7 +240,7 @@ class EpochPlan:
     def sample(self, shard_index: int) -> Sample:
         if not 0 <= shard_index < self.shard_length:
             raise IndexError(f"shard index {shard_index} outside 0..{self.shard_length - 1}")
-        global_index = self.rank + shard_index * self.world_size
+        global_index = self._shards.global_index(shard_index)
         region: Rect4 | None = None
         padding = False
         if self.spec.mode == "random" and not self.spec.whole_slide and self.spec.patches_per_region > 1:

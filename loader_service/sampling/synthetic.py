@@ -14,6 +14,7 @@ import torch
 from loader_service.dataset import ManifestEntry, SlideRecord
 from loader_service.errors import InvalidRequest
 from loader_service.pipeline import BuiltBatch, OutputSpec
+from loader_service.sampling.elastic import ResumeStages, ShardMap
 from loader_service.sampling.plan import Sample
 from loader_service.sampling.spec import SamplingSpec
 
@@ -24,17 +25,20 @@ _RECORD = SlideRecord(ManifestEntry("synthetic", Path("synthetic"), "synthetic")
 
 
 class SyntheticPlan:
-    def __init__(self, spec: SamplingSpec, epoch: int, rank: int, world_size: int) -> None:
+    def __init__(self, spec: SamplingSpec, epoch: int, rank: int, world_size: int,
+                 resume: ResumeStages | None = None) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise InvalidRequest(f"rank {rank} must be in 0..world_size-1 (world_size {world_size})")
         self.spec, self.epoch, self.rank, self.world_size = spec, epoch, rank, world_size
         self.labels = ["synthetic"]
-        self.epoch_length = spec.samples_per_epoch - spec.samples_per_epoch % world_size
-        self.shard_length = self.epoch_length // world_size
+        layout_world = (resume.base_world if resume else None) or world_size
+        self.epoch_length = spec.samples_per_epoch - spec.samples_per_epoch % layout_world
+        self._shards = ShardMap(self.epoch_length, rank, world_size, resume)
+        self.shard_length = self._shards.shard_length
 
     def sample(self, shard_index: int) -> Sample:
         size = self.spec.patch_size
-        return Sample(shard_index, self.rank + shard_index * self.world_size, _RECORD, 0, 0.0, 0, 0, size, size)
+        return Sample(shard_index, self._shards.global_index(shard_index), _RECORD, 0, 0.0, 0, 0, size, size)
 
     def label_index(self, record: SlideRecord) -> int:
         return 0

@@ -257,7 +257,7 @@ class Output(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., channels_last: _Optional[bool] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots", "patches_per_region", "locality_window", "locality_region_size", "on_error", "unservable")
+    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots", "patches_per_region", "locality_window", "locality_region_size", "on_error", "unservable", "resume_world_sizes", "resume_cursors")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +287,8 @@ class OpenSession(_message.Message):
     LOCALITY_REGION_SIZE_FIELD_NUMBER: _ClassVar[int]
     ON_ERROR_FIELD_NUMBER: _ClassVar[int]
     UNSERVABLE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_WORLD_SIZES_FIELD_NUMBER: _ClassVar[int]
+    RESUME_CURSORS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: str
     mode: Mode
@@ -316,7 +318,9 @@ class OpenSession(_message.Message):
     locality_region_size: int
     on_error: OnError
     unservable: Unservable
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ..., patches_per_region: _Optional[int] = ..., locality_window: _Optional[int] = ..., locality_region_size: _Optional[int] = ..., on_error: _Optional[_Union[OnError, str]] = ..., unservable: _Optional[_Union[Unservable, str]] = ...) -> None: ...
+    resume_world_sizes: _containers.RepeatedScalarFieldContainer[int]
+    resume_cursors: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ..., patches_per_region: _Optional[int] = ..., locality_window: _Optional[int] = ..., locality_region_size: _Optional[int] = ..., on_error: _Optional[_Union[OnError, str]] = ..., unservable: _Optional[_Union[Unservable, str]] = ..., resume_world_sizes: _Optional[_Iterable[int]] = ..., resume_cursors: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
