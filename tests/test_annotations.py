@@ -146,16 +146,21 @@ def test_unknown_class_is_invalid_request(ann_server: LoaderServer) -> None:
 
 
 # ---------------------------------------------------------------- masks
-def test_unaugmented_mask_equals_rasterising_the_region(ann_server: LoaderServer) -> None:
-    batches, stream = _run(ann_server, masks=True, annotation_region="annotated", samples_per_epoch=32)
-    assert stream.annotation_classes == CLASSES
+@pytest.mark.parametrize("transport,sampling,downsample", [("grpc", {"level": 1}, 2.0), ("shm", {"level": 1}, 2.0),
+                                                            ("grpc", {"level": 0, "mpp": 0.75}, 1.5)])
+def test_unaugmented_mask_equals_rasterising_the_region(ann_server: LoaderServer, transport: str,
+                                                        sampling: dict[str, Any], downsample: float) -> None:
+    """Over gRPC bytes and shared memory, at a level and at an mpp between levels (resampled reads)."""
+    batches, stream = _run(ann_server, masks=True, annotation_region="annotated", samples_per_epoch=32,
+                           transport=transport, **sampling)
+    assert stream.transport == transport and stream.annotation_classes == CLASSES
     for batch in batches:
         assert batch["masks"].shape == (batch["images"].shape[0], 32, 32) and batch["masks"].dtype == torch.uint8
         for k, sid in enumerate(batch["slide_id"]):
             x, y = int(batch["x"][k]), int(batch["y"][k])
-            want = reference_mask(_shapes(sid), CLASSES, x, y, 32, 32, 2.0)
+            want = reference_mask(_shapes(sid), CLASSES, x, y, 32, 32, downsample)
             assert (batch["masks"][k].numpy() == want).all()
-            centre = reference_class(_shapes(sid), CLASSES, (x + 16) * 2.0, (y + 16) * 2.0)
+            centre = reference_class(_shapes(sid), CLASSES, (x + 16) * downsample, (y + 16) * downsample)
             assert int(batch["classes"][k]) == centre > 0  # annotated region: centres inside an annotation
 
 
@@ -257,3 +262,23 @@ def test_annotation_sampling_is_deterministic_and_resumable(ann_server: LoaderSe
             assert a["slide_id"] == b["slide_id"] and (a["x"] == b["x"]).all() and (a["y"] == b["y"]).all()
             assert (a["images"] == b["images"]).all() and (a["masks"] == b["masks"]).all()
             assert (a["classes"] == b["classes"]).all()
+
+
+def test_label_mask_tiff_at_a_coarse_level(tmp_path: Path) -> None:
+    """A TIFF label mask stored at downsample 8 (the manifest's `annotation_downsample`), and an RGB image refused."""
+    import tifffile
+    from PIL import Image
+
+    from loader_service.annotations import parse_annotations
+
+    values = np.zeros((32, 40), dtype=np.uint16)
+    values[4:10, 5:20] = 3
+    tifffile.imwrite(tmp_path / "m.tiff", values)
+    parsed = parse_annotations(tmp_path / "m.tiff", "m.tiff", slide_width=999, downsample=8.0)
+    assert parsed.names == ("3",)
+    index = {"background": 0, "3": 1}
+    xs, ys = np.array([5 * 8 + 0.5, 4 * 8 - 0.5, 19 * 8 + 7.9]), np.array([4 * 8 + 0.5, 40.0, 9 * 8 + 7.9])
+    assert parsed.classify_points(xs, ys, index).tolist() == [1, 0, 1]
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(AnnotationError, match="annotation file rgb.png: a label mask must be one channel"):
+        parse_annotations(tmp_path / "rgb.png", "rgb.png", slide_width=64)
