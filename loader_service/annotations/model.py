@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -29,11 +30,22 @@ class Shape:
     name: str
     rings: tuple[np.ndarray, ...]  # each (n, 2) float64 (x, y) in level-0 pixels, closed implicitly
 
-    @property
+    @cached_property
     def edges(self) -> np.ndarray:
         """(e, 4) float64 edges (x0, y0, x1, y1) of every ring."""
         parts = [np.concatenate([r, np.roll(r, -1, axis=0)], axis=1) for r in self.rings if len(r) >= 3]
         return np.concatenate(parts) if parts else np.zeros((0, 4))
+
+    @cached_property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1): no point outside it is inside the shape."""
+        points = np.concatenate(self.rings)
+        return float(points[:, 0].min()), float(points[:, 1].min()), float(points[:, 0].max()), float(points[:, 1].max())
+
+    def may_touch(self, xs: np.ndarray, ys: np.ndarray) -> bool:
+        """Whether the box of the points meets the shape's bounds (else no point is inside)."""
+        x0, y0, x1, y1 = self.bounds
+        return bool(len(xs)) and xs.min() <= x1 and xs.max() >= x0 and ys.min() <= y1 and ys.max() >= y0
 
 
 @dataclass(frozen=True)
@@ -55,21 +67,27 @@ class SlideAnnotations:
 
     def classify_points(self, xs: np.ndarray, ys: np.ndarray, index: dict[str, int]) -> np.ndarray:
         """Class index (``index[name]``; 0 = none) at each level-0 point (xs[i], ys[i])."""
+        xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
         out = np.zeros(len(xs), dtype=np.int64)
         if self.mask is not None:
             return self._mask_lookup(xs, ys, index)
         for shape in self.shapes:
-            out[inside_points(shape.edges, xs, ys)] = index[shape.name]
+            x0, y0, x1, y1 = shape.bounds
+            near = np.flatnonzero((xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1))  # only these can be inside
+            if len(near):
+                out[near[inside_points(shape.edges, xs[near], ys[near])]] = index[shape.name]
         return out
 
     def classify_grid(self, xs: np.ndarray, ys: np.ndarray, index: dict[str, int]) -> np.ndarray:
         """Class index at every (xs[j], ys[i]) of a grid: (len(ys), len(xs)) int64."""
+        xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
         if self.mask is not None:
             gx, gy = np.meshgrid(xs, ys)
             return self._mask_lookup(gx.ravel(), gy.ravel(), index).reshape(len(ys), len(xs))
         out = np.zeros((len(ys), len(xs)), dtype=np.int64)
         for shape in self.shapes:
-            out[inside_grid(shape.edges, xs, ys)] = index[shape.name]
+            if shape.may_touch(xs, ys):
+                out[inside_grid(shape.edges, xs, ys)] = index[shape.name]
         return out
 
     def _mask_lookup(self, xs: np.ndarray, ys: np.ndarray, index: dict[str, int]) -> np.ndarray:
