@@ -14,30 +14,44 @@ __all__ = ["inside_points", "inside_grid"]
 _CHUNK = 1 << 20  # points x edges per step of inside_points
 
 
-def _crossings(edges: np.ndarray, py: float) -> np.ndarray:
-    """Sorted x of the crossings of the horizontal line y = py with ``edges``."""
-    x0, y0, x1, y1 = edges.T
-    hit = (np.minimum(y0, y1) <= py) & (py < np.maximum(y0, y1))
-    if not hit.any():
-        return np.zeros(0)
-    x0, y0, x1, y1 = x0[hit], y0[hit], x1[hit], y1[hit]
-    return np.sort(x0 + (py - y0) * (x1 - x0) / (y1 - y0))
-
-
 def inside_grid(edges: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """(len(ys), len(xs)) bool: whether (xs[j], ys[i]) is inside, one scanline per row."""
+    """(len(ys), len(xs)) bool: whether (xs[j], ys[i]) is inside.
+
+    Vectorised and exact: every (row, edge) crossing x is computed as in :func:`inside_points`; the crossing
+    is beyond the columns before ``searchsorted(xs, x, 'left')`` (those with px < x), so a reversed running
+    count of crossings per row gives each pixel's crossings beyond it without comparing any shifted value.
+    """
     xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
     out = np.zeros((len(ys), len(xs)), dtype=bool)
+    if not len(edges) or not len(xs) or not len(ys):
+        return out
+    order = None
+    if len(xs) > 1 and not (np.diff(xs) >= 0).all():
+        order = np.argsort(xs, kind="stable")
+        xs = xs[order]
+    ylo, yhi = np.minimum(edges[:, 1], edges[:, 3]), np.maximum(edges[:, 1], edges[:, 3])
+    band = (yhi > ys.min()) & (ylo <= ys.max())
+    edges, ylo, yhi = edges[band], ylo[band], yhi[band]
     if not len(edges):
         return out
-    top, bottom = edges[:, [1, 3]].min(), edges[:, [1, 3]].max()
-    for i, py in enumerate(ys):
-        if not top <= py < bottom:
+    x0, y0, x1, y1 = edges.T
+    width = len(xs)
+    step = max(1, _CHUNK // len(edges))
+    for r0 in range(0, len(ys), step):
+        py = ys[r0:r0 + step]
+        rows, cols = np.nonzero((ylo[None, :] <= py[:, None]) & (py[:, None] < yhi[None, :]))
+        if not len(rows):
             continue
-        cross = _crossings(edges, float(py))
-        if len(cross):
-            beyond = len(cross) - np.searchsorted(cross, xs, side="right")  # crossings with x > px
-            out[i] = (beyond % 2) == 1
+        e0, f0, e1, f1 = x0[cols], y0[cols], x1[cols], y1[cols]
+        cx = e0 + (py[rows] - f0) * (e1 - e0) / (f1 - f0)
+        first_not_before = np.searchsorted(xs, cx, side="left")  # columns j < this have xs[j] < cx
+        counts = np.bincount(rows * (width + 1) + first_not_before, minlength=len(py) * (width + 1))
+        beyond = np.cumsum(counts.reshape(len(py), width + 1)[:, ::-1], axis=1)[:, ::-1]
+        out[r0:r0 + len(py)] = (beyond[:, 1:] % 2) == 1
+    if order is not None:
+        unsorted = np.empty_like(out)
+        unsorted[:, order] = out
+        out = unsorted
     return out
 
 
