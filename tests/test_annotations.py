@@ -120,7 +120,7 @@ def test_malformed_files_left_out_with_counted_reason(ann_server: LoaderServer) 
     assert set(skipped) == {"d", "e", "f"}
     assert "annotation file d.geojson, feature 1" in skipped["d"] and "not numbers" in skipped["d"]
     assert "annotation file e.xml" in skipped["e"] and "not well-formed XML" in skipped["e"]
-    assert "outside the data roots" in skipped["f"] and str(Path("/")) not in skipped["f"].split(":", 1)[1][:2]
+    assert "annotation file f.geojson: resolves outside the data roots" in skipped["f"] and "/" not in skipped["f"]
     assert {sid for b in batches for sid in b["slide_id"]} == {"a"}
     after = {r: ann_server.metrics.sample("wsi_loader_slides_skipped_total", {"reason": r}) for r in before}
     assert after["annotation_malformed"] - before["annotation_malformed"] == 2
@@ -282,3 +282,10 @@ def test_label_mask_tiff_at_a_coarse_level(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
     with pytest.raises(AnnotationError, match="annotation file rgb.png: a label mask must be one channel"):
         parse_annotations(tmp_path / "rgb.png", "rgb.png", slide_width=64)
+
+
+def test_nothing_to_sample_says_why(ann_server: LoaderServer) -> None:
+    with pytest.raises(InvalidRequestError, match=r"has its centre in the asked region \(region=annotated of classes "
+                                                  r"\['necrosis'\].*Slides left out: d: annotation file d.geojson"):
+        _run(ann_server, dataset="bad", annotation_region="annotated", annotation_classes=("necrosis",),
+             patch_size=128)

@@ -90,3 +90,15 @@ class SessionAnnotations:
             raise InvalidRequest(f"no cell of the classes with a positive proportion passes the tissue threshold "
                                  f"(classes found: {present}); lower tissue_threshold or change the proportions")
         return weights
+
+    def nothing_to_sample(self, dataset: str, patch_hw: tuple[int, int], skipped: list[str]) -> str:
+        """Why a session restricted to annotations found no cell, saying what to change."""
+        o = self.options
+        which = f" of classes {list(o.classes)}" if o.classes else ""
+        text = (f"no {patch_hw[1]}×{patch_hw[0]} px cell of dataset {dataset} has its centre in the asked region "
+                f"(region={o.region}{which}"
+                + (f", excluding {list(o.exclude)}" if o.exclude else "") + "); lower patch_size, level or "
+                "tissue_threshold, or check the annotations' classes")
+        if skipped:
+            text += f". Slides left out: {'; '.join(skipped[:3])}" + (" ..." if len(skipped) > 3 else "")
+        return text

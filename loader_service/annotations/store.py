@@ -37,6 +37,8 @@ class AnnotationStore:
             return None
         base = record.entry.base or record.entry.path.parent
         path = Path(written) if Path(written).is_absolute() else base / written
+        if path.is_absolute() and Path(written).is_absolute():
+            written = path.name  # messages reach clients: never the server's absolute paths
         self._check_roots(path, written, record)
         try:
             st = os.stat(path)

@@ -89,6 +89,8 @@ class EpochPlan:
         self.skipped_reasons: list[str] = []
         self._slides: list[tuple[SlideRecord, Candidates]] = []
         patch = self._select(records, candidates, unservable)
+        if not self._slides and self.annotations is not None and self.annotations.options.restricts:
+            raise InvalidRequest(self.annotations.nothing_to_sample(index.name, patch, self.skipped))
         if not self._slides and self.skipped_reasons:
             raise InvalidRequest(_unservable_text(index.name, records, spec))
         if self._slides and all(r.path in self.avoid for r, _ in self._slides):
