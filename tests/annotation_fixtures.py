@@ -63,6 +63,31 @@ def label_mask_c() -> np.ndarray:
     return values
 
 
+SHAPES_G = [("tumor", [[[(200, 150), (700, 150), (700, 500), (200, 500)]]]),
+            ("stroma", [[[(600.25, 600.25), (950.25, 700.25), (700.25, 980.25)]]])]
+DARK, LIGHT = (60, 20, 120), (230, 180, 200)
+
+
+def write_painted_slide(root: Path) -> None:
+    """Slide g: lossless, its pixels painted DARK exactly where SHAPES_G are (pixel centres), LIGHT elsewhere; so
+    the image itself shows where its mask must be. Manifest ``painted.csv``."""
+    from tests.slide_fixtures import pyramid_levels, write_tifffile_pyramid
+
+    cy, cx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    inside = (cx >= 200) & (cx < 700) & (cy >= 150) & (cy < 500)
+    (ax, ay), (bx, by), (qx, qy) = SHAPES_G[1][1][0][0]
+    corners = [(ax, ay), (bx, by), (qx, qy)]
+    side = [(x1 - x0) * (cy - y0) - (y1 - y0) * (cx - x0) for (x0, y0), (x1, y1) in zip(corners, corners[1:] + corners[:1])]
+    inside |= ((side[0] > 0) & (side[1] > 0) & (side[2] > 0)) | ((side[0] < 0) & (side[1] < 0) & (side[2] < 0))
+    image = np.where(inside[..., None], np.array(DARK, np.uint8), np.array(LIGHT, np.uint8)).astype(np.uint8)
+    write_tifffile_pyramid(root / "g.tiff", pyramid_levels(image, 2), "deflate", mpp=0.5)
+    (root / "g.geojson").write_text(_geojson(SHAPES_G, plain_names=False))
+    with open(root / "painted.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "id", "annotation"])
+        writer.writeheader()
+        writer.writerow({"path": "g.tiff", "label": "x", "id": "g", "annotation": "g.geojson"})
+
+
 def write_annotated_dataset(root: Path, outside: Path) -> None:
     """Slides a (GeoJSON), b (ASAP XML), c (PNG label mask); d, e with broken files; f with a file outside the
     data roots. Manifests: ``good.csv`` (a, b), ``mask.csv`` (c), ``bad.csv`` (a, d, e, f)."""
