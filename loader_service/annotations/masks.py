@@ -18,6 +18,7 @@ import torch
 from loader_service.annotations.sampling import SessionAnnotations
 from loader_service.augment import AugmentConfig, AugmentParams, Rect, draw_params
 from loader_service.augment.geometry import apply_geometry, aug_rect_to_raw
+from loader_service.errors import InvalidRequest
 from loader_service.pipeline import BuiltBatch
 from loader_service.sampling import Sample
 
@@ -75,8 +76,9 @@ class Labeller:
     """Wraps a session's batch builders: every built batch gets ``classes`` (and ``masks`` when asked)."""
 
     def __init__(self, annotations: SessionAnnotations, augment: AugmentConfig | None, seed: int, epoch: int) -> None:
-        if len(annotations.classes) > 256:
-            raise ValueError(f"{len(annotations.classes)} annotation classes do not fit uint8 masks (at most 255)")
+        if annotations.options.masks and len(annotations.classes) > 256:
+            raise InvalidRequest(f"{len(annotations.classes) - 1} annotation classes do not fit uint8 masks (at most "
+                                 "255); merge classes in the annotation files, or ask for classes without masks")
         self.annotations, self.augment, self.seed, self.epoch = annotations, augment, seed, epoch
 
     def params(self, sample: Sample) -> AugmentParams:
