@@ -103,6 +103,12 @@ def write_annotated_dataset(root: Path, outside: Path) -> None:
     (outside / "f.geojson").write_text(_geojson(SHAPES_A, plain_names=False))
     rows = {"a": "a.geojson", "b": "b.xml", "c": "c.png", "d": "d.geojson", "e": "e.xml",
             "f": str(outside / "f.geojson")}
+    (root / "link.geojson").symlink_to(outside / "f.geojson")  # inside the root by name, outside by target
+    with open(root / "link.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "id", "annotation"])
+        writer.writeheader()
+        writer.writerows([{"path": "a.tiff", "label": "x", "id": "a", "annotation": "a.geojson"},
+                          {"path": "b.tiff", "label": "x", "id": "b", "annotation": "link.geojson"}])
     for manifest, names in (("good.csv", "ab"), ("mask.csv", "c"), ("bad.csv", "adef")):
         with open(root / manifest, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["path", "label", "id", "annotation"])

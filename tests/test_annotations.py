@@ -34,7 +34,7 @@ def ann_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoaderServe
     outside = tmp_path_factory.mktemp("outside-roots")
     write_annotated_dataset(root, outside)
     write_painted_slide(root)
-    datasets = tuple(DatasetConfig(n, root / f"{n}.csv") for n in ("good", "mask", "bad", "painted"))
+    datasets = tuple(DatasetConfig(n, root / f"{n}.csv") for n in ("good", "mask", "bad", "painted", "link"))
     config = make_config(root, datasets=datasets, tissue_cache_dir=None, tissue_max_size=256)
     with LoaderServer(config) as server:
         yield server
@@ -314,3 +314,11 @@ def test_mask_lies_on_the_painted_shapes_under_every_geometric_op(ann_server: Lo
         dark_n, light_n, light_bad = dark_n + dark.sum(), light_n + light.sum(), light_bad + (masks[light] > 0).sum()
     assert dark_n > 1000 and light_n > 1000
     assert light_bad <= 0.01 * light_n
+
+
+def test_annotation_linked_outside_the_roots_is_refused(ann_server: LoaderServer) -> None:
+    """The same data-root check as slides: a file named inside the root that resolves outside it is not read."""
+    batches, stream = _run(ann_server, dataset="link", masks=True)
+    assert [s.split(":", 1)[0] for s in stream.skipped_slides] == ["b"]
+    assert "link.geojson: resolves outside the data roots" in stream.skipped_slides[0]
+    assert {sid for b in batches for sid in b["slide_id"]} == {"a"}
