@@ -322,3 +322,15 @@ def test_annotation_linked_outside_the_roots_is_refused(ann_server: LoaderServer
     assert [s.split(":", 1)[0] for s in stream.skipped_slides] == ["b"]
     assert "link.geojson: resolves outside the data roots" in stream.skipped_slides[0]
     assert {sid for b in batches for sid in b["slide_id"]} == {"a"}
+
+
+def test_tile_feeder_fills_masks_with_the_tiles(ann_server: LoaderServer) -> None:
+    from trainer_client.views import TileFeeder
+
+    whole = _region_masks(ann_server, view="image")
+    tiles = _region_masks(ann_server, view="tiles", tile_size=32, overlap=2)
+    arrived = list(TileFeeder(iter(tiles)))
+    assert len(arrived) == len(whole)
+    for image, reference in zip(arrived, whole):
+        assert image.masks is not None and (image.masks == reference["masks"]).all()
+        assert (image.images == reference["images"]).all()

@@ -67,11 +67,14 @@ class ArrivingImage:
     feed: RowFeed
     sample: dict[str, Any]
     loader_state: dict[str, Any] | None = None
+    masks: torch.Tensor | None = None  # (N, H, W) annotation masks, filled with the same tiles (masks=True)
     _bands: dict[int, list[int]] = field(default_factory=dict)  # band start row -> [height, columns filled]
 
     def _write(self, batch: dict[str, Any]) -> None:
         cy, cx, ch, cw = batch["piece"]["core"]
         self.images[..., cy: cy + ch, cx: cx + cw] = crop_core(batch).to(self.images.device)
+        if self.masks is not None:
+            self.masks[..., cy: cy + ch, cx: cx + cw] = crop_core(batch, "masks").to(self.masks.device)
         band = self._bands.setdefault(cy, [ch, 0])
         band[1] += cw
 
@@ -127,8 +130,10 @@ class TileFeeder:
                     h, w = piece["image_hw"]
                     tile = batch["images"]
                     images = torch.empty((tile.shape[0], tile.shape[1], h, w), dtype=tile.dtype, device=self._device)
-                    meta = {k: v for k, v in batch.items() if k not in ("images", "piece")}
-                    current = ArrivingImage(images, RowFeed(h, self._timeout), meta)
+                    meta = {k: v for k, v in batch.items() if k not in ("images", "piece", "masks")}
+                    masks = None if batch.get("masks") is None else torch.empty(
+                        (tile.shape[0], h, w), dtype=batch["masks"].dtype, device=self._device)
+                    current = ArrivingImage(images, RowFeed(h, self._timeout), meta, masks=masks)
                     self._items.put(current)
                 if current is None:
                     raise ValueError(f"tile {piece['index']} arrived before tile 0 of its sample")
