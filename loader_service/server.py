@@ -277,7 +277,7 @@ class LoaderServer:
                       failures=failures)
         build, build_piece = functools.partial(self.builder.build, **common), functools.partial(self.builder.build_piece, **common)
         if annotations is not None:  # classes at patch centres, masks when asked (docs/annotations.md)
-            labeller = Labeller(annotations, request.augment, request.spec.seed, request.epoch)
+            labeller = Labeller(annotations, request.augment, request.spec.seed, request.epoch, self.read_pool)
             build, build_piece = labeller.wrap(build), labeller.wrap(build_piece)
         return plan, build, build_piece
 

@@ -10,6 +10,7 @@ shard) is the same function on its rectangle, so stitched pieces equal the whole
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
@@ -73,13 +74,18 @@ def sample_class(annotations: SessionAnnotations, sample: Sample, params: Augmen
 
 
 class Labeller:
-    """Wraps a session's batch builders: every built batch gets ``classes`` (and ``masks`` when asked)."""
+    """Wraps a session's batch builders: every built batch gets ``classes`` (and ``masks`` when asked).
 
-    def __init__(self, annotations: SessionAnnotations, augment: AugmentConfig | None, seed: int, epoch: int) -> None:
+    With ``pool``, the masks of a batch's samples are rasterised on it in parallel (the service's read pool:
+    the batch thread already waits on it for reads, so this adds no new kind of wait)."""
+
+    def __init__(self, annotations: SessionAnnotations, augment: AugmentConfig | None, seed: int, epoch: int,
+                 pool: Executor | None = None) -> None:
         if annotations.options.masks and len(annotations.classes) > 256:
             raise InvalidRequest(f"{len(annotations.classes) - 1} annotation classes do not fit uint8 masks (at most "
                                  "255); merge classes in the annotation files, or ask for classes without masks")
         self.annotations, self.augment, self.seed, self.epoch = annotations, augment, seed, epoch
+        self.pool = pool
 
     def params(self, sample: Sample) -> AugmentParams:
         if self.augment is None:
@@ -92,8 +98,13 @@ class Labeller:
                                      dtype=torch.int64)
         if self.annotations.options.masks:
             rect = built.piece.rect if built.piece is not None else None
-            built.masks = torch.stack([sample_mask(self.annotations, s, p, rect)
-                                       for s, p in zip(built.samples, params)])
+            def one(i: int) -> torch.Tensor:
+                return sample_mask(self.annotations, built.samples[i], params[i], rect)
+
+            indices = range(len(params))
+            masks = list(self.pool.map(one, indices)) if self.pool is not None and len(params) > 1 else \
+                [one(i) for i in indices]
+            built.masks = torch.stack(masks)
         return built
 
     def wrap(self, build: Callable[..., BuiltBatch]) -> Callable[..., BuiltBatch]:
