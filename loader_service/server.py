@@ -275,7 +275,8 @@ class LoaderServer:
         failures = FailureBudget(request.on_error, self.quarantine, plan.substitute, plan.label_index)
         common = dict(augment=request.augment, seed=request.spec.seed, epoch=request.epoch, output=request.output,
                       failures=failures)
-        build, build_piece = functools.partial(self.builder.build, **common), functools.partial(self.builder.build_piece, **common)
+        build = functools.partial(self.builder.build, **common)
+        build_piece = functools.partial(self.builder.build_piece, **common)
         if annotations is not None:  # classes at patch centres, masks when asked (docs/annotations.md)
             labeller = Labeller(annotations, request.augment, request.spec.seed, request.epoch, self.read_pool)
             build, build_piece = labeller.wrap(build), labeller.wrap(build_piece)

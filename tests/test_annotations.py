@@ -334,3 +334,22 @@ def test_tile_feeder_fills_masks_with_the_tiles(ann_server: LoaderServer) -> Non
     for image, reference in zip(arrived, whole):
         assert image.masks is not None and (image.masks == reference["masks"]).all()
         assert (image.images == reference["images"]).all()
+
+
+@pytest.mark.parametrize("text,where", [
+    ("[1, 2", "not valid JSON"),
+    ('{"type": "Topology"}', "expected a GeoJSON FeatureCollection"),
+    ('{"type": "FeatureCollection", "features": {}}', "`features` must be an array"),
+    ('[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": {"a": 1}}, '
+     '"properties": {"classification": "t"}}]', "feature 0: Polygon coordinates must be a list of rings"),
+    ('[{"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [[[[0, 0], [1, 1]]]]}, '
+     '"properties": {"classification": "t"}}]', "feature 0 (MultiPolygon): a ring needs at least 3"),
+    ('[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [0, 1]]]}, '
+     '"properties": {"classification": {"colour": 1}}}]', "feature 0: no class name"),
+    ('[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1e999, 1], [0, 1]]]}, '
+     '"properties": {"classification": "t"}}]', "feature 0 (Polygon): coordinates must be finite"),
+])
+def test_malformed_geojson_variants(text: str, where: str) -> None:
+    with pytest.raises(AnnotationError, match=r"annotation file z.geojson") as info:
+        parse_geojson(text, "z.geojson")
+    assert where in str(info.value)

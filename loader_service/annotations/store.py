@@ -70,9 +70,14 @@ class AnnotationStore:
             downsample = float(downsample_text) if downsample_text else None
             width = record.info.levels[0].width if record.info is not None else 0
             return parse_annotations(path, written, width, downsample)
-        except ValueError as err:
-            if not isinstance(err, AnnotationError):
-                err = AnnotationError(f"annotation file {written}: `{DOWNSAMPLE_COLUMN}` {downsample_text!r} is not "
-                                      "a number")
-            log.warning("slide %s left out of annotation sessions: %s", record.slide_id, err)
-            return err
+        except AnnotationError as err:
+            found = err
+        except ValueError:
+            found = AnnotationError(f"annotation file {written}: `{DOWNSAMPLE_COLUMN}` {downsample_text!r} is not a "
+                                    "number; give level-0 pixels per mask pixel, or leave it empty")
+        except Exception as err:  # noqa: BLE001 - a file the parsers did not foresee must not stop the session
+            log.warning("annotation file %s of slide %s", path, record.slide_id, exc_info=True)
+            found = AnnotationError(f"annotation file {written}: cannot be parsed ({type(err).__name__}); check it "
+                                    "against the format in docs/annotations.md")
+        log.warning("slide %s left out of annotation sessions: %s", record.slide_id, found)
+        return found
