@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from loader_service.annotations import COLUMN, AnnotationStore, SessionAnnotations
+from loader_service.annotations import COLUMN, AnnotationStore, SessionAnnotations, describe_annotations
 from loader_service.annotations.masks import Labeller
 from loader_service.augment import warm_up_cpu_kernels
 from loader_service.config import ServiceConfig
@@ -441,7 +441,9 @@ class _Servicer(pb_grpc.LoaderServicer):
         def run() -> pb.DatasetInfo:
             self.s.authorize(context, request.dataset)
             ds = self.s.dataset(request.dataset)
-            return pb.DatasetInfo(name=ds.name, labels=ds.labels, slides=[_slide_summary(r) for r in ds.records])
+            described = pb.DatasetInfo(name=ds.name, labels=ds.labels, slides=[_slide_summary(r) for r in ds.records])
+            describe_annotations(described, ds.records, self.s.annotation_files)
+            return described
         return _guard(self.s, context, run)
 
     def ReadRegion(self, request: pb.ReadRegionRequest, context: grpc.ServicerContext) -> pb.Tensor:

@@ -353,3 +353,14 @@ def test_malformed_geojson_variants(text: str, where: str) -> None:
     with pytest.raises(AnnotationError, match=r"annotation file z.geojson") as info:
         parse_geojson(text, "z.geojson")
     assert where in str(info.value)
+
+
+def test_describe_dataset_shows_annotation_classes_and_errors(ann_server: LoaderServer) -> None:
+    with LoaderClient(f"127.0.0.1:{ann_server.port}", timeout_s=30) as client:
+        info = client.describe("bad")
+        good = client.describe("good")
+    by_id = {s.slide_id: s for s in info.slides}
+    assert list(by_id["a"].annotation_classes) == ["necrosis", "stroma", "tumor"] and not by_id["a"].annotation_error
+    assert "annotation file d.geojson, feature 1" in by_id["d"].annotation_error
+    assert "not well-formed XML" in by_id["e"].annotation_error
+    assert list(good.annotation_classes) == CLASSES

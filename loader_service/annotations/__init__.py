@@ -5,8 +5,9 @@ from loader_service.annotations.options import BACKGROUND, REGIONS, AnnotationOp
 from loader_service.annotations.parse import parse_annotations, parse_asap_xml, parse_geojson, read_label_mask
 from loader_service.annotations.raster import inside_grid, inside_points
 from loader_service.annotations.sampling import SessionAnnotations
+from loader_service.annotations.describe import describe_annotations
 from loader_service.annotations.store import COLUMN, DOWNSAMPLE_COLUMN, AnnotationStore
 
 __all__ = ["AnnotationError", "AnnotationOptions", "AnnotationStore", "BACKGROUND", "COLUMN", "DOWNSAMPLE_COLUMN",
-           "LabelMask", "REGIONS", "SessionAnnotations", "Shape", "SlideAnnotations", "inside_grid", "inside_points",
+           "LabelMask", "REGIONS", "SessionAnnotations", "Shape", "SlideAnnotations", "describe_annotations", "inside_grid", "inside_points",
            "parse_annotations", "parse_asap_xml", "parse_geojson", "read_label_mask"]

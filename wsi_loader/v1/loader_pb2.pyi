@@ -112,7 +112,7 @@ class DescribeDatasetRequest(_message.Message):
     def __init__(self, dataset: _Optional[str] = ...) -> None: ...
 
 class SlideSummary(_message.Message):
-    __slots__ = ("slide_id", "label", "split", "vendor", "levels", "mpp", "tissue_fraction", "error")
+    __slots__ = ("slide_id", "label", "split", "vendor", "levels", "mpp", "tissue_fraction", "error", "annotation_error", "annotation_classes")
     SLIDE_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,8 @@ class SlideSummary(_message.Message):
     MPP_FIELD_NUMBER: _ClassVar[int]
     TISSUE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATION_CLASSES_FIELD_NUMBER: _ClassVar[int]
     slide_id: str
     label: str
     split: str
@@ -129,7 +131,9 @@ class SlideSummary(_message.Message):
     mpp: float
     tissue_fraction: float
     error: str
-    def __init__(self, slide_id: _Optional[str] = ..., label: _Optional[str] = ..., split: _Optional[str] = ..., vendor: _Optional[str] = ..., levels: _Optional[_Iterable[_Union[Level, _Mapping]]] = ..., mpp: _Optional[float] = ..., tissue_fraction: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+    annotation_error: str
+    annotation_classes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, slide_id: _Optional[str] = ..., label: _Optional[str] = ..., split: _Optional[str] = ..., vendor: _Optional[str] = ..., levels: _Optional[_Iterable[_Union[Level, _Mapping]]] = ..., mpp: _Optional[float] = ..., tissue_fraction: _Optional[float] = ..., error: _Optional[str] = ..., annotation_error: _Optional[str] = ..., annotation_classes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Level(_message.Message):
     __slots__ = ("width", "height", "downsample", "tile_width", "tile_height")
@@ -146,14 +150,16 @@ class Level(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., downsample: _Optional[float] = ..., tile_width: _Optional[int] = ..., tile_height: _Optional[int] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "slides", "labels")
+    __slots__ = ("name", "slides", "labels", "annotation_classes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SLIDES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATION_CLASSES_FIELD_NUMBER: _ClassVar[int]
     name: str
     slides: _containers.RepeatedCompositeFieldContainer[SlideSummary]
     labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., slides: _Optional[_Iterable[_Union[SlideSummary, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    annotation_classes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., slides: _Optional[_Iterable[_Union[SlideSummary, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., annotation_classes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReadRegionRequest(_message.Message):
     __slots__ = ("dataset", "slide_id", "level", "mpp", "x", "y", "width", "height")
