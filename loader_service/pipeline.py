@@ -68,6 +68,8 @@ class BuiltBatch:
     samples: list[Sample]
     timings: dict[str, float] = field(default_factory=dict)
     piece: PieceSpec | None = None  # tiles/shard views: where these pixels lie in the augmented image
+    masks: torch.Tensor | None = None  # annotations: uint8 (N, H, W) class indices, aligned with images
+    classes: torch.Tensor | None = None  # annotations: int64 (N,) class index at each sample's centre
 
 
 class BatchBuilder:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from loader_service.annotations.options import REGIONS, AnnotationOptions
 from loader_service.augment import AugmentConfig
 from loader_service.errors import InvalidRequest, TooLarge
 from loader_service.pipeline import OutputSpec
@@ -40,6 +41,7 @@ class SessionRequest:
     on_error: str = "skip"  # skip | fail: what a sample whose read fails does (docs/failures.md)
     unservable: str = "skip"  # skip | fallback: slides that cannot serve the level/mpp (mixed datasets)
     resume: ResumeStages = ResumeStages()  # elastic resume: the stages the epoch was read in before
+    annotations: AnnotationOptions = AnnotationOptions()  # docs/annotations.md
 
     def tensor_bytes(self) -> int | None:
         """The largest images tensor one message of this session carries; None when it depends on the slide.
@@ -83,6 +85,7 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
         augment: AugmentConfig | None = None
         if msg.augment.enabled:
             augment = AugmentConfig.from_dict(json.loads(msg.augment.config_json)) if msg.augment.config_json else AugmentConfig()
+        annotations = _annotations(msg.annotations)
     except (ValueError, TypeError, KeyError) as err:
         raise InvalidRequest(f"invalid session request: {err}") from err
     if view.view != "patches":
@@ -96,7 +99,7 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
         dataset=msg.dataset, spec=spec, epoch=msg.epoch, rank=msg.rank, world_size=world, cursor=msg.cursor,
         batch_size=batch, drop_last=msg.drop_last, augment=augment, output=output, transport=msg.transport,
         shm_probe=msg.shm_probe, job_id=msg.job_id, shm_slots=msg.shm_slots, view=view,
-        on_error=ON_ERROR_NAMES[msg.on_error], unservable=UNSERVABLE_NAMES[msg.unservable],
+        on_error=ON_ERROR_NAMES[msg.on_error], unservable=UNSERVABLE_NAMES[msg.unservable], annotations=annotations,
         resume=ResumeStages.from_wire(list(msg.resume_world_sizes), list(msg.resume_cursors)),
     )
     nbytes = request.tensor_bytes()
@@ -106,6 +109,14 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
             f"limit of {max_batch_bytes / 2**20:.0f} MiB; lower batch_size or patch_size"
         )
     return request
+
+
+def _annotations(msg: pb.AnnotationRequest) -> AnnotationOptions:
+    if msg.region >= len(REGIONS):
+        raise ValueError(f"annotations.region {msg.region} is unknown; use REGION_TISSUE, REGION_ANNOTATED, "
+                         "REGION_BALANCED or REGION_TISSUE_MINUS")
+    return AnnotationOptions(region=REGIONS[msg.region], classes=tuple(msg.classes), exclude=tuple(msg.exclude),
+                             proportions=tuple(sorted(msg.proportions.items())), masks=msg.masks)
 
 
 def _view(msg: pb.ViewSpec) -> ViewConfig:

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from loader_service.annotations import COLUMN, AnnotationStore, SessionAnnotations, describe_annotations
+from loader_service.annotations.masks import Labeller
 from loader_service.augment import warm_up_cpu_kernels
 from loader_service.config import ServiceConfig
 from loader_service.dataset import DatasetIndex, SlideHandles, SlideOutsideRoots
@@ -53,6 +55,7 @@ class LoaderServer:
         self.draining = threading.Event()
         self.datasets: dict[str, DatasetIndex] = {}
         self.candidates: dict[str, CandidateCache] = {}
+        self.annotation_files = AnnotationStore()  # parsed annotation files, shared by sessions
         self.port = 0
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._server: grpc.Server | None = None
@@ -257,8 +260,11 @@ class LoaderServer:
             build_s = functools.partial(self.synthetic.build, output=request.output)
             return plan_s, build_s, build_s
         ds = self.dataset(request.dataset)
+        annotations = (SessionAnnotations(request.annotations, self.annotation_files, ds.usable)
+                       if request.annotations.active or any(COLUMN in r.entry.extra for r in ds.usable) else None)
         plan = EpochPlan(ds, request.spec, request.epoch, request.rank, request.world_size, self.candidates[ds.name],
-                         avoid=self.quarantine.snapshot(), unservable=request.unservable, resume=request.resume)
+                         avoid=self.quarantine.snapshot(), unservable=request.unservable, resume=request.resume,
+                         annotations=annotations)
         for reason in plan.skipped_reasons:
             self.metrics.slides_skipped.labels(reason=reason).inc()
         if request.spec.whole_slide:
@@ -270,7 +276,12 @@ class LoaderServer:
         failures = FailureBudget(request.on_error, self.quarantine, plan.substitute, plan.label_index)
         common = dict(augment=request.augment, seed=request.spec.seed, epoch=request.epoch, output=request.output,
                       failures=failures)
-        return plan, functools.partial(self.builder.build, **common), functools.partial(self.builder.build_piece, **common)
+        build = functools.partial(self.builder.build, **common)
+        build_piece = functools.partial(self.builder.build_piece, **common)
+        if annotations is not None:  # classes at patch centres, masks when asked (docs/annotations.md)
+            labeller = Labeller(annotations, request.augment, request.spec.seed, request.epoch, self.read_pool)
+            build, build_piece = labeller.wrap(build), labeller.wrap(build_piece)
+        return plan, build, build_piece
 
     def open_transport(self, request: SessionRequest, session: Session
                        ) -> tuple[int, str, SlotPool | CudaSlotPool | None]:
@@ -431,7 +442,9 @@ class _Servicer(pb_grpc.LoaderServicer):
         def run() -> pb.DatasetInfo:
             self.s.authorize(context, request.dataset)
             ds = self.s.dataset(request.dataset)
-            return pb.DatasetInfo(name=ds.name, labels=ds.labels, slides=[_slide_summary(r) for r in ds.records])
+            described = pb.DatasetInfo(name=ds.name, labels=ds.labels, slides=[_slide_summary(r) for r in ds.records])
+            describe_annotations(described, ds.records, self.s.annotation_files)
+            return described
         return _guard(self.s, context, run)
 
     def ReadRegion(self, request: pb.ReadRegionRequest, context: grpc.ServicerContext) -> pb.Tensor:
@@ -503,6 +516,7 @@ class _Servicer(pb_grpc.LoaderServicer):
                 transport=transport, transport_reason=reason, labels=plan.labels,
                 shm_segment=pool.name if isinstance(pool, SlotPool) else "",
                 skipped_slides=getattr(plan, "skipped", []),
+                annotation_classes=plan.annotations.classes if getattr(plan, "annotations", None) else [],
             ))
             yield from session.batches()
         except ServiceError as err:

@@ -223,6 +223,7 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
         self.transport_reason = ""   # the service's reason when that is not the one asked for
         self.skipped_slides: list[str] = []  # slides the service left out of the last session, with why
         self.stats = StreamStats()
+        self.annotation_classes: list[str] = []  # class index -> name of batch["classes"] and ["masks"]
         self._call: _Call | None = None
         self._resume: Stages = []  # elastic resume: how the epoch was read before (trainer_client/elastic.py)
         self._ended: dict[str, Any] | None = None  # the epoch this stream finished last, for merge_state_dicts
@@ -353,6 +354,7 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
         self.transport = _NAMES.get(opened.transport, "grpc")
         self.transport_reason = opened.transport_reason
         self.skipped_slides = list(opened.skipped_slides)  # "slide_id: why" left out of this session
+        self.annotation_classes = list(opened.annotation_classes)
         if self.skipped_slides:
             log.warning("the service left %d slides out of this session: %s", len(self.skipped_slides),
                         "; ".join(self.skipped_slides[:5]))
@@ -453,6 +455,8 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
             "padding": torch.tensor([s.padding for s in samples], dtype=torch.bool),
             "substituted": torch.tensor(list(batch.substituted), dtype=torch.int64),  # shard indices replaced
             "piece": _piece(samples[0]) if samples and samples[0].HasField("piece") else None,
+            "classes": decode_tensor(batch.classes) if batch.HasField("classes") else None,  # class at centre
+            "masks": decode_tensor(batch.masks) if batch.HasField("masks") else None,  # uint8 (N, H, W)
         }
 
     def release(self, batch: dict[str, Any]) -> None:

@@ -17,6 +17,8 @@ _VIEWS = {"patches": pb.PATCHES, "image": pb.IMAGE, "tiles": pb.TILES, "shard": 
 _ON_ERROR = {"skip": pb.ON_ERROR_SKIP, "fail": pb.ON_ERROR_FAIL}
 _UNSERVABLE = {"skip": pb.UNSERVABLE_SKIP, "fallback": pb.UNSERVABLE_FALLBACK}
 _TILE_ORDERS = {"row-major": pb.ROW_MAJOR, "column-major": pb.COLUMN_MAJOR, "serpentine": pb.SERPENTINE}
+_REGIONS = {"tissue": pb.REGION_TISSUE, "annotated": pb.REGION_ANNOTATED, "balanced": pb.REGION_BALANCED,
+            "tissue_minus": pb.REGION_TISSUE_MINUS}
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,14 @@ class StreamConfig:
     # Slides that cannot serve the level/mpp (mixed datasets): skip = left out (the service logs why),
     # fallback = read at their nearest resolution and resampled
     unservable: str = "skip"
+    # Annotations (manifest column `annotation`, docs/annotations.md): where patches come from — tissue |
+    # annotated | balanced (by class, with class_proportions) | tissue_minus (minus exclude_classes); masks=True
+    # adds batch["masks"] (uint8 (N, H, W) class indices aligned with images). batch["classes"]: class at centre.
+    annotation_region: str = "tissue"
+    annotation_classes: tuple[str, ...] = ()
+    exclude_classes: tuple[str, ...] = ()
+    class_proportions: dict[str, float] = field(default_factory=dict)
+    masks: bool = False
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -128,6 +138,10 @@ class StreamConfig:
             raise ValueError(f"on_error must be one of {sorted(_ON_ERROR)}, got {self.on_error!r}")
         if self.unservable not in _UNSERVABLE:
             raise ValueError(f"unservable must be one of {sorted(_UNSERVABLE)}, got {self.unservable!r}")
+        if self.annotation_region not in _REGIONS:
+            raise ValueError(f"annotation_region must be one of {sorted(_REGIONS)}, got {self.annotation_region!r}")
+        object.__setattr__(self, "annotation_classes", tuple(self.annotation_classes))
+        object.__setattr__(self, "exclude_classes", tuple(self.exclude_classes))
         if self.tile_order not in _TILE_ORDERS:
             raise ValueError(f"tile_order must be one of {sorted(_TILE_ORDERS)}, got {self.tile_order!r}")
         object.__setattr__(self, "grid", tuple(self.grid))
@@ -165,6 +179,9 @@ class StreamConfig:
             patches_per_region=self.patches_per_region, locality_window=self.locality_window,
             locality_region_size=self.locality_region_size,
             on_error=_ON_ERROR[self.on_error], unservable=_UNSERVABLE[self.unservable],
+            annotations=pb.AnnotationRequest(region=_REGIONS[self.annotation_region], classes=self.annotation_classes,
+                                             exclude=self.exclude_classes, proportions=self.class_proportions,
+                                             masks=self.masks),
             view=pb.ViewSpec(view=_VIEWS[self.view], region_width=self.region_width, region_height=self.region_height,
                              whole_slide=self.whole_slide, tile_size=self.tile_size, overlap=self.overlap,
                              grid_rows=self.grid[0], grid_cols=self.grid[1], shard_row=self.shard[0],

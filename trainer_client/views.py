@@ -15,12 +15,13 @@ from trainer_client.streaming.feed import RowFeed
 __all__ = ["stitch_tiles", "crop_core", "ArrivingImage", "TileFeeder"]
 
 
-def crop_core(batch: dict[str, Any]) -> torch.Tensor:
-    """The part of a piece (tile or shard) that it owns, without overlap or halo: (N, C, h, w)."""
+def crop_core(batch: dict[str, Any], key: str = "images") -> torch.Tensor:
+    """The part of a piece (tile or shard) that it owns, without overlap or halo: (N, C, h, w) images, or
+    (N, h, w) masks with ``key="masks"``."""
     piece = batch["piece"]
     y, x, _, _ = piece["rect"]
     cy, cx, ch, cw = piece["core"]
-    return batch["images"][..., cy - y: cy - y + ch, cx - x: cx - x + cw]
+    return batch[key][..., cy - y: cy - y + ch, cx - x: cx - x + cw]
 
 
 def stitch_tiles(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -30,6 +31,7 @@ def stitch_tiles(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     view of the same sample (pixels never depend on how the image was cut).
     """
     image: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # annotation masks, stitched the same way when the batches carry them
     first: dict[str, Any] | None = None
     for batch in batches:
         piece = batch["piece"]
@@ -39,13 +41,17 @@ def stitch_tiles(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             h, w = piece["image_hw"]
             tile = batch["images"]
             image = torch.empty((tile.shape[0], tile.shape[1], h, w), dtype=tile.dtype)
+            if batch.get("masks") is not None:
+                mask = torch.empty((tile.shape[0], h, w), dtype=batch["masks"].dtype)
             first = batch
         assert image is not None and first is not None
         cy, cx, ch, cw = piece["core"]
         image[..., cy: cy + ch, cx: cx + cw] = crop_core(batch)
+        if mask is not None:
+            mask[..., cy: cy + ch, cx: cx + cw] = crop_core(batch, "masks")
         if piece["index"] == piece["count"] - 1:
-            yield {**first, "images": image, "piece": None}
-            image = first = None
+            yield {**first, "images": image, "piece": None, **({"masks": mask} if mask is not None else {})}
+            image = mask = first = None
 
 
 @dataclass
@@ -61,11 +67,14 @@ class ArrivingImage:
     feed: RowFeed
     sample: dict[str, Any]
     loader_state: dict[str, Any] | None = None
+    masks: torch.Tensor | None = None  # (N, H, W) annotation masks, filled with the same tiles (masks=True)
     _bands: dict[int, list[int]] = field(default_factory=dict)  # band start row -> [height, columns filled]
 
     def _write(self, batch: dict[str, Any]) -> None:
         cy, cx, ch, cw = batch["piece"]["core"]
         self.images[..., cy: cy + ch, cx: cx + cw] = crop_core(batch).to(self.images.device)
+        if self.masks is not None:
+            self.masks[..., cy: cy + ch, cx: cx + cw] = crop_core(batch, "masks").to(self.masks.device)
         band = self._bands.setdefault(cy, [ch, 0])
         band[1] += cw
 
@@ -121,8 +130,10 @@ class TileFeeder:
                     h, w = piece["image_hw"]
                     tile = batch["images"]
                     images = torch.empty((tile.shape[0], tile.shape[1], h, w), dtype=tile.dtype, device=self._device)
-                    meta = {k: v for k, v in batch.items() if k not in ("images", "piece")}
-                    current = ArrivingImage(images, RowFeed(h, self._timeout), meta)
+                    meta = {k: v for k, v in batch.items() if k not in ("images", "piece", "masks")}
+                    masks = None if batch.get("masks") is None else torch.empty(
+                        (tile.shape[0], h, w), dtype=batch["masks"].dtype, device=self._device)
+                    current = ArrivingImage(images, RowFeed(h, self._timeout), meta, masks=masks)
                     self._items.put(current)
                 if current is None:
                     raise ValueError(f"tile {piece['index']} arrived before tile 0 of its sample")

@@ -30,6 +30,7 @@ class ManifestEntry:
     split: str = ""
     extra: dict[str, str] = field(default_factory=dict)
     mpp: float | None = None  # the manifest's µm/px for level 0: overrides the slide's metadata
+    base: Path | None = None  # the manifest's folder: what relative paths in other columns are relative to
 
 
 def _entry(row: dict[str, Any], base: Path, where: str) -> ManifestEntry:
@@ -53,6 +54,7 @@ def _entry(row: dict[str, Any], base: Path, where: str) -> ManifestEntry:
         split=str(row.get("split") or "").strip(),
         extra={k: str(v) for k, v in row.items() if k not in known and v is not None},
         mpp=_mpp(row.get("mpp"), where),
+        base=base,
     )
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from loader_service.errors import InvalidRequest, SlideFailure
 from loader_service.sampling.candidates import CandidateCache, Candidates, Unservable, slide_geometry
 from loader_service.sampling.elastic import ResumeStages, ShardMap
 from loader_service.sampling.spec import SamplingSpec
+
+if TYPE_CHECKING:
+    from loader_service.annotations import SessionAnnotations
 
 __all__ = ["Sample", "EpochPlan", "ShardCursor", "sample_rng"]
 
@@ -68,7 +71,8 @@ class EpochPlan:
 
     def __init__(self, index: DatasetIndex, spec: SamplingSpec, epoch: int, rank: int, world_size: int,
                  candidates: CandidateCache, avoid: Mapping[Path, str] | Collection[Path] = (),
-                 unservable: str = "skip", resume: ResumeStages | None = None) -> None:
+                 unservable: str = "skip", resume: ResumeStages | None = None,
+                 annotations: SessionAnnotations | None = None) -> None:
         """``avoid``: quarantined slides (path -> why); samples drawn on them are replaced by :meth:`substitute`
         (the plan's slides and weights stay those of the dataset, so the other indices draw exactly what they
         would). ``unservable``: slides that cannot serve the level or mpp are left out ("skip") or read at the
@@ -79,6 +83,9 @@ class EpochPlan:
         self.spec, self.epoch, self.rank, self.world_size = spec, epoch, rank, world_size
         self.avoid = frozenset(avoid)
         self._layout_world = (resume.base_world if resume else None) or world_size  # who laid the epoch out
+        self.annotations = annotations  # restricts and balances sampling by annotation class (loader_service.annotations)
+        self._parts: list[str] = []  # per entry of _slides: its annotation class when balanced by class, else ""
+        self._jitter = annotations is None or not annotations.options.restricts
         records = [r for r in index.usable if not spec.split or r.entry.split == spec.split]
         if not records:
             split = f" in split {spec.split!r}" if spec.split else ""
@@ -87,6 +94,8 @@ class EpochPlan:
         self.skipped_reasons: list[str] = []
         self._slides: list[tuple[SlideRecord, Candidates]] = []
         patch = self._select(records, candidates, unservable)
+        if not self._slides and self.annotations is not None and self.annotations.options.restricts:
+            raise InvalidRequest(self.annotations.nothing_to_sample(index.name, patch, self.skipped))
         if not self._slides and self.skipped_reasons:
             raise InvalidRequest(_unservable_text(index.name, records, spec))
         if self._slides and all(r.path in self.avoid for r, _ in self._slides):
@@ -129,14 +138,18 @@ class EpochPlan:
                     geo, fell_back = slide_geometry(record, spec.level, spec.mpp, fallback), fallback
                 if spec.whole_slide:
                     self._slides.append((record, Candidates(geo, np.zeros((1, 2), dtype=np.int64))))
+                    self._parts.append("")
                     continue
                 cands = candidates.get(record, spec.level, spec.mpp, patch, stride, spec.tissue_threshold, fell_back)
+                parts = [(cands, "")] if self.annotations is None else self.annotations.split(record, cands, patch)
             except Unservable as err:
                 self.skipped.append(f"{record.slide_id}: {err}")
                 self.skipped_reasons.append(err.reason)
                 continue
-            if len(cands.cells):
-                self._slides.append((record, cands))
+            for part, name in parts:
+                if len(part.cells):
+                    self._slides.append((record, part))
+                    self._parts.append(name)
         return patch
 
     # --- random mode -------------------------------------------------------------------------------------
@@ -156,6 +169,9 @@ class EpochPlan:
             labels = [r.entry.label for r, _ in self._slides]
             per_label = {lab: counts[[i for i, l in enumerate(labels) if l == lab]].sum() for lab in set(labels)}
             weights = np.array([c / per_label[lab] for c, lab in zip(counts, labels)]) / len(per_label)
+        by_class = self.annotations.weights(self._parts, counts) if self.annotations is not None else None
+        if by_class is not None:  # balanced by annotation class: overrides the balance
+            weights = by_class
         self._cdf = np.cumsum(weights / weights.sum())
         self._groups: dict[int, np.ndarray] = {}
         self._regions: dict[int, tuple[int, Rect4, np.ndarray]] = {}
@@ -173,6 +189,8 @@ class EpochPlan:
         geo = cands.geometry
         jx = int(rng.integers(-(width // 2), width // 2 + 1))
         jy = int(rng.integers(-(height // 2), height // 2 + 1))
+        if not self._jitter:  # annotation sampling: the cell itself, whose centre was classified
+            jx = jy = 0
         x = min(max(int(cx) + jx, 0), geo.width - width)  # np.clip's result, without its ~5 µs per call
         y = min(max(int(cy) + jy, 0), geo.height - height)
         return slide, x, y

@@ -64,4 +64,8 @@ def batch_response(built: BuiltBatch, sequence: int, cursor_after: int, labels: 
     fill_tensor(batch.labels, built.labels)
     batch.samples.extend(sample_meta(built, labels))
     batch.substituted.extend(s.index for s in built.samples if s.substituted)
+    if built.masks is not None:
+        fill_tensor(batch.masks, built.masks)
+    if built.classes is not None:
+        fill_tensor(batch.classes, built.classes)
     return message

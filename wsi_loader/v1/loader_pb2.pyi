@@ -40,6 +40,13 @@ class TileOrder(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COLUMN_MAJOR: _ClassVar[TileOrder]
     SERPENTINE: _ClassVar[TileOrder]
 
+class AnnotationRegion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REGION_TISSUE: _ClassVar[AnnotationRegion]
+    REGION_ANNOTATED: _ClassVar[AnnotationRegion]
+    REGION_BALANCED: _ClassVar[AnnotationRegion]
+    REGION_TISSUE_MINUS: _ClassVar[AnnotationRegion]
+
 class OnError(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ON_ERROR_SKIP: _ClassVar[OnError]
@@ -67,6 +74,10 @@ SHARD: View
 ROW_MAJOR: TileOrder
 COLUMN_MAJOR: TileOrder
 SERPENTINE: TileOrder
+REGION_TISSUE: AnnotationRegion
+REGION_ANNOTATED: AnnotationRegion
+REGION_BALANCED: AnnotationRegion
+REGION_TISSUE_MINUS: AnnotationRegion
 ON_ERROR_SKIP: OnError
 ON_ERROR_FAIL: OnError
 UNSERVABLE_SKIP: Unservable
@@ -101,7 +112,7 @@ class DescribeDatasetRequest(_message.Message):
     def __init__(self, dataset: _Optional[str] = ...) -> None: ...
 
 class SlideSummary(_message.Message):
-    __slots__ = ("slide_id", "label", "split", "vendor", "levels", "mpp", "tissue_fraction", "error")
+    __slots__ = ("slide_id", "label", "split", "vendor", "levels", "mpp", "tissue_fraction", "error", "annotation_error", "annotation_classes")
     SLIDE_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +121,8 @@ class SlideSummary(_message.Message):
     MPP_FIELD_NUMBER: _ClassVar[int]
     TISSUE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATION_CLASSES_FIELD_NUMBER: _ClassVar[int]
     slide_id: str
     label: str
     split: str
@@ -118,7 +131,9 @@ class SlideSummary(_message.Message):
     mpp: float
     tissue_fraction: float
     error: str
-    def __init__(self, slide_id: _Optional[str] = ..., label: _Optional[str] = ..., split: _Optional[str] = ..., vendor: _Optional[str] = ..., levels: _Optional[_Iterable[_Union[Level, _Mapping]]] = ..., mpp: _Optional[float] = ..., tissue_fraction: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+    annotation_error: str
+    annotation_classes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, slide_id: _Optional[str] = ..., label: _Optional[str] = ..., split: _Optional[str] = ..., vendor: _Optional[str] = ..., levels: _Optional[_Iterable[_Union[Level, _Mapping]]] = ..., mpp: _Optional[float] = ..., tissue_fraction: _Optional[float] = ..., error: _Optional[str] = ..., annotation_error: _Optional[str] = ..., annotation_classes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Level(_message.Message):
     __slots__ = ("width", "height", "downsample", "tile_width", "tile_height")
@@ -135,14 +150,16 @@ class Level(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., downsample: _Optional[float] = ..., tile_width: _Optional[int] = ..., tile_height: _Optional[int] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "slides", "labels")
+    __slots__ = ("name", "slides", "labels", "annotation_classes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SLIDES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATION_CLASSES_FIELD_NUMBER: _ClassVar[int]
     name: str
     slides: _containers.RepeatedCompositeFieldContainer[SlideSummary]
     labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., slides: _Optional[_Iterable[_Union[SlideSummary, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    annotation_classes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., slides: _Optional[_Iterable[_Union[SlideSummary, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., annotation_classes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReadRegionRequest(_message.Message):
     __slots__ = ("dataset", "slide_id", "level", "mpp", "x", "y", "width", "height")
@@ -257,7 +274,7 @@ class Output(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., channels_last: _Optional[bool] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots", "patches_per_region", "locality_window", "locality_region_size", "on_error", "unservable", "resume_world_sizes", "resume_cursors")
+    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots", "patches_per_region", "locality_window", "locality_region_size", "on_error", "unservable", "resume_world_sizes", "resume_cursors", "annotations")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -289,6 +306,7 @@ class OpenSession(_message.Message):
     UNSERVABLE_FIELD_NUMBER: _ClassVar[int]
     RESUME_WORLD_SIZES_FIELD_NUMBER: _ClassVar[int]
     RESUME_CURSORS_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: str
     mode: Mode
@@ -320,7 +338,29 @@ class OpenSession(_message.Message):
     unservable: Unservable
     resume_world_sizes: _containers.RepeatedScalarFieldContainer[int]
     resume_cursors: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ..., patches_per_region: _Optional[int] = ..., locality_window: _Optional[int] = ..., locality_region_size: _Optional[int] = ..., on_error: _Optional[_Union[OnError, str]] = ..., unservable: _Optional[_Union[Unservable, str]] = ..., resume_world_sizes: _Optional[_Iterable[int]] = ..., resume_cursors: _Optional[_Iterable[int]] = ...) -> None: ...
+    annotations: AnnotationRequest
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ..., patches_per_region: _Optional[int] = ..., locality_window: _Optional[int] = ..., locality_region_size: _Optional[int] = ..., on_error: _Optional[_Union[OnError, str]] = ..., unservable: _Optional[_Union[Unservable, str]] = ..., resume_world_sizes: _Optional[_Iterable[int]] = ..., resume_cursors: _Optional[_Iterable[int]] = ..., annotations: _Optional[_Union[AnnotationRequest, _Mapping]] = ...) -> None: ...
+
+class AnnotationRequest(_message.Message):
+    __slots__ = ("region", "classes", "exclude", "proportions", "masks")
+    class ProportionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    PROPORTIONS_FIELD_NUMBER: _ClassVar[int]
+    MASKS_FIELD_NUMBER: _ClassVar[int]
+    region: AnnotationRegion
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    exclude: _containers.RepeatedScalarFieldContainer[str]
+    proportions: _containers.ScalarMap[str, float]
+    masks: bool
+    def __init__(self, region: _Optional[_Union[AnnotationRegion, str]] = ..., classes: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., proportions: _Optional[_Mapping[str, float]] = ..., masks: _Optional[bool] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
@@ -345,7 +385,7 @@ class StreamRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "shard_length", "batches", "transport", "transport_reason", "labels", "shm_segment", "skipped_slides")
+    __slots__ = ("session_id", "shard_length", "batches", "transport", "transport_reason", "labels", "shm_segment", "skipped_slides", "annotation_classes")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -354,6 +394,7 @@ class SessionOpened(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_SLIDES_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATION_CLASSES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     shard_length: int
     batches: int
@@ -362,7 +403,8 @@ class SessionOpened(_message.Message):
     labels: _containers.RepeatedScalarFieldContainer[str]
     shm_segment: str
     skipped_slides: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., shard_length: _Optional[int] = ..., batches: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., transport_reason: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., shm_segment: _Optional[str] = ..., skipped_slides: _Optional[_Iterable[str]] = ...) -> None: ...
+    annotation_classes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., shard_length: _Optional[int] = ..., batches: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., transport_reason: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., shm_segment: _Optional[str] = ..., skipped_slides: _Optional[_Iterable[str]] = ..., annotation_classes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SampleMeta(_message.Message):
     __slots__ = ("slide_id", "level", "mpp", "x", "y", "width", "height", "label", "label_index", "index", "padding", "piece", "substituted")
@@ -423,20 +465,24 @@ class Piece(_message.Message):
     def __init__(self, image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., y: _Optional[int] = ..., x: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., core_y: _Optional[int] = ..., core_x: _Optional[int] = ..., core_height: _Optional[int] = ..., core_width: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("sequence", "cursor_after", "images", "labels", "samples", "substituted")
+    __slots__ = ("sequence", "cursor_after", "images", "labels", "samples", "substituted", "masks", "classes")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CURSOR_AFTER_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SUBSTITUTED_FIELD_NUMBER: _ClassVar[int]
+    MASKS_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     cursor_after: int
     images: Tensor
     labels: Tensor
     samples: _containers.RepeatedCompositeFieldContainer[SampleMeta]
     substituted: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, sequence: _Optional[int] = ..., cursor_after: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[_Iterable[_Union[SampleMeta, _Mapping]]] = ..., substituted: _Optional[_Iterable[int]] = ...) -> None: ...
+    masks: Tensor
+    classes: Tensor
+    def __init__(self, sequence: _Optional[int] = ..., cursor_after: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[_Iterable[_Union[SampleMeta, _Mapping]]] = ..., substituted: _Optional[_Iterable[int]] = ..., masks: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EndOfEpoch(_message.Message):
     __slots__ = ("samples", "cursor", "substituted")
