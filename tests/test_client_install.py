@@ -9,6 +9,7 @@ unchanged).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,28 +63,32 @@ def _unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:12]
     venv = Path(os.environ.get("WSI_CLIENT_VENV") or Path(tempfile.gettempdir()) / f"wsi-loader-client-{digest}")
     stamp = venv / f".deps-{digest}"
-    if not stamp.exists():
-        shutil.rmtree(venv, ignore_errors=True)
-        made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=300)
-        if made.returncode != 0:
-            _unavailable(f"cannot create a virtualenv: {made.stderr.strip()[-300:]}")
-    source = _project_copy(tmp_path_factory.mktemp("client-src"))
-    if not stamp.exists():
-        # The pinned torch first (the local wheel where there is one), then the client's own dependencies.
-        result = _pip(venv, "install", "-q", f"torch=={_torch_pin()}")
-        if result.returncode == 0:
-            result = _pip(venv, "install", "-q", str(source))
-        if result.returncode != 0:
-            _unavailable(f"cannot install the client from the package index: {result.stderr.strip()[-500:]}")
-        stamp.touch()
-    # This tree's code, whatever an earlier run installed.
-    result = _pip(venv, "install", "-q", "--no-deps", "--force-reinstall", str(source))
-    assert result.returncode == 0, result.stderr
-    return venv
+    # Two test runs on one machine share the venv: one builds it while the other waits (the lock is released
+    # when the module's tests are done).
+    with open(Path(tempfile.gettempdir()) / f"wsi-loader-client-{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not stamp.exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=300)
+            if made.returncode != 0:
+                _unavailable(f"cannot create a virtualenv: {made.stderr.strip()[-300:]}")
+        source = _project_copy(tmp_path_factory.mktemp("client-src"))
+        if not stamp.exists():
+            # The pinned torch first (the local wheel where there is one), then the client's own dependencies.
+            result = _pip(venv, "install", "-q", f"torch=={_torch_pin()}")
+            if result.returncode == 0:
+                result = _pip(venv, "install", "-q", str(source))
+            if result.returncode != 0:
+                _unavailable(f"cannot install the client from the package index: {result.stderr.strip()[-500:]}")
+            stamp.touch()
+        # This tree's code, whatever an earlier run installed.
+        result = _pip(venv, "install", "-q", "--no-deps", "--force-reinstall", str(source))
+        assert result.returncode == 0, result.stderr
+        yield venv
 
 
 def _run(venv: Path, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
