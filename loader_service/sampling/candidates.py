@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from loader_service.dataset import SlideRecord
-from loader_service.errors import InvalidRequest
+from loader_service.errors import InvalidRequest, OutOfRange
+from loader_service.slides import MAX_READ_FACTOR
+from loader_service.slides.base import MPP_TOLERANCE
 
 __all__ = ["SlideGeometry", "Candidates", "slide_geometry", "tissue_cells", "CandidateCache"]
 
@@ -51,6 +53,14 @@ def slide_geometry(record: SlideRecord, level: int, mpp: float) -> SlideGeometry
         for i, lv in enumerate(info.levels):
             if lv.downsample <= scale * 1.001:
                 level_read = i
+        extra = scale / info.levels[level_read].downsample
+        if extra > MAX_READ_FACTOR * (1.0 + MPP_TOLERANCE):
+            coarsest = base_mpp * info.levels[-1].downsample
+            raise OutOfRange(
+                f"{mpp} µm/px would read {extra:.1f}× the patch's size per side from slide {record.slide_id}'s "
+                f"level {level_read}; the server reads at most {MAX_READ_FACTOR:g}× (MAX_READ_FACTOR), so this "
+                f"slide serves mpp up to {coarsest * MAX_READ_FACTOR:.4g} µm/px; ask for a finer mpp"
+            )
         return SlideGeometry(level_read, mpp, scale, int(width0 / scale), int(height0 / scale))
     if level >= len(info.levels):
         raise InvalidRequest(

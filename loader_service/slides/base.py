@@ -12,10 +12,17 @@ from PIL import Image
 from .errors import SlideError
 from .info import SlideInfo
 
-__all__ = ["Slide", "MPP_TOLERANCE"]
+__all__ = ["Slide", "MPP_TOLERANCE", "MAX_READ_FACTOR", "MppOutOfRange"]
 
 #: relative tolerance when matching a requested microns-per-pixel to a level's
 MPP_TOLERANCE = 0.02
+#: an mpp read takes at most this many source pixels per output pixel along each side (16× its pixels) from
+#: the level it reads; coarser targets need a pyramid level close enough to them
+MAX_READ_FACTOR = 4.0
+
+
+class MppOutOfRange(ValueError):
+    """The target mpp is coarser than the slide's pyramid serves within MAX_READ_FACTOR."""
 _RESAMPLE = Image.Resampling.BOX  # area averaging: antialiased, exact for integer factors
 
 
@@ -115,6 +122,14 @@ class Slide(abc.ABC):
         extra = mpp / (base * self.info.levels[best].downsample)
         if abs(extra - 1.0) <= MPP_TOLERANCE or extra < 1.0:
             extra = 1.0
+        if extra > MAX_READ_FACTOR:
+            coarsest = base * self.info.levels[-1].downsample
+            raise MppOutOfRange(
+                f"{mpp:g} µm/px would read {extra:.1f}× the output's size per side from level {best} "
+                f"({base * self.info.levels[best].downsample:.4g} µm/px); the server reads at most "
+                f"{MAX_READ_FACTOR:g}× (MAX_READ_FACTOR), so this slide serves mpp up to "
+                f"{coarsest * MAX_READ_FACTOR:.4g} µm/px"
+            )
         return best, extra
 
     def read_region_mpp(
