@@ -1,9 +1,10 @@
 """One memory budget for everything the service holds in flight, across all sessions.
 
 Built batches, their serialized messages and the shared-memory or CUDA slot pools all reserve bytes here
-before they exist and give them back once gRPC took the message (or the pool closed). A session may hold at
-most its fair share (the budget over the sessions open now, and always one batch); a session that does not
-read therefore holds its share and waits, and all sessions together never hold more than the budget.
+before they exist and give them back once gRPC took the message (or the pool closed). Each session keeps one
+batch's bytes from open to close (so it always progresses) and may use at most its fair share (the budget over
+the sessions open now); a session that does not read therefore holds its share and waits, and all sessions
+together never hold more than the budget. A session whose one batch no longer fits is refused at open.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ def default_inflight_bytes() -> int:
 
 
 class MemoryBudget:
-    """Bytes in flight, shared by every session. ``accounts`` are per session; waiters are told of releases."""
+    """Bytes in flight, shared by every session. Each session opens an account that keeps one batch's bytes
+    for it (its floor, so it always makes progress, however much others hold); beyond the floor it competes
+    for the rest within its share. Accounts are told when another one gives bytes back."""
 
     def __init__(self, total_bytes: int, on_change: Callable[[int], None] | None = None) -> None:
         if total_bytes < 1:
             raise ValueError(f"the in-flight memory budget must be positive, got {total_bytes} bytes")
         self.total = total_bytes
-        self._used = 0
+        self._used = 0  # floors plus what accounts use beyond them
+        self._beyond = 0  # what accounts use beyond their floors
         self._lock = threading.Lock()
         self._accounts: set[BudgetAccount] = set()
         self._on_change = on_change
@@ -56,69 +60,110 @@ class MemoryBudget:
         with self._lock:
             return self._used
 
-    def open_account(self, wake: Callable[[], None] | None = None) -> BudgetAccount:
-        account = BudgetAccount(self, wake)
+    @property
+    def accounts(self) -> int:
         with self._lock:
+            return len(self._accounts)
+
+    def open_account(self, wake: Callable[[], None] | None = None, floor: int = 0) -> BudgetAccount | None:
+        """A new account keeping ``floor`` bytes; None when the budget cannot keep them now."""
+        account = BudgetAccount(self, wake, floor)
+        with self._lock:
+            if self._used + floor > self.total:
+                return None
             self._accounts.add(account)
+            self._used += floor
+            used = self._used
+        self._changed(used)
         return account
 
-    def share(self) -> int:
-        """The most one session may hold now: the budget over the open sessions."""
-        with self._lock:
-            return self.total // max(1, len(self._accounts))
+    @property
+    def shared(self) -> int:
+        """Bytes sessions may use beyond their floors, all together: half the budget, so that half is always
+        left for the floors of sessions opening later, however much the open ones hold."""
+        return self.total // 2
 
-    def _fits_locked(self, account: BudgetAccount, nbytes: int, whole_share: bool) -> bool:
-        if self._used + nbytes > self.total:
-            return False
-        share = self.total // max(1, len(self._accounts))
-        return not (whole_share and account.held and account.held + nbytes > share)  # always one batch
+    def share(self) -> int:
+        """The most one session may use beyond its floor now: the shared half over the open accounts."""
+        with self._lock:
+            return self.shared // max(1, len(self._accounts))
+
+    def _changed(self, used: int) -> None:
+        if self._on_change is not None:
+            self._on_change(used)
+
+    def _growth(self, account: BudgetAccount, nbytes: int, whole_share: bool) -> int | None:
+        """Bytes the budget grows by if ``account`` uses ``nbytes`` more; None if it may not."""
+        in_use = account.held + nbytes
+        growth = max(0, in_use - account.floor) - max(0, account.held - account.floor)
+        if growth == 0:
+            return 0
+        if self._used + growth > self.total:
+            return None
+        if whole_share and (self._beyond + growth > self.shared
+                            or in_use > account.floor + self.shared // max(1, len(self._accounts))):
+            return None
+        return growth
 
     def fits(self, account: BudgetAccount, nbytes: int, within_share: bool = True) -> bool:
         """Whether ``account`` could reserve ``nbytes`` now (nothing reserved)."""
         with self._lock:
-            return self._fits_locked(account, nbytes, within_share)
+            return self._growth(account, nbytes, within_share) is not None
 
     def _try(self, account: BudgetAccount, nbytes: int, *, whole_share: bool) -> bool:
         with self._lock:
-            if not self._fits_locked(account, nbytes, whole_share):
+            growth = self._growth(account, nbytes, whole_share)
+            if growth is None:
                 return False
-            self._used += nbytes
+            self._used += growth
+            self._beyond += growth
             account.held += nbytes
             used = self._used
-        if self._on_change is not None:
-            self._on_change(used)
+        self._changed(used)
         return True
 
     def _give_back(self, account: BudgetAccount, nbytes: int) -> None:
         with self._lock:
             nbytes = min(nbytes, account.held)
-            self._used -= nbytes
+            before = max(0, account.held - account.floor)
             account.held -= nbytes
+            shrink = before - max(0, account.held - account.floor)
+            self._used -= shrink
+            self._beyond -= shrink
             used = self._used
-            wakes = [a.wake for a in self._accounts if a.wake is not None and a is not account]
-        if self._on_change is not None:
-            self._on_change(used)
+            wakes = [a.wake for a in self._accounts if a.wake is not None and a is not account] if shrink else []
+        self._changed(used)
         for wake in wakes:  # outside the lock: a wake takes the session's own condition
             wake()
 
     def _close(self, account: BudgetAccount) -> None:
-        held = account.held
-        if held:
-            self._give_back(account, held)
         with self._lock:
+            if account not in self._accounts:
+                return
             self._accounts.discard(account)
+            beyond = max(0, account.held - account.floor)
+            freed = account.floor + beyond
+            account.held = account.floor = 0
+            self._used -= freed
+            self._beyond -= beyond
+            used = self._used
+            wakes = [a.wake for a in self._accounts if a.wake is not None]
+        self._changed(used)
+        for wake in wakes:
+            wake()
 
 
 class BudgetAccount:
-    """One session's part of the budget. Thread-safe; ``close()`` gives back whatever it still holds."""
+    """One session's part of the budget. Thread-safe; ``close()`` gives back its floor and whatever it holds."""
 
-    def __init__(self, budget: MemoryBudget, wake: Callable[[], None] | None) -> None:
+    def __init__(self, budget: MemoryBudget, wake: Callable[[], None] | None, floor: int) -> None:
         self.budget = budget
         self.wake = wake
-        self.held = 0  # guarded by the budget's lock
+        self.floor = floor  # kept for this account from open to close
+        self.held = 0  # bytes in use now (guarded by the budget's lock)
 
     def try_reserve(self, nbytes: int, *, within_share: bool = True) -> bool:
-        """Reserve ``nbytes`` now, or return False: the budget is full, or this session holds its share."""
+        """Use ``nbytes`` more now, or return False: the budget is full, or this session uses its share."""
         return self.budget._try(self, nbytes, whole_share=within_share)
 
     def release(self, nbytes: int) -> None:

@@ -441,8 +441,14 @@ class _Servicer(pb_grpc.LoaderServicer):
             s.jobs.join(request)
             joined = True
             limits = SessionLimits(s.config.max_credits, s.config.credit_timeout_s)
+            account = s.budget.open_account(floor=cost)
+            if account is None:
+                raise TooLarge(f"the in-flight memory budget is full ({s.budget.used / 2**20:.0f} of "
+                               f"{s.budget.total / 2**20:.0f} MiB held by {s.budget.accounts} sessions, max_inflight_mb) "
+                               f"and this session needs {cost / 2**20:.0f} MiB for one batch; retry later, read or close "
+                               "idle sessions, or lower batch_size")
             session = Session(request, plan, build, s.batch_pool, s.metrics, limits, s.draining, build_piece,
-                              account=s.budget.open_account(), batch_cost=cost)
+                              account=account, batch_cost=cost)
             transport, reason, pool = s.open_transport(request, session)
             context.add_callback(session.on_rpc_done)
             threading.Thread(target=session.consume_requests, args=(requests,), daemon=True,
@@ -524,6 +530,7 @@ def _region_read(server: LoaderServer, nbytes: int) -> Iterator[None]:
                        "retry when one ended")
     freed = threading.Event()
     account = server.budget.open_account(freed.set)
+    assert account is not None  # no floor: always opens
     try:
         deadline = time.monotonic() + timeout
         while not account.try_reserve(nbytes, within_share=False):

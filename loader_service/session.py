@@ -109,7 +109,7 @@ class Gate:
                 budget = self.account.budget
                 return (f"the service's in-flight memory budget is full ({budget.used / 2**20:.0f} of "
                         f"{budget.total / 2**20:.0f} MiB, max_inflight_mb; this session holds "
-                        f"{self.account.held / 2**20:.0f} MiB, its share is {budget.share() / 2**20:.0f} MiB): "
+                        f"{self.account.held / 2**20:.0f} MiB, its share is one batch and {budget.share() / 2**20:.0f} MiB): "
                         "read the batches already sent")
             return (f"client holds all {self.slots.count if self.slots else 0} {self.slot_kind} slots "
                     "(release batches)")
