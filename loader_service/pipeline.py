@@ -19,10 +19,10 @@ import torch
 from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, render_piece,
                                     resample_rect, to_nchw, to_output)
 from loader_service.dataset import SlideHandles
-from loader_service.errors import SlideFailure
+from loader_service.errors import OutOfRange, SlideFailure
 from loader_service.metrics import Metrics
 from loader_service.sampling import Sample
-from loader_service.slides import SlideError
+from loader_service.slides import MppOutOfRange, SlideError
 from loader_service.views import PieceSpec
 
 __all__ = ["OutputSpec", "BuiltBatch", "BatchBuilder", "resolve_device"]
@@ -86,6 +86,8 @@ class BatchBuilder:
                 slide.read_region_mpp(sample.mpp, x, y, w, h, out=out)
             else:
                 slide.read_region(sample.level, x, y, w, h, out=out)
+        except MppOutOfRange as err:
+            raise OutOfRange(f"slide {sample.record.slide_id}: {err}") from err
         except SlideError as err:
             raise SlideFailure(f"slide {sample.record.slide_id} failed while reading: {err}") from err
 

@@ -27,8 +27,7 @@ from loader_service.pipeline import BatchBuilder, BuiltBatch, resolve_device
 from loader_service.requests import SessionRequest, parse_open
 from loader_service.sampling import CandidateCache, EpochPlan
 from loader_service.session import Session, SessionLimits, check_open
-from loader_service.slides import MAX_READ_FACTOR, DecodePool, MppOutOfRange, SlideError, TileCache
-from loader_service.slides.base import MPP_TOLERANCE
+from loader_service.slides import DecodePool, MppOutOfRange, SlideError, TileCache
 from loader_service.tissue import TissueMaskCache
 from loader_service.transport import encode_tensor
 from loader_service.transport.cuda_ipc import CudaSlotPool, cuda_ipc_available
@@ -386,13 +385,14 @@ class _Servicer(pb_grpc.LoaderServicer):
             if request.mpp <= 0 and not 0 <= request.level < len(record.info.levels):
                 raise InvalidRequest(f"level {request.level} does not exist: slide {request.slide_id} has levels "
                                      f"0..{len(record.info.levels) - 1}")
-            source = request.width * request.height * (_mpp_read_factor(record, request.mpp) ** 2 if request.mpp else 1)
+            slide = self.s.handles.get(record.path)
+            factor = _mpp_read_factor(slide, record, request.mpp) if request.mpp else 1.0
+            source = request.width * request.height * factor ** 2
             if source > self.s.config.max_region_pixels:
                 raise TooLarge(f"region {request.width}×{request.height} at {request.mpp:g} µm/px reads {source:.0f} "
                                f"pixels, over the server's limit of {self.s.config.max_region_pixels} "
                                "(max_region_pixels); read it in smaller pieces")
             with _region_read(self.s, 2 * 3 * request.width * request.height + 3 * int(source)):
-                slide = self.s.handles.get(record.path)
                 try:
                     if request.mpp > 0:
                         pixels = slide.read_region_mpp(request.mpp, request.x, request.y, request.width, request.height)
@@ -495,27 +495,19 @@ def _end_reason(session: Session, errored: bool) -> str:
     return "client_closed" if session.client_closed.is_set() else "client_gone"
 
 
-def _mpp_read_factor(record: Any, mpp: float) -> float:
-    """How many source pixels per output pixel (per side) a read at ``mpp`` takes from the level it reads.
+def _mpp_read_factor(slide: Any, record: Any, mpp: float) -> float:
+    """How many decoded pixels per output pixel (per side) a read at ``mpp`` takes; checked before reading.
 
-    Client errors for slides without mpp and targets finer than level 0; OutOfRange past MAX_READ_FACTOR.
+    Slides without mpp and targets finer than level 0 are the client's error; OutOfRange past MAX_READ_FACTOR.
     """
-    info = record.info
-    base = info.mpp
-    if not base:
-        raise InvalidRequest(f"slide {record.slide_id} has no microns-per-pixel metadata, so it cannot be read at "
-                             f"{mpp:g} µm/px; read by level (mpp=0)")
-    if mpp < base * (1.0 - MPP_TOLERANCE):
-        raise InvalidRequest(f"{mpp:g} µm/px is finer than slide {record.slide_id}'s full resolution "
-                             f"({base:.4g} µm/px); ask for mpp >= {base:.4g}")
-    best = max(i for i, lv in enumerate(info.levels) if base * lv.downsample <= mpp * (1.0 + MPP_TOLERANCE) or i == 0)
-    extra = max(1.0, mpp / (base * info.levels[best].downsample))
-    if extra > MAX_READ_FACTOR * (1.0 + MPP_TOLERANCE):
-        coarsest = base * info.levels[-1].downsample
-        raise OutOfRange(f"{mpp:g} µm/px would read {extra:.1f}× the output's size per side from slide "
-                         f"{record.slide_id}'s level {best}; the server reads at most {MAX_READ_FACTOR:g}× "
-                         f"(MAX_READ_FACTOR), so this slide serves mpp up to {coarsest * MAX_READ_FACTOR:.4g} µm/px")
-    return extra
+    try:
+        return float(slide.read_plan(mpp)[2])
+    except MppOutOfRange as err:
+        raise OutOfRange(f"slide {record.slide_id}: {err}") from err
+    except SlideError as err:  # no mpp metadata, or finer than level 0: nothing is wrong with the file
+        raise InvalidRequest(f"slide {record.slide_id} cannot be read at {mpp:g} µm/px: {err}") from err
+    except ValueError as err:
+        raise InvalidRequest(str(err)) from err
 
 
 @contextlib.contextmanager

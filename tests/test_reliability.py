@@ -375,3 +375,19 @@ def test_client_maps_out_of_range_to_invalid_request(client: LoaderClient, stub:
     slide = _slide(stub)
     with pytest.raises(InvalidRequestError, match="MAX_READ_FACTOR"):
         client.read_region("train", slide.slide_id, 0, 0, 8, 8, mpp=slide.mpp * 1e5)
+
+
+def test_slide_refuses_an_mpp_read_past_the_factor_before_reading(tmp_path: Path) -> None:
+    from loader_service.slides import MAX_READ_FACTOR, MppOutOfRange, open_slide
+    from loader_service.synthetic import write_synthetic_slide
+
+    single = write_synthetic_slide(tmp_path / "single.tiff", 1024, 768, seed=4, pyramid=False, quality=85)
+    with open_slide(single) as slide:
+        assert slide.info.level_count == 1 and slide.info.mpp == pytest.approx(0.5)
+        level, scale, factor = slide.read_plan(0.5 * 8 * MAX_READ_FACTOR)  # DCT 1/8, then 4× by area
+        assert (level, scale) == (0, 8) and factor == pytest.approx(MAX_READ_FACTOR)
+        assert slide.read_region_mpp(0.5 * 8 * MAX_READ_FACTOR, 0, 0, 8, 8).shape == (8, 8, 3)
+        t0 = time.perf_counter()
+        with pytest.raises(MppOutOfRange, match="MAX_READ_FACTOR"):
+            slide.read_region_mpp(0.5 * 8 * MAX_READ_FACTOR * 3, 0, 0, 8, 8)
+        assert time.perf_counter() - t0 < 0.5

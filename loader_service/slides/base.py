@@ -122,15 +122,26 @@ class Slide(abc.ABC):
         extra = mpp / (base * self.info.levels[best].downsample)
         if abs(extra - 1.0) <= MPP_TOLERANCE or extra < 1.0:
             extra = 1.0
-        if extra > MAX_READ_FACTOR:
-            coarsest = base * self.info.levels[-1].downsample
-            raise MppOutOfRange(
-                f"{mpp:g} µm/px would read {extra:.1f}× the output's size per side from level {best} "
-                f"({base * self.info.levels[best].downsample:.4g} µm/px); the server reads at most "
-                f"{MAX_READ_FACTOR:g}× (MAX_READ_FACTOR), so this slide serves mpp up to "
-                f"{coarsest * MAX_READ_FACTOR:.4g} µm/px"
-            )
         return best, extra
+
+    def read_plan(self, mpp: float) -> tuple[int, int, float]:
+        """How a read at ``mpp`` is done: (level, JPEG DCT scale, area-resize factor per side).
+
+        Raises MppOutOfRange when the resize would take more than MAX_READ_FACTOR decoded pixels per output
+        pixel along a side (the pyramid has no level close enough to the target), before anything is read.
+        """
+        level, extra = self.level_for_mpp(mpp)
+        scale = max(s for s in self._scales(level) if s <= extra * (1.0 + 1e-9))
+        factor = extra / scale
+        if factor > MAX_READ_FACTOR * (1.0 + MPP_TOLERANCE):
+            last = len(self.info.levels) - 1
+            reach = (self.info.mpp or 0.0) * self.info.levels[last].downsample * max(self._scales(last))
+            raise MppOutOfRange(
+                f"{mpp:g} µm/px would decode {factor:.1f}× the output's size per side from level {level}; the "
+                f"server decodes at most {MAX_READ_FACTOR:g}× (MAX_READ_FACTOR), so this slide serves mpp up to "
+                f"{reach * MAX_READ_FACTOR:.4g} µm/px"
+            )
+        return level, scale, factor
 
     def read_region_mpp(
         self, mpp: float, x: int, y: int, width: int, height: int, out: np.ndarray | None = None
@@ -140,8 +151,8 @@ class Slide(abc.ABC):
         Reads the best level; when no level matches, JPEG tiles are decoded at 1/2, 1/4 or 1/8
         scale where that is not coarser than needed, and the rest of the way is an area resize.
         """
-        level, extra = self.level_for_mpp(mpp)
-        if extra == 1.0:
+        level, scale, f = self.read_plan(mpp)
+        if scale == 1 and f == 1.0:
             return self.read_region(level, x, y, width, height, out)
         x, y, width, height = int(x), int(y), int(width), int(height)
         if width < 0 or height < 0:
@@ -152,8 +163,6 @@ class Slide(abc.ABC):
             _check_out(out, width, height)
         if not (width and height):
             return out
-        scale = max(s for s in self._scales(level) if s <= extra * (1.0 + 1e-9))
-        f = extra / scale
         if abs(f - 1.0) < 1e-9:
             self._read_into(level, scale, x, y, width, height, out)
             return out
