@@ -391,3 +391,19 @@ def test_slide_refuses_an_mpp_read_past_the_factor_before_reading(tmp_path: Path
         with pytest.raises(MppOutOfRange, match="MAX_READ_FACTOR"):
             slide.read_region_mpp(0.5 * 8 * MAX_READ_FACTOR * 3, 0, 0, 8, 8)
         assert time.perf_counter() - t0 < 0.5
+
+
+def test_a_grant_after_the_gate_closed_is_not_counted() -> None:
+    """The drift's cause: a credit message handled after the session's gate closed (the client kept granting
+    while the epoch ended, or while it cancelled) was added to the gauge and never taken off."""
+    from loader_service.metrics import Metrics
+    from loader_service.session import Gate
+
+    metrics = Metrics()
+    gate = Gate(16, metrics)
+    gate.grant(4)
+    assert metrics.sample("wsi_loader_credits_available") == 4
+    gate.close()
+    gate.grant(16)
+    assert metrics.sample("wsi_loader_credits_available") == 0
+    assert gate.try_take() is None
