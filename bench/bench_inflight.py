@@ -4,7 +4,7 @@
 
 Each client opens a gRPC-bytes session of ``batch``×3×``side``² uint8 batches on the synthetic dataset, grants 16
 credits and never reads. Side by side in one run: the budget given, then a budget so large it never binds
-(what the service did before it had one). Prints idle RSS, peak RSS over 8 s and the budget gauge's peak.
+(what the service did before it had one). Prints idle RSS, peak RSS over 20 s and the budget gauge's peak.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def measure(budget_mb: int, clients: int, batch: int, side: int, hold_s: float) 
            "--metrics-port", "0", "--workers", "2", "--device", "cpu", "--max-inflight-mb", str(budget_mb)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"))
-    channels = []
+    channels, calls = [], []  # keep the calls: a call garbage-collected is cancelled
     release = threading.Event()
     try:
         assert proc.stdout is not None
@@ -74,6 +74,7 @@ def measure(budget_mb: int, clients: int, batch: int, side: int, hold_s: float) 
 
             call = pb_grpc.LoaderStub(channel).Stream(requests())
             next(call)  # opened; never read again
+            calls.append(call)
         peak, held = idle, 0.0
         deadline = time.monotonic() + hold_s
         while time.monotonic() < deadline:
@@ -96,7 +97,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--side", type=int, default=1024)
     parser.add_argument("--budget-mb", type=int, default=256)
-    parser.add_argument("--hold-s", type=float, default=8.0)
+    parser.add_argument("--hold-s", type=float, default=20.0)
     args = parser.parse_args()
     rows = [measure(b, args.clients, args.batch, args.side, args.hold_s) for b in (args.budget_mb, 1_000_000)]
     print(f"{'budget MiB':>12} {'idle RSS':>9} {'peak RSS':>9} {'growth':>8} {'gauge peak':>11}")

@@ -73,8 +73,7 @@ class MemoryBudget:
                 return None
             self._accounts.add(account)
             self._used += floor
-            used = self._used
-        self._changed(used)
+            self._changed(self._used)
         return account
 
     @property
@@ -89,6 +88,7 @@ class MemoryBudget:
             return self.shared // max(1, len(self._accounts))
 
     def _changed(self, used: int) -> None:
+        """Report the bytes in use; called with the lock held, so reports never arrive out of order."""
         if self._on_change is not None:
             self._on_change(used)
 
@@ -118,8 +118,7 @@ class MemoryBudget:
             self._used += growth
             self._beyond += growth
             account.held += nbytes
-            used = self._used
-        self._changed(used)
+            self._changed(self._used)
         return True
 
     def _give_back(self, account: BudgetAccount, nbytes: int) -> None:
@@ -130,9 +129,8 @@ class MemoryBudget:
             shrink = before - max(0, account.held - account.floor)
             self._used -= shrink
             self._beyond -= shrink
-            used = self._used
+            self._changed(self._used)
             wakes = [a.wake for a in self._accounts if a.wake is not None and a is not account] if shrink else []
-        self._changed(used)
         for wake in wakes:  # outside the lock: a wake takes the session's own condition
             wake()
 
@@ -146,9 +144,8 @@ class MemoryBudget:
             account.held = account.floor = 0
             self._used -= freed
             self._beyond -= beyond
-            used = self._used
+            self._changed(self._used)
             wakes = [a.wake for a in self._accounts if a.wake is not None]
-        self._changed(used)
         for wake in wakes:
             wake()
 
