@@ -289,6 +289,9 @@ def _start_service(workdir: Path) -> tuple[subprocess.Popen[str], dict[str, Any]
 
 
 def run(duration: float, clients: int, kill_every: float, warmup: float, out: Path | None, seed: int) -> dict[str, Any]:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     rng = random.Random(seed)
     results: Counter[tuple[str, str]] = Counter()
     lock = threading.Lock()
@@ -322,9 +325,6 @@ def run(duration: float, clients: int, kill_every: float, warmup: float, out: Pa
                     workers[i] = _Worker(port, seed * 1000 + clients + kills, results, lock)
                     next_kill = now + rng.uniform(0.5, 1.5) * kill_every
                 t0 = time.perf_counter()
-                import grpc
-                from grpc_health.v1 import health_pb2, health_pb2_grpc
-
                 with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                     health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
                 control_max = max(control_max, time.perf_counter() - t0)
