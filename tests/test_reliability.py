@@ -279,6 +279,8 @@ def test_non_finite_or_negative_mpp_is_rejected_everywhere(stub: pb_grpc.LoaderS
     message.mpp = mpp
     err = stream_error(stub, message)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "mpp" in err.details()
+    with pytest.raises(ValueError, match="mpp must be a finite number"):  # and the client says so first
+        StreamConfig(dataset="train", mpp=mpp)
 
 
 def test_session_by_mpp_is_bounded_too(stub: pb_grpc.LoaderStub) -> None:
