@@ -78,6 +78,8 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         "tissue_cache_dir": args.tissue_cache_dir, "max_credits": args.max_credits,
         "progress_interval_s": args.progress_interval_s,
         "quarantine_after": args.quarantine_after,
+        "max_inflight_mb": args.max_inflight_mb, "open_timeout_s": args.open_timeout_s,
+        "max_streams": args.max_streams, "max_streams_per_peer": args.max_streams_per_peer,
     }
     if args.data_root:
         data["data_roots"] = [Path(p) for p in args.data_root]
@@ -222,6 +224,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-credits", type=int, help="most batches in flight per session (default 16)")
     serve.add_argument("--quarantine-after", type=int,
                        help="failed samples after which a slide is set aside until restart (default 3; docs/failures.md)")
+    serve.add_argument("--max-inflight-mb", type=int,
+                       help="memory for batches in flight, all sessions together (default 0: a quarter of the RAM)")
+    serve.add_argument("--open-timeout-s", type=float, help="close streams that send no `open` within this (default 30)")
+    serve.add_argument("--max-streams", type=int, help="Stream RPCs at once (default 200)")
+    serve.add_argument("--max-streams-per-peer", type=int, help="Stream RPCs at once from one client host (default 64)")
     serve.add_argument("--synthetic", action="store_true", help="serve random pixels without reading slides")
     serve.add_argument("--tls-cert", help="PEM certificate chain of the server (enables TLS)")
     serve.add_argument("--tls-key", help="PEM private key of the server")

@@ -93,6 +93,12 @@ class ServiceConfig:
     max_message_bytes: int = 1024 * 1024**2 + 1024**2
     shm_slot_bytes: int = 0  # 0 = sized from the first batch
     progress_interval_s: float = 10.0  # start-up: one log line of indexing progress (done, rate, ETA) this often
+    max_inflight_mb: int = 0  # memory for everything in flight, all sessions together; 0 = a quarter of the RAM
+    open_timeout_s: float = 30.0  # a stream that sends no `open` within this is closed
+    max_streams: int = 200  # Stream RPCs at once (each holds a thread); control RPCs have their own threads
+    max_streams_per_peer: int = 64  # Stream RPCs at once from one client host
+    max_region_reads: int = 8  # ReadRegion calls at once; more are refused (RESOURCE_EXHAUSTED)
+    control_threads: int = 16  # threads kept for ListDatasets, DescribeDataset, health and refusals
     synthetic: bool = False
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
@@ -129,6 +135,13 @@ class ServiceConfig:
             raise ValueError(f"progress_interval_s must be > 0 seconds, got {self.progress_interval_s}")
         if self.quarantine_after < 1:
             raise ValueError(f"quarantine_after must be >= 1 failed samples per slide, got {self.quarantine_after}")
+        for name in ("max_streams", "max_streams_per_peer", "max_region_reads", "control_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_inflight_mb < 0:
+            raise ValueError(f"max_inflight_mb must be >= 0 (0 = a quarter of the machine's RAM), got {self.max_inflight_mb}")
+        if not 0 < self.open_timeout_s < float("inf"):
+            raise ValueError(f"open_timeout_s must be a positive number of seconds, got {self.open_timeout_s}")
         if self.max_message_bytes < self.max_batch_bytes:
             raise ValueError("max_message_bytes must be at least max_batch_bytes (a batch travels in one message)")
 

@@ -9,6 +9,7 @@ __all__ = [
     "InvalidRequest",
     "NotFound",
     "TooLarge",
+    "OutOfRange",
     "Forbidden",
     "Unauthenticated",
     "Unavailable",
@@ -38,6 +39,13 @@ class NotFound(ServiceError):
 class TooLarge(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     kind = "resource_exhausted"
+
+
+class OutOfRange(ServiceError):
+    """A valid value the server will not serve (e.g. a resolution that would read too much from a finer level)."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+    kind = "out_of_range"
 
 
 class Forbidden(ServiceError):

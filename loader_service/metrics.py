@@ -43,6 +43,10 @@ METRIC_NAMES = (
     "wsi_loader_samples_failed_total",
     "wsi_loader_slides_quarantined_total",
     "wsi_loader_slides_skipped_total",
+    "wsi_loader_inflight_bytes",
+    "wsi_loader_inflight_budget_bytes",
+    "wsi_loader_sessions_ended_total",
+    "wsi_loader_streams_refused_total",
 )
 
 # Why a slide is left out of a dataset (the `reason` label of wsi_loader_slides_failed_total).
@@ -135,7 +139,21 @@ class Metrics:
         self.shm_reclaimed = Counter(
             "wsi_loader_shm_slots_reclaimed", "Shared-memory slots taken back from vanished clients", registry=r
         )
-        for kind in ("invalid_argument", "not_found", "resource_exhausted", "permission_denied", "unauthenticated",
+        self.inflight_bytes = Gauge("wsi_loader_inflight_bytes",
+                                    "Bytes of the in-flight memory budget in use (batches, messages, slot pools)",
+                                    registry=r)
+        self.inflight_budget = Gauge("wsi_loader_inflight_budget_bytes", "The in-flight memory budget (max_inflight_mb)",
+                                     registry=r)
+        self.sessions_ended = Counter("wsi_loader_sessions_ended", "Streaming sessions ended, by how", ["reason"],
+                                      registry=r)
+        for reason in ("completed", "client_closed", "client_gone", "error"):
+            self.sessions_ended.labels(reason=reason)
+        self.streams_refused = Counter("wsi_loader_streams_refused",
+                                       "Streams refused or closed before a session: over a limit or no `open` in time",
+                                       ["reason"], registry=r)
+        for reason in ("max_streams", "max_streams_per_peer", "open_timeout"):
+            self.streams_refused.labels(reason=reason)
+        for kind in ("invalid_argument", "out_of_range", "not_found", "resource_exhausted", "permission_denied", "unauthenticated",
                      "slide_read", "stalled", "client_gone", "unavailable", "not_ready", "internal"):
             self.errors.labels(kind=kind)
         for stage in ("read", "augment", "serialize", "send"):

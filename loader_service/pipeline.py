@@ -21,11 +21,11 @@ from PIL import Image
 from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, render_piece,
                                     resample_rect, to_nchw, to_output)
 from loader_service.dataset import SlideHandles
-from loader_service.errors import SlideFailure
+from loader_service.errors import OutOfRange, SlideFailure
 from loader_service.failures import FailureBudget, SampleFailed, sample_failed
 from loader_service.metrics import Metrics
 from loader_service.sampling import Sample
-from loader_service.slides import Slide, SlideError
+from loader_service.slides import MppOutOfRange, Slide, SlideError
 from loader_service.slides.base import MPP_TOLERANCE
 from loader_service.views import PieceSpec
 
@@ -95,6 +95,8 @@ class BatchBuilder:
                     slide.read_region_mpp(sample.mpp, x, y, w, h, out=out)
             else:
                 slide.read_region(sample.level, x, y, w, h, out=out)
+        except MppOutOfRange as err:
+            raise OutOfRange(f"slide {sample.record.slide_id}: {err}") from err
         except SlideError as err:
             raise sample_failed(sample.record, err) from err
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from loader_service.annotations.options import REGIONS, AnnotationOptions
@@ -10,7 +11,7 @@ from loader_service.augment import AugmentConfig
 from loader_service.errors import InvalidRequest, TooLarge
 from loader_service.pipeline import OutputSpec
 from loader_service.sampling import ResumeStages, SamplingSpec
-from loader_service.views import TILE_ORDERS, VIEWS, ViewConfig
+from loader_service.views import TILE_ORDERS, VIEWS, ViewConfig, split_bounds
 from wsi_loader.v1 import loader_pb2 as pb
 
 __all__ = ["SessionRequest", "parse_open", "MODE_NAMES", "BALANCE_NAMES"]
@@ -92,6 +93,13 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
         if spec.patch_size * spec.height > max_region_pixels and not spec.whole_slide:
             raise TooLarge(f"a {spec.patch_size}×{spec.height} region exceeds the server's limit of {max_region_pixels} "
                            "pixels; ask for a smaller region or a coarser level")
+        if view.view == "shard" and not spec.whole_slide:
+            try:  # the raw region; an augmentation that changes the size is checked again per sample
+                split_bounds(spec.height, view.grid_rows, view.align)
+                split_bounds(spec.patch_size, view.grid_cols, view.align)
+            except ValueError as err:
+                raise InvalidRequest(f"shard grid {view.grid_rows}×{view.grid_cols} does not fit the "
+                                     f"{spec.patch_size}×{spec.height} region: {err}") from err
         if (view.pieces_per_sample or spec.whole_slide) and batch != 1:
             raise InvalidRequest(f"the {view.view} view{' of whole slides' if spec.whole_slide else ''} sends one "
                                  f"sample at a time: set batch_size=1 (got {batch})")
@@ -132,8 +140,15 @@ def _view(msg: pb.ViewSpec) -> ViewConfig:
 def _spec(msg: pb.OpenSession) -> SamplingSpec:
     threshold = msg.tissue_threshold if msg.HasField("tissue_threshold") else 0.5
     region = msg.view.view != pb.PATCHES
+    whole_slide = region and msg.view.whole_slide
+    patch_size = msg.view.region_width if region and msg.view.region_width else msg.patch_size
+    if not patch_size and not whole_slide:
+        what = "open.patch_size (or view.region_width)" if region else "open.patch_size"
+        raise ValueError(f"{what} is 0: set the patch side in pixels, e.g. 256")
+    if not math.isfinite(msg.mpp):
+        raise ValueError(f"open.mpp must be a finite number of µm/px (0 = use level), got {msg.mpp}")
     return SamplingSpec(
-        patch_size=(msg.view.region_width if region and msg.view.region_width else msg.patch_size) or 256,
+        patch_size=patch_size or 256,  # whole slides: patch sizes are not used
         patch_height=msg.view.region_height if region else 0,
         whole_slide=region and msg.view.whole_slide,
         level=msg.level,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import math
 import socket
 import threading
 import time
-import functools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -16,10 +18,13 @@ from grpc_health.v1 import health_pb2_grpc
 
 from loader_service.annotations import COLUMN, AnnotationStore, SessionAnnotations, describe_annotations
 from loader_service.annotations.masks import Labeller
+from loader_service.admission import OpenTimeout, Refused, StreamAdmission, first_message
 from loader_service.augment import warm_up_cpu_kernels
+from loader_service.budget import MemoryBudget, default_inflight_bytes
 from loader_service.config import ServiceConfig
 from loader_service.dataset import DatasetIndex, SlideHandles, SlideOutsideRoots
-from loader_service.errors import Forbidden, InvalidRequest, NotReady, NotFound, ServiceError, SlideFailure, TooLarge, Unauthenticated, Unavailable
+from loader_service.errors import (Forbidden, InvalidRequest, NotFound, NotReady, OutOfRange, ServiceError,
+                                   SlideFailure, TooLarge, Unauthenticated, Unavailable)
 from loader_service.failures import FailureBudget, Quarantine, sample_failed
 from loader_service.metrics import Metrics, MetricsEndpoint
 from loader_service.pipeline import BatchBuilder, BuiltBatch, resolve_device
@@ -27,7 +32,7 @@ from loader_service.readiness import LOADER_SERVICE, Readiness
 from loader_service.requests import SessionRequest, parse_open
 from loader_service.sampling import CandidateCache, EpochPlan
 from loader_service.session import Session, SessionLimits, check_open
-from loader_service.slides import DecodePool, SlideError, TileCache
+from loader_service.slides import DecodePool, MppOutOfRange, SlideError, TileCache
 from loader_service.tissue import TissueMaskCache
 from loader_service.transport import encode_tensor
 from loader_service.transport.cuda_ipc import CudaSlotPool, cuda_ipc_available
@@ -65,6 +70,11 @@ class LoaderServer:
         self.shm = ShmRegistry()
         self.cuda_pools = ShmRegistry()
         self.synthetic = SyntheticSource() if config.synthetic else None
+        budget_bytes = config.max_inflight_mb * 2**20 or default_inflight_bytes()
+        self.budget = MemoryBudget(budget_bytes, on_change=self.metrics.inflight_bytes.set)
+        self.metrics.inflight_budget.set(budget_bytes)
+        self.admission = StreamAdmission(config.max_streams, config.max_streams_per_peer)
+        self.region_reads = threading.BoundedSemaphore(config.max_region_reads)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     def start(self, *, progress: bool | None = None) -> int:
@@ -144,9 +154,11 @@ class LoaderServer:
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
         ]
-        # Each stream holds one gRPC thread plus one request-reader thread for its whole life.
-        self._server = grpc.server(ThreadPoolExecutor(max_workers=256, thread_name_prefix="grpc"), options=options,
-                                   maximum_concurrent_rpcs=200)
+        # Each stream holds one gRPC thread plus one request-reader thread for its whole life; at most max_streams
+        # do (StreamAdmission), at most max_region_reads threads read regions, and control_threads are left for
+        # ListDatasets, DescribeDataset, health and refusals: no number of streams starves them.
+        threads = cfg.max_streams + cfg.max_region_reads + cfg.control_threads
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"), options=options)
         pb_grpc.add_LoaderServicer_to_server(_Servicer(self), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.readiness.servicer, self._server)
         try:
@@ -283,6 +295,35 @@ class LoaderServer:
             build, build_piece = labeller.wrap(build), labeller.wrap(build_piece)
         return plan, build, build_piece
 
+    def batch_cost(self, request: SessionRequest, plan: EpochPlan | SyntheticPlan) -> int:
+        """Bytes one batch of this session holds in flight over gRPC: its tensor and its message (the tensor is
+        dropped once the message holds the bytes, the message once gRPC took it), plus the raw region a piece
+        is cut from. Refuses a session whose one batch would not fit the whole budget."""
+        itemsize = {"uint8": 1, "float16": 2, "float32": 4}[request.output.dtype]
+        nbytes = request.tensor_bytes()
+        if nbytes is None:  # whole slides: the largest one
+            pixels = max(c.geometry.width * c.geometry.height for _, c in plan.slides) if isinstance(plan, EpochPlan) \
+                else request.spec.patch_size * request.spec.height
+            nbytes = 3 * pixels * itemsize
+        cost = 2 * nbytes
+        if request.view.pieces_per_sample and not request.spec.whole_slide:
+            cost += 3 * request.spec.patch_size * request.spec.height * 4
+        if cost > self.budget.total:
+            raise TooLarge(f"one batch of this session needs {cost / 2**20:.0f} MiB in flight (tensor and message), over "
+                           f"the server's in-flight memory budget of {self.budget.total / 2**20:.0f} MiB "
+                           "(max_inflight_mb); lower batch_size or patch_size")
+        return cost
+
+    def reserve_slots(self, request: SessionRequest, session: Session) -> tuple[bool, str]:
+        """Reserve the slot pool's memory in the budget before creating it; (False, why) when it does not fit."""
+        pool_bytes = self._slot_count(request) * (request.tensor_bytes() or 0)
+        assert session.account is not None
+        if session.account.try_reserve(pool_bytes, within_share=False):
+            return True, ""
+        return False, (f"{self._slot_count(request)} slots ({pool_bytes / 2**20:.0f} MiB) do not fit the in-flight "
+                       f"memory budget now ({self.budget.used / 2**20:.0f} of {self.budget.total / 2**20:.0f} MiB in "
+                       "use, max_inflight_mb), so gRPC bytes")
+
     def open_transport(self, request: SessionRequest, session: Session
                        ) -> tuple[int, str, SlotPool | CudaSlotPool | None]:
         """The session's data plane: (transport, why not the one asked for, its slot pool or None).
@@ -293,6 +334,17 @@ class LoaderServer:
             return pb.GRPC, "", None
         if request.tensor_bytes() is None:
             return pb.GRPC, _VARIABLE_SIZE, None
+        fits, why_not = self.reserve_slots(request, session)
+        if not fits:
+            return pb.GRPC, why_not, None
+        transport, reason, pool = self._open_slots(request, session)
+        if pool is None:
+            session.account.release(self._slot_count(request) * (request.tensor_bytes() or 0))  # type: ignore[union-attr]
+        else:
+            session.gate.cost = request.tensor_bytes() or 0  # the built tensor, until it is copied into its slot
+        return transport, reason, pool
+
+    def _open_slots(self, request: SessionRequest, session: Session) -> tuple[int, str, SlotPool | CudaSlotPool | None]:
         reason = ""
         if request.transport == pb.CUDA_IPC:
             cuda_pool, why = self.open_cuda_pool(request, session.gate.cond)
@@ -462,17 +514,13 @@ class _Servicer(pb_grpc.LoaderServicer):
                 raise TooLarge(f"region {request.width}×{request.height} exceeds the server's limit of "
                                f"{self.s.config.max_region_pixels} pixels; read it in smaller pieces")
             assert record.info is not None
+            if not math.isfinite(request.mpp) or request.mpp < 0:
+                raise InvalidRequest(f"mpp must be a finite number >= 0 (0 = use level), got {request.mpp}")
             if request.mpp <= 0 and not 0 <= request.level < len(record.info.levels):
                 raise InvalidRequest(f"level {request.level} does not exist: slide {request.slide_id} has levels "
                                      f"0..{len(record.info.levels) - 1}")
-            if request.mpp < 0:
-                raise InvalidRequest(f"mpp must be >= 0 (0 = use level), got {request.mpp}")
             try:
                 slide = self.s.handles.for_record(record)  # re-checks the data roots
-                if request.mpp > 0:
-                    pixels = slide.read_region_mpp(request.mpp, request.x, request.y, request.width, request.height)
-                else:
-                    pixels = slide.read_region(request.level, request.x, request.y, request.width, request.height)
             except SlideOutsideRoots as err:
                 self.s.quarantine.failed(sample_failed(record, err))
                 raise Forbidden(f"slide {record.slide_id} now resolves outside the server's data roots; it is refused "
@@ -481,30 +529,72 @@ class _Servicer(pb_grpc.LoaderServicer):
                 failure = sample_failed(record, err)
                 self.s.quarantine.failed(failure)
                 raise SlideFailure(f"slide {record.slide_id}: {failure.detail}") from err
-            except ValueError as err:
-                raise InvalidRequest(str(err)) from err
-            return encode_tensor(pixels)
+            factor = _mpp_read_factor(slide, record, request.mpp) if request.mpp else 1.0
+            source = request.width * request.height * factor ** 2
+            if source > self.s.config.max_region_pixels:
+                raise TooLarge(f"region {request.width}×{request.height} at {request.mpp:g} µm/px reads {source:.0f} "
+                               f"pixels, over the server's limit of {self.s.config.max_region_pixels} "
+                               "(max_region_pixels); read it in smaller pieces")
+            with _region_read(self.s, 2 * 3 * request.width * request.height + 3 * int(source)):
+                try:
+                    if request.mpp > 0:
+                        pixels = slide.read_region_mpp(request.mpp, request.x, request.y, request.width, request.height)
+                    else:
+                        pixels = slide.read_region(request.level, request.x, request.y, request.width, request.height)
+                except SlideError as err:
+                    failure = sample_failed(record, err)
+                    self.s.quarantine.failed(failure)
+                    raise SlideFailure(f"slide {record.slide_id}: {failure.detail}") from err
+                except MppOutOfRange as err:
+                    raise OutOfRange(f"slide {record.slide_id}: {err}") from err
+                except ValueError as err:
+                    raise InvalidRequest(str(err)) from err
+                return encode_tensor(pixels)
         return _guard(self.s, context, run)
 
     def Stream(self, requests: Iterator[pb.StreamRequest], context: grpc.ServicerContext) -> Iterator[pb.StreamResponse]:
+        s = self.s
+        try:
+            if s.draining.is_set():
+                raise Unavailable("server is shutting down; connect to another replica or retry after restart")
+            admitted = s.admission.admit(context.peer())
+            admitted.__enter__()
+        except ServiceError as err:
+            s.metrics.errors.labels(kind=err.kind).inc()
+            if isinstance(err, Refused):
+                s.metrics.streams_refused.labels(reason=err.reason).inc()
+            context.abort(err.code, str(err))
+        try:
+            yield from self._session(requests, context)
+        finally:
+            admitted.__exit__(None, None, None)
+
+    def _session(self, requests: Iterator[pb.StreamRequest], context: grpc.ServicerContext
+                 ) -> Iterator[pb.StreamResponse]:
         s = self.s
         session: Session | None = None
         pool: SlotPool | CudaSlotPool | None = None
         request: SessionRequest | None = None
         joined = errored = False
         try:
-            if s.draining.is_set():
-                raise Unavailable("server is shutting down; connect to another replica or retry after restart")
             s.check_started()
             s.authorize(context, None)  # who is asking, before looking at what is asked
-            request = parse_open(check_open(next(requests, None)), s.config.max_batch_bytes,
-                                 s.config.max_region_pixels)
+            first = first_message(requests, s.config.open_timeout_s)
+            request = parse_open(check_open(first), s.config.max_batch_bytes, s.config.max_region_pixels)
             s.authorize(context, request.dataset)
             plan, build, build_piece = s.plan_session(request)
+            cost = s.batch_cost(request, plan)
             s.jobs.join(request)
             joined = True
             limits = SessionLimits(s.config.max_credits, s.config.credit_timeout_s)
-            session = Session(request, plan, build, s.batch_pool, s.metrics, limits, s.draining, build_piece)
+            account = s.budget.open_account(floor=cost)
+            if account is None:
+                raise TooLarge(f"the in-flight memory budget is full ({s.budget.used / 2**20:.0f} of "
+                               f"{s.budget.total / 2**20:.0f} MiB held by {s.budget.accounts} sessions, max_inflight_mb) "
+                               f"and this session needs {cost / 2**20:.0f} MiB for one batch; retry later, read or close "
+                               "idle sessions, or lower batch_size")
+            session = Session(request, plan, build, s.batch_pool, s.metrics, limits, s.draining, build_piece,
+                              account=account, batch_cost=cost)
             transport, reason, pool = s.open_transport(request, session)
             context.add_callback(session.on_rpc_done)
             threading.Thread(target=session.consume_requests, args=(requests,), daemon=True,
@@ -522,6 +612,8 @@ class _Servicer(pb_grpc.LoaderServicer):
         except ServiceError as err:
             errored = True
             s.metrics.errors.labels(kind=err.kind).inc()
+            if isinstance(err, OpenTimeout):
+                s.metrics.streams_refused.labels(reason="open_timeout").inc()
             context.abort(err.code, str(err))
         except Exception as err:  # noqa: BLE001
             if context.is_active():
@@ -530,15 +622,68 @@ class _Servicer(pb_grpc.LoaderServicer):
                 s.metrics.errors.labels(kind="internal").inc()
                 context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
         finally:
-            # Neither finished nor failed: the client cancelled or vanished (gRPC closed this generator).
             if session is not None:
-                if not session.completed and not errored:
+                s.metrics.sessions_ended.labels(reason=_end_reason(session, errored)).inc()
+                if _end_reason(session, errored) == "client_gone":  # cancelled or vanished without half-closing
                     s.metrics.errors.labels(kind="client_gone").inc()
                 s.metrics.active_sessions.dec()
             if joined and request is not None:
                 s.jobs.leave(request)
             if pool is not None:
                 s.close_slot_pool(pool)
+            if session is not None:
+                session.close()
+
+
+def _end_reason(session: Session, errored: bool) -> str:
+    if errored:
+        return "error"
+    if session.completed:
+        return "completed"
+    return "client_closed" if session.client_closed.is_set() else "client_gone"
+
+
+def _mpp_read_factor(slide: Any, record: Any, mpp: float) -> float:
+    """How many decoded pixels per output pixel (per side) a read at ``mpp`` takes; checked before reading.
+
+    Slides without mpp and targets finer than level 0 are the client's error; OutOfRange past MAX_READ_FACTOR.
+    """
+    try:
+        return float(slide.read_plan(mpp)[2])
+    except MppOutOfRange as err:
+        raise OutOfRange(f"slide {record.slide_id}: {err}") from err
+    except SlideError as err:  # no mpp metadata, or finer than level 0: nothing is wrong with the file
+        raise InvalidRequest(f"slide {record.slide_id} cannot be read at {mpp:g} µm/px: {err}") from err
+    except ValueError as err:
+        raise InvalidRequest(str(err)) from err
+
+
+@contextlib.contextmanager
+def _region_read(server: LoaderServer, nbytes: int) -> Iterator[None]:
+    """One of max_region_reads, holding ``nbytes`` of the in-flight budget; waits up to open_timeout_s for both."""
+    timeout = server.config.open_timeout_s
+    if nbytes > server.budget.total:
+        raise TooLarge(f"this region needs {nbytes / 2**20:.0f} MiB in flight, over the server's in-flight memory "
+                       f"budget of {server.budget.total / 2**20:.0f} MiB (max_inflight_mb); read smaller regions")
+    if not server.region_reads.acquire(blocking=False):  # never park a thread that control RPCs need
+        raise TooLarge(f"{server.config.max_region_reads} region reads are in progress (max_region_reads); "
+                       "retry when one ended")
+    freed = threading.Event()
+    account = server.budget.open_account(freed.set)
+    assert account is not None  # no floor: always opens
+    try:
+        deadline = time.monotonic() + timeout
+        while not account.try_reserve(nbytes, within_share=False):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TooLarge(f"the in-flight memory budget ({server.budget.total / 2**20:.0f} MiB, max_inflight_mb) "
+                               f"had no room for this region's {nbytes / 2**20:.0f} MiB within {timeout:g} s; retry later")
+            freed.clear()
+            freed.wait(min(left, 1.0))
+        yield
+    finally:
+        account.close()
+        server.region_reads.release()
 
 
 def _slide_summary(record: Any) -> pb.SlideSummary:

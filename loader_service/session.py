@@ -17,6 +17,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
+import torch
+
+from loader_service.budget import BudgetAccount
 from loader_service.errors import InvalidRequest, Stalled, Unavailable
 from loader_service.metrics import Metrics
 from loader_service.pipeline import BuiltBatch
@@ -32,11 +35,14 @@ from wsi_loader.v1 import loader_pb2 as pb
 __all__ = ["Gate", "Session", "SessionLimits", "check_open"]
 
 log = logging.getLogger(__name__)
+_NO_PIXELS = torch.empty(0, dtype=torch.uint8)
+_Pending = tuple[int, int, "Future[tuple[BuiltBatch, pb.StreamResponse, int]]"]
 
 class Gate:
-    """Credits the client granted (capped) and, with shared memory or CUDA IPC, free slots; one condition for both."""
+    """Credits the client granted (capped), room in the service's memory budget and, with shared memory or
+    CUDA IPC, free slots; one condition for all three (the budget wakes it when another session frees memory)."""
 
-    def __init__(self, cap: int, metrics: Metrics) -> None:
+    def __init__(self, cap: int, metrics: Metrics, account: BudgetAccount | None = None, cost: int = 0) -> None:
         self.cond = threading.Condition()
         self._cap = cap
         self._credits = 0
@@ -44,21 +50,36 @@ class Gate:
         self._metrics = metrics
         self.slots: SlotBook | None = None
         self.slot_kind = "shared-memory"
+        self.account = account
+        self.cost = cost  # bytes one batch holds in flight (reserved before it is built)
+        self.within_share = True  # sessions with slots are bounded by their slots, not their share
+
+    def notify(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def _fits(self) -> bool:
+        return self.account is None or self.account.budget.fits(self.account, self.cost, self.within_share)
 
     def grant(self, n: int) -> None:
         with self.cond:
+            if self._closed:  # a credit arriving after the session ended must not show as available
+                return
             before = self._credits
             self._credits = min(self._cap, self._credits + n)
             self._metrics.credits.inc(self._credits - before)
             self.cond.notify_all()
 
     def _ready(self) -> bool:
-        return self._credits > 0 and (self.slots is None or self.slots.free_slots() > 0)
+        return self._credits > 0 and (self.slots is None or self.slots.free_slots() > 0) and self._fits()
 
     def try_take(self) -> int | None:
-        """Take one credit (and one slot): the slot id, -1 without slots (gRPC bytes), None if not possible now."""
+        """Take one credit (one slot, ``cost`` bytes of the budget): the slot id, -1 without slots (gRPC bytes),
+        None if not possible now."""
         with self.cond:
             if self._closed or not self._ready():
+                return None
+            if self.account is not None and not self.account.try_reserve(self.cost, within_share=self.within_share):
                 return None
             self._credits -= 1
             self._metrics.credits.dec()
@@ -84,6 +105,12 @@ class Gate:
         with self.cond:
             if self._credits == 0:
                 return "client granted no credit"
+            if not self._fits() and self.account is not None:
+                budget = self.account.budget
+                return (f"the service's in-flight memory budget is full ({budget.used / 2**20:.0f} of "
+                        f"{budget.total / 2**20:.0f} MiB, max_inflight_mb; this session holds "
+                        f"{self.account.held / 2**20:.0f} MiB, its share is one batch and {budget.share() / 2**20:.0f} MiB): "
+                        "read the batches already sent")
             return (f"client holds all {self.slots.count if self.slots else 0} {self.slot_kind} slots "
                     "(release batches)")
 
@@ -100,7 +127,8 @@ class Session:
 
     def __init__(self, request: SessionRequest, plan: EpochPlan, build: Callable[..., BuiltBatch],
                  batch_pool: ThreadPoolExecutor, metrics: Metrics, limits: SessionLimits,
-                 draining: threading.Event, build_piece: Callable[..., BuiltBatch] | None = None) -> None:
+                 draining: threading.Event, build_piece: Callable[..., BuiltBatch] | None = None,
+                 account: BudgetAccount | None = None, batch_cost: int = 0) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.request = request
         self.plan = plan
@@ -113,19 +141,25 @@ class Session:
         self.metrics = metrics
         self.limits = limits
         self.draining = draining
-        self.gate = Gate(limits.max_credits, metrics)
+        self.account = account
+        self.gate = Gate(limits.max_credits, metrics, account, batch_cost)
+        if account is not None:
+            account.wake = self.gate.notify
         self.gone = threading.Event()
+        self.client_closed = threading.Event()  # the client half-closed its requests: it wants nothing more
         self.transport = "grpc"
         self.pool: SlotPool | CudaSlotPool | None = None
         self.completed = False  # the end-of-epoch message was handed to gRPC
 
     def use_shm(self, pool: SlotPool) -> None:
         self.pool = self.gate.slots = pool
+        self.gate.within_share = False
         self.transport = "shm"
 
     def use_cuda(self, pool: CudaSlotPool) -> None:
         """Batches stay on the service's GPU: built there, copied into ``pool``'s slots, sent as CudaRefs."""
         self.pool = self.gate.slots = pool
+        self.gate.within_share = False
         self.gate.slot_kind = "CUDA IPC"
         self.transport = "cuda_ipc"
 
@@ -142,17 +176,29 @@ class Session:
                 else:
                     log.warning("session %s: second `open` ignored; open a new stream for a new session", self.id)
         except Exception:  # noqa: BLE001 - the stream broke: the client is gone
-            pass
+            return
+        # The client half-closed: it sends no more credits, so the session ends now (a normal close, not an error).
+        self.client_closed.set()
+        self.gate.close()
 
     def on_rpc_done(self) -> None:
         self.gone.set()
         self.gate.close()
 
+    def close(self) -> None:
+        """Give back the session's part of the memory budget (its slot pool was closed first)."""
+        if self.account is not None:
+            self.account.close()
+
     # --- batches to the client ---------------------------------------------------------------------------
     def _make(self, samples: list[Sample], labels: list[int], slot: int, piece: PieceSpec | None, sequence: int,
-              cursor_after: int) -> tuple[BuiltBatch, pb.StreamResponse]:
-        """Build the batch and its whole message on a batch thread: the sending thread only yields it."""
+              cursor_after: int) -> tuple[BuiltBatch, pb.StreamResponse, int]:
+        """Build the batch and its whole message on a batch thread: the sending thread only yields it.
+
+        Returns the batch without its pixels (they are in the message or the slot now, never held twice), the
+        message, and the pixels' size in bytes."""
         built = self._build(samples, labels, piece)
+        nbytes = built.images.numel() * built.images.element_size()
         t0 = time.perf_counter()
         tensor: pb.Tensor | None = None  # None: the pixels travel as bytes in the message
         if slot >= 0:
@@ -168,7 +214,8 @@ class Session:
                 tensor = pb.Tensor(dtype=dtype, shape=shape, shm=ref)
         message = batch_response(built, sequence, cursor_after, self.plan.labels, tensor)
         built.timings["serialize"] = time.perf_counter() - t0
-        return built, message
+        built.images = _NO_PIXELS
+        return built, message, nbytes
 
     def _build(self, samples: list[Sample], labels: list[int], piece: PieceSpec | None) -> BuiltBatch:
         """Build on the batch thread; CUDA IPC batches stay on the device (``pool.write`` then copies them on
@@ -201,18 +248,20 @@ class Session:
                 yield sequence, self.cursor.cursor if last else start, samples, labels, piece
                 sequence += 1
 
-    def _submit(self, slot: int, unit: tuple[int, int, list[Sample], list[int], PieceSpec | None]
-                ) -> tuple[int, int, Future[tuple[BuiltBatch, pb.StreamResponse]]]:
+    def _submit(self, slot: int, unit: tuple[int, int, list[Sample], list[int], PieceSpec | None]) -> _Pending:
         sequence, cursor_after, samples, labels, piece = unit
         future = self.batch_pool.submit(self._make, samples, labels, slot, piece, sequence, cursor_after)
         self.metrics.in_flight.inc()
         return sequence, cursor_after, future
 
-    def _fill(self, pending: deque[tuple[int, int, Future[tuple[BuiltBatch, pb.StreamResponse]]]]) -> bool:
-        """Submit builds while credits (and slots) allow. Returns False once every unit was submitted."""
-        while not self.draining.is_set():
+    def _fill(self, pending: deque[_Pending]) -> bool:
+        """Submit builds while credits (slots, budget) allow. Returns False once every unit was submitted."""
+        while not self.draining.is_set() and not self.client_closed.is_set():
             if self._next_unit is None:
-                self._next_unit = next(self._unit_iter, None)
+                try:
+                    self._next_unit = next(self._unit_iter, None)
+                except ValueError as err:  # the view cannot cut this sample (e.g. a shard grid finer than it)
+                    raise InvalidRequest(f"sample cannot be served in the {self.request.view.view} view: {err}") from err
                 if self._next_unit is None:
                     return False
             slot = self.gate.try_take()
@@ -222,8 +271,13 @@ class Session:
             self._next_unit = None
         return True
 
+    def _release(self, nbytes: int) -> None:
+        if self.account is not None:
+            self.account.release(nbytes)
+
     def batches(self) -> Iterator[pb.StreamResponse]:
-        pending: deque[tuple[int, int, Future[tuple[BuiltBatch, pb.StreamResponse]]]] = deque()
+        pending: deque[_Pending] = deque()
+        handing_off = 0  # budget bytes of the message gRPC is taking now
         sent = substituted = 0
         sent_cursor = self.cursor.cursor  # the cursor after the last batch handed to gRPC
         try:
@@ -237,38 +291,49 @@ class Session:
                             f"server is shutting down; reconnect and resume from cursor {sent_cursor}"
                         )
                     if not self.gate.wait(self.limits.credit_timeout_s):
-                        if self.gone.is_set():
+                        if self.gone.is_set() or self.client_closed.is_set():
                             return
                         raise Stalled(f"{self.gate.starved_reason()} for {self.limits.credit_timeout_s:.0f}s; "
                                       "read batches (or send Credit/Release) to keep the session alive")
                     continue
                 sequence, cursor_after, future = pending[0]
                 try:
-                    built, message = future.result(timeout=self.limits.batch_timeout_s)
+                    built, message, nbytes = future.result(timeout=self.limits.batch_timeout_s)
                 except FutureTimeout as err:
                     raise Stalled(f"building batch {sequence} took over {self.limits.batch_timeout_s:.0f}s") from err
                 pending.popleft()
                 self.metrics.in_flight.dec()
+                if self.client_closed.is_set():
+                    self._release(self.gate.cost)
+                    return
                 t0 = time.perf_counter()
+                handing_off = self.gate.cost
+                del future
                 yield message
+                del message
+                handing_off = 0
+                self._release(self.gate.cost)  # gRPC has the bytes now
                 sent_cursor = cursor_after
                 sent_s = time.perf_counter() - t0
-                if self.gone.is_set():
+                if self.gone.is_set() or self.client_closed.is_set():
                     return
-                self._count(built, built.timings.get("serialize", 0.0), sent_s)
+                self._count(built, nbytes, built.timings.get("serialize", 0.0), sent_s)
                 sent += len(built.samples)
                 substituted += sum(1 for s in built.samples if s.substituted)
             self.completed = True  # before the yield: the client may hang up as soon as it sees the end
             yield pb.StreamResponse(end=pb.EndOfEpoch(samples=sent, cursor=self.cursor.cursor, substituted=substituted))
         finally:
-            for _, _, future in pending:
-                future.cancel()
+            if handing_off:
+                self._release(handing_off)
+            cost = self.gate.cost
+            for _, _, pending_future in pending:
+                pending_future.cancel()  # a build already running gives its bytes back when it ends
+                pending_future.add_done_callback(lambda _f: self._release(cost))
                 self.metrics.in_flight.dec()
+            pending.clear()
             self.gate.close()
 
-    def _count(self, built: BuiltBatch, serialize_s: float, send_s: float) -> None:
-        images = built.images
-        nbytes = images.numel() * images.element_size()
+    def _count(self, built: BuiltBatch, nbytes: int, serialize_s: float, send_s: float) -> None:
         self.metrics.stage_seconds.labels(stage="serialize").observe(serialize_s)
         self.metrics.stage_seconds.labels(stage="send").observe(send_s)
         self.metrics.patches.labels(dataset=self.request.dataset, transport=self.transport).inc(len(built.samples))

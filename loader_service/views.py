@@ -15,6 +15,7 @@ __all__ = ["VIEWS", "TILE_ORDERS", "ViewConfig", "PieceSpec", "view_pieces", "sp
 
 VIEWS = ("patches", "image", "tiles", "shard")
 TILE_ORDERS = ("row-major", "column-major", "serpentine")  # the proto's TileOrder, in enum order
+MAX_GRID = 4096  # shards per side of a spatial group
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,8 @@ class ViewConfig:
         if self.overlap < 0 or self.halo < 0:
             raise ValueError("overlap and halo must be >= 0")
         if self.view == "shard":
-            if self.grid_rows < 1 or self.grid_cols < 1:
-                raise ValueError(f"grid must be at least 1×1, got {self.grid_rows}×{self.grid_cols}")
+            if not (1 <= self.grid_rows <= MAX_GRID and 1 <= self.grid_cols <= MAX_GRID):
+                raise ValueError(f"grid must be 1×1 .. {MAX_GRID}×{MAX_GRID}, got {self.grid_rows}×{self.grid_cols}")
             if not (0 <= self.shard_row < self.grid_rows and 0 <= self.shard_col < self.grid_cols):
                 raise ValueError(f"shard ({self.shard_row}, {self.shard_col}) is outside the "
                                  f"{self.grid_rows}×{self.grid_cols} grid")

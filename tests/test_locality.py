@@ -120,8 +120,8 @@ def test_locality_needs_random_mode_and_a_region_that_fits() -> None:
     with pytest.raises(ValueError, match="locality_region_size 32 is smaller"):
         SamplingSpec(patch_size=64, patches_per_region=4, locality_region_size=32)
     with pytest.raises(InvalidRequest, match="patches_per_region"):
-        parse_open(pb.OpenSession(dataset="train", mode=pb.GRID, patches_per_region=4), 2**30, 2**26)
-    request = parse_open(pb.OpenSession(dataset="train", patches_per_region=4), 2**30, 2**26)
+        parse_open(pb.OpenSession(dataset="train", patch_size=256, mode=pb.GRID, patches_per_region=4), 2**30, 2**26)
+    request = parse_open(pb.OpenSession(dataset="train", patch_size=256, patches_per_region=4), 2**30, 2**26)
     assert request.spec.patches_per_region == 4 and request.spec.locality_window == 16
 
 

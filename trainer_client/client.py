@@ -29,6 +29,7 @@ __all__ = ["LoaderClient", "StreamStats", "WSIStream", "decode_tensor", "distrib
 
 log = logging.getLogger(__name__)
 _END = object()
+_CLOSE_WAIT_S = 2.0  # how long close() waits for the service to end a half-closed stream before cancelling
 _WIRE = {"grpc": pb.GRPC, "shm": pb.SHM, "cuda_ipc": pb.CUDA_IPC}
 _NAMES = {pb.SHM: "shm", pb.CUDA_IPC: "cuda_ipc"}  # anything else: gRPC bytes
 _FALLBACK_HINT = "use transport='shm' or 'grpc'"
@@ -175,7 +176,15 @@ class _Call:
         self._requests.put(pb.StreamRequest(release=pb.Release(slots=slots)))
 
     def close(self) -> None:
+        # Half-close first: the service ends the session at once and counts a normal close, not a vanished
+        # client. Batches still arriving are dropped so the reader sees the end; cancel if it does not come.
         self._requests.put(_END)
+        deadline = time.monotonic() + _CLOSE_WAIT_S
+        while self._reader.is_alive() and time.monotonic() < deadline:
+            try:
+                self.responses.get(timeout=0.05)
+            except queue.Empty:
+                pass
         self._call.cancel()
         self._reader.join(timeout=5)
         if self.receiver is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +162,8 @@ class StreamConfig:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if isinstance(self.reconnect, dict):  # from YAML/JSON
             object.__setattr__(self, "reconnect", ReconnectPolicy(**self.reconnect))
+        if not math.isfinite(self.mpp) or self.mpp < 0:
+            raise ValueError(f"mpp must be a finite number of µm/px >= 0 (0 = use level), got {self.mpp}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 

@@ -70,6 +70,7 @@ _BY_CODE: dict[grpc.StatusCode, type[LoaderError]] = {
                 AuthenticationError, UnavailableError, StalledError, DataLossError)
     if cls.code is not None
 }
+_BY_CODE[grpc.StatusCode.OUT_OF_RANGE] = InvalidRequestError  # a valid value this server will not serve
 
 
 def raise_from_rpc(err: grpc.RpcError, what: str) -> NoReturn:

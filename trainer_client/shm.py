@@ -30,11 +30,46 @@ def shm_supported() -> bool:
     return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
 
 
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat); None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def reclaim_dead_probes() -> int:
+    """Unlink probes whose creating process is provably gone (a trainer killed while opening a session)."""
+    reclaimed = 0
+    try:
+        entries = list(SHM_DIR.glob("wsi-probe-*"))
+    except OSError:
+        return 0
+    for entry in entries:
+        parts = entry.name[len("wsi-probe-"):].split("-")
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            continue
+        if _start_ticks(int(parts[0])) == int(parts[1]):
+            continue
+        try:
+            entry.unlink()
+            reclaimed += 1
+        except OSError:
+            pass
+    return reclaimed
+
+
 class ShmProbe:
-    """A tiny segment the client creates (and unlinks) to prove the server sees the same /dev/shm."""
+    """A tiny segment the client creates (and unlinks) to prove the server sees the same /dev/shm.
+
+    Its name carries the creator's pid and start time, so that a later probe unlinks those of trainers killed
+    before they could (``kill -9`` while a session opens)."""
 
     def __init__(self) -> None:
-        self.name = f"wsi-probe-{uuid.uuid4().hex}"
+        reclaim_dead_probes()
+        me = os.getpid()
+        self.name = f"wsi-probe-{me}-{_start_ticks(me) or 0}-{uuid.uuid4().hex}"
         self._path = SHM_DIR / self.name
         fd = os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         try:

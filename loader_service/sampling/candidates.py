@@ -8,7 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from loader_service.dataset import SlideRecord
-from loader_service.errors import InvalidRequest
+from loader_service.errors import InvalidRequest, OutOfRange
+from loader_service.slides import MAX_READ_FACTOR
+from loader_service.slides.base import MPP_TOLERANCE
+
+_DCT_REACH = 8  # JPEG tiles decode at down to 1/8 scale
 
 __all__ = ["SlideGeometry", "Candidates", "Unservable", "slide_geometry", "tissue_cells", "CandidateCache"]
 
@@ -63,6 +67,16 @@ def slide_geometry(record: SlideRecord, level: int, mpp: float, fallback_downsam
         for i, lv in enumerate(info.levels):
             if lv.downsample <= scale * 1.001:
                 level_read = i
+        extra = scale / info.levels[level_read].downsample
+        dct = _DCT_REACH if info.levels[level_read].compression == "jpeg" else 1  # the read checks the exact reach
+        if extra > MAX_READ_FACTOR * dct * (1.0 + MPP_TOLERANCE):
+            last = info.levels[-1]
+            reach = base_mpp * last.downsample * (_DCT_REACH if last.compression == "jpeg" else 1) * MAX_READ_FACTOR
+            raise OutOfRange(
+                f"{mpp} µm/px would decode {extra / dct:.1f}× the patch's size per side from slide "
+                f"{record.slide_id}'s level {level_read}; the server decodes at most {MAX_READ_FACTOR:g}× "
+                f"(MAX_READ_FACTOR), so this slide serves mpp up to {reach:.4g} µm/px; ask for a finer mpp"
+            )
         return SlideGeometry(level_read, mpp, scale, int(width0 / scale), int(height0 / scale))
     if level >= len(info.levels):
         if fallback_downsample is None:

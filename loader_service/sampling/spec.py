@@ -49,7 +49,7 @@ class SamplingSpec:
             raise ValueError(f"patch_height must be 8..65536 pixels (or 0 for square), got {self.patch_height}")
         if self.level < 0:
             raise ValueError(f"level must be >= 0 (0 = full resolution), got {self.level}")
-        if self.mpp < 0:
+        if not math.isfinite(self.mpp) or self.mpp < 0:
             raise ValueError(f"mpp must be > 0 µm/px to select by resolution, or 0 to use level; got {self.mpp}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from .bad_tiles import BadTiles
-from .base import Slide
+from .base import MAX_READ_FACTOR, MppOutOfRange, Slide
 from .cache import CacheStats, TileCache
 from .errors import SlideError, SlideOpenError, SlideReadError
 from .info import LevelInfo, SlideInfo
@@ -23,6 +23,8 @@ __all__ = [
     "LevelInfo",
     "SlideInfo",
     "Slide",
+    "MAX_READ_FACTOR",
+    "MppOutOfRange",
     "open_slide",
     "SlideError",
     "SlideOpenError",

@@ -12,10 +12,17 @@ from PIL import Image
 from .errors import SlideError
 from .info import SlideInfo
 
-__all__ = ["Slide", "MPP_TOLERANCE"]
+__all__ = ["Slide", "MPP_TOLERANCE", "MAX_READ_FACTOR", "MppOutOfRange"]
 
 #: relative tolerance when matching a requested microns-per-pixel to a level's
 MPP_TOLERANCE = 0.02
+#: an mpp read takes at most this many source pixels per output pixel along each side (16× its pixels) from
+#: the level it reads; coarser targets need a pyramid level close enough to them
+MAX_READ_FACTOR = 4.0
+
+
+class MppOutOfRange(ValueError):
+    """The target mpp is coarser than the slide's pyramid serves within MAX_READ_FACTOR."""
 _RESAMPLE = Image.Resampling.BOX  # area averaging: antialiased, exact for integer factors
 
 
@@ -130,6 +137,27 @@ class Slide(abc.ABC):
             extra = 1.0
         return best, extra
 
+    def read_plan(self, mpp: float) -> tuple[int, int, float]:
+        """How a read at ``mpp`` is done: (level, JPEG DCT scale, area-resize factor per side).
+
+        Raises MppOutOfRange when the resize would take more than MAX_READ_FACTOR decoded pixels per output
+        pixel along a side (the pyramid has no level close enough to the target), before anything is read.
+        """
+        level, extra = self.level_for_mpp(mpp)
+        scale = _dct_scale(self._scales(level), extra)  # accurate: a whole-number resize after the DCT decode
+        if extra / scale > MAX_READ_FACTOR * (1.0 + MPP_TOLERANCE):  # bounded first: the coarsest decode there is
+            scale = max(s for s in self._scales(level) if s <= extra * (1.0 + 1e-9))
+        factor = extra / scale
+        if factor > MAX_READ_FACTOR * (1.0 + MPP_TOLERANCE):
+            last = len(self.info.levels) - 1
+            reach = (self.info.mpp or 0.0) * self.info.levels[last].downsample * max(self._scales(last))
+            raise MppOutOfRange(
+                f"{mpp:g} µm/px would decode {factor:.1f}× the output's size per side from level {level}; the "
+                f"server decodes at most {MAX_READ_FACTOR:g}× (MAX_READ_FACTOR), so this slide serves mpp up to "
+                f"{reach * MAX_READ_FACTOR:.4g} µm/px"
+            )
+        return level, scale, factor
+
     def read_region_mpp(
         self, mpp: float, x: int, y: int, width: int, height: int, out: np.ndarray | None = None
     ) -> np.ndarray:
@@ -138,8 +166,8 @@ class Slide(abc.ABC):
         Reads the best level; when no level matches, JPEG tiles are decoded at 1/2, 1/4 or 1/8
         scale where that is not coarser than needed, and the rest of the way is an area resize.
         """
-        level, extra = self.level_for_mpp(mpp)
-        if extra == 1.0:
+        level, scale, f = self.read_plan(mpp)
+        if scale == 1 and f == 1.0:
             return self.read_region(level, x, y, width, height, out)
         x, y, width, height = int(x), int(y), int(width), int(height)
         if width < 0 or height < 0:
@@ -150,8 +178,6 @@ class Slide(abc.ABC):
             _check_out(out, width, height)
         if not (width and height):
             return out
-        scale = _dct_scale(self._scales(level), extra)
-        f = extra / scale
         if abs(f - 1.0) < 1e-9:
             self._read_into(level, scale, x, y, width, height, out)
             return out
