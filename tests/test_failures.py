@@ -118,7 +118,8 @@ def test_fail_policy_ends_the_session_and_resume_never_rereads_the_bad_tile(dama
             first = next(iter(resumed))
             assert first["substituted"].tolist() == [state["cursor"]]  # the failed sample, replaced...
             assert _failed(server, "known_bad_tile") == 1  # ...without reading its tile again
-            assert _failed(server, "read") == 1
+            # (no count of "read" here: with the next credit granted, the service may already be building the
+            # next batch, which can meet another damaged tile; the end of the test bounds reads per tile)
             for _ in resumed:
                 pass
         # every read failure found at least one tile not known before (a region's tiles decode together)
