@@ -4,6 +4,7 @@ a service killed with kill -9 mid-epoch loses and repeats nothing, a restarted o
 from __future__ import annotations
 
 import collections
+import re
 import signal
 import threading
 import time
@@ -14,8 +15,8 @@ from typing import Any
 import pytest
 
 from tests.test_reconnect import Service
-from trainer_client import StreamConfig, WSIStream
-from trainer_client.pool import PoolConfig, PoolStream, resolve_endpoints
+from trainer_client import PoolConfig, PoolStream, StreamConfig, WSIStream
+from trainer_client.pool import resolve_endpoints
 
 CONFIG = dict(dataset="train", batch_size=4, patch_size=32, samples_per_epoch=96, seed=11, credits=2, timeout_s=60,
               transport="grpc", augment=False)
@@ -72,9 +73,22 @@ def test_state_dict_records_each_sub_shard_and_resumes(services: list[Service]) 
     assert collections.Counter(got) == reference
 
 
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        return answer.read().decode()
+def _resumed(server: Any) -> float:
+    with urllib.request.urlopen(server.metrics_endpoint.url, timeout=10) as answer:
+        text = answer.read().decode()
+    return float(re.search(r"^wsi_loader_sessions_resumed_total (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+
+
+def test_the_service_counts_sessions_opened_mid_epoch(server: Any) -> None:
+    endpoint = f"127.0.0.1:{server.port}"
+    before = _resumed(server)
+    pool = PoolStream(StreamConfig(**CONFIG), [endpoint, endpoint], rank=0, world_size=1)
+    assert len([batch for batch in pool]) == 24
+    assert _resumed(server) == before, "sub-shards opened at cursor 0 are not resumes"
+    with WSIStream(StreamConfig(**CONFIG), endpoint=endpoint) as stream:
+        stream.load_state_dict({**stream.state_dict(), "cursor": 8})
+        assert sum(len(batch["x"]) for batch in stream) == 96 - 8
+    assert _resumed(server) == before + 1
 
 
 def test_kill_9_mid_epoch_fails_over_and_the_service_rejoins(dataset_dir: Path, services: list[Service]) -> None:
