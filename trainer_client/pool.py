@@ -350,6 +350,8 @@ class PoolStream(IterableDataset):  # type: ignore[type-arg]
                     log.warning("pool: sub-shard %d of rank %d moves to %s at cursor %d", sub, self.rank,
                                 pool.home.get(sub), stream.cursor)
                 except _FAILOVER as err:
+                    if stop.is_set():  # this side closed the calls: the stream is closing, nothing broke
+                        return
                     self.stats.last_break = f"{endpoint}: {err}"
                     log.warning("pool: service %s broke sub-shard %d of rank %d at cursor %d: %s", endpoint, sub,
                                 self.rank, stream.cursor, err)
