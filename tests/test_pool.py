@@ -4,6 +4,7 @@ a service killed with kill -9 mid-epoch loses and repeats nothing, a restarted o
 from __future__ import annotations
 
 import collections
+import itertools
 import re
 import signal
 import threading
@@ -133,3 +134,31 @@ def test_dns_names_resolve_to_every_address() -> None:
     assert resolve_endpoints(("10.0.0.1:1", "dns:///no-such-host.invalid:1")) == ["10.0.0.1:1"]
     with pytest.raises(ValueError, match="HOST:PORT"):
         PoolConfig(("nohost",))
+
+
+@pytest.mark.parametrize(("n", "world"), [(24, 1), (24, 2), (24, 3), (96, 4), (30, 5)])
+def test_sub_shard_layout_in_closed_form_equals_the_general_one(n: int, world: int,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service lays a pool's sub-shard out without materialising the epoch; same indices as the array."""
+    from loader_service.sampling import elastic
+    from loader_service.sampling.elastic import ResumeStages, ShardMap
+
+    full = n // world
+    layouts = []
+    for closed_form in (True, False):
+        if not closed_form:
+            monkeypatch.setattr(elastic, "_one_shard_left", lambda *args: None)
+        layout = []
+        for rank, cursor, sub_shards in itertools.product(range(world), (0, 1, full - 1), (1, 2, 3, 5)):
+            cursors = [full] * world
+            cursors[rank] = cursor
+            stages = ResumeStages(((world, tuple(cursors)),))
+            for sub in range(sub_shards):
+                shards = ShardMap(n, sub, sub_shards, stages)
+                assert (shards._one_shard is not None) == closed_form
+                layout.append([shards.global_index(i) for i in range(shards.shard_length)])
+        layouts.append(layout)
+    assert layouts[0] == layouts[1]
+    monkeypatch.undo()  # an epoch far past what the general layout holds in memory
+    huge = ShardMap(10**9, 1, 3, ResumeStages(((4, (0, 250_000_000, 250_000_000, 250_000_000)),)))
+    assert huge.shard_length == 83_333_333 and huge.global_index(5) == (1 + 5 * 3) * 4
