@@ -83,8 +83,10 @@ def _resumed(server: Any) -> float:
 def test_the_service_counts_sessions_opened_mid_epoch(server: Any) -> None:
     endpoint = f"127.0.0.1:{server.port}"
     before = _resumed(server)
-    pool = PoolStream(StreamConfig(**CONFIG), [endpoint, endpoint], rank=0, world_size=1)
-    assert len([batch for batch in pool]) == 24
+    pool = PoolStream(StreamConfig(**{**CONFIG, "transport": "auto"}), [endpoint, endpoint], rank=0, world_size=1)
+    batches = [batch for batch in pool]  # the local service: shared memory
+    assert len(batches) == 24 and all(batch["slot"] >= 0 for batch in batches[-2:])
+    assert sorted(i for batch in batches for i in batch["global_index"].tolist()) == list(range(96))
     assert _resumed(server) == before, "sub-shards opened at cursor 0 are not resumes"
     with WSIStream(StreamConfig(**CONFIG), endpoint=endpoint) as stream:
         stream.load_state_dict({**stream.state_dict(), "cursor": 8})
