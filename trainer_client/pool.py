@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import torch
+import grpc
 from torch.utils.data import IterableDataset
 
 from trainer_client.client import LoaderClient, WSIStream, distributed_rank
@@ -37,6 +37,7 @@ __all__ = ["PoolConfig", "PoolStats", "PoolStream", "resolve_endpoints"]
 log = logging.getLogger(__name__)
 _END = object()
 _FAILOVER = (UnavailableError, StalledError)
+_HEALTH = b"wsi_loader.v1.Loader"  # the readiness health service (loader_service/readiness.py)
 
 
 def resolve_endpoints(endpoints: tuple[str, ...]) -> list[str]:
@@ -143,20 +144,32 @@ class _Pool:
                     stale.close()
 
     def check(self, stats: PoolStats) -> None:
-        """Re-resolve names, probe failed services; give each one that answers a sub-shard back."""
+        """Re-resolve names, probe failed services; give each one that is ready again a sub-shard back."""
         found = resolve_endpoints(self.config.endpoints)
         with self.lock:
             new = [e for e in found if e not in self.endpoints]
             self.endpoints += new
             candidates = new + [e for e in self.dead if e in self.endpoints]
         for endpoint in candidates:
-            probe = LoaderClient(endpoint, **self._connection)
-            try:
-                answered = not probe._probe(min(2.0, self.config.rejoin_interval_s), wait=False)
-            finally:
-                probe.close()
-            if answered:
+            if self._ready(endpoint):
                 self._rejoin(endpoint, stats)
+
+    def _ready(self, endpoint: str) -> bool:
+        """The member's readiness (gRPC health of wsi_loader.v1.Loader): SERVING, not starting or draining.
+
+        Called by hand (no grpc_health dependency on the trainer): HealthCheckRequest{service} in, and
+        HealthCheckResponse{status: SERVING} is the two bytes 08 01 out."""
+        probe = LoaderClient(endpoint, **self._connection)
+        check = probe.channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=bytes,
+                                          response_deserializer=bytes)
+        try:
+            answer = check(b"\x0a" + bytes([len(_HEALTH)]) + _HEALTH, timeout=min(2.0, self.config.rejoin_interval_s),
+                           metadata=probe.connection.metadata())
+            return bool(answer == b"\x08\x01")
+        except grpc.RpcError:
+            return False
+        finally:
+            probe.close()
 
     def _rejoin(self, endpoint: str, stats: PoolStats) -> None:
         with self.lock:
