@@ -211,6 +211,7 @@ class PoolStream(IterableDataset):  # type: ignore[type-arg]
         self.stats = PoolStats()
         self._connection = connection
         self._pool: _Pool | None = None
+        self._streams: list[WSIStream] = []
 
     # --- state ---------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -283,7 +284,8 @@ class PoolStream(IterableDataset):  # type: ignore[type-arg]
         for thread in (*threads, monitor):
             thread.start()
         try:
-            yield from self._merge(out, streams)
+            self._streams = streams
+            yield from self._merge(out)
         finally:
             stop.set()
             for stream in streams:
@@ -292,7 +294,7 @@ class PoolStream(IterableDataset):  # type: ignore[type-arg]
                 thread.join(timeout=10)
             pool.close()
 
-    def _merge(self, out: queue.Queue[tuple[int, int, Any]], streams: list[WSIStream]) -> Iterator[dict[str, Any]]:
+    def _merge(self, out: queue.Queue[tuple[int, int, Any]]) -> Iterator[dict[str, Any]]:
         ended = [False] * self.sub_shards
         while not all(ended):
             try:
@@ -383,6 +385,12 @@ class PoolStream(IterableDataset):  # type: ignore[type-arg]
                 pool.check(self.stats)
             except Exception as err:  # noqa: BLE001 - the monitor must outlive a failed probe
                 log.warning("pool: checking services failed: %s", err)
+
+    def release(self, batch: dict[str, Any]) -> None:
+        """Give a shared-memory batch's slot back now (``WSIStream.release``); a no-op for gRPC-bytes batches."""
+        sub = batch.get("sub_shard", -1)
+        if 0 <= sub < len(self._streams):
+            self._streams[sub].release(batch)
 
     def close(self) -> None:
         if self._pool is not None:
