@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.test_reconnect import Service
-from trainer_client import PoolConfig, PoolStream, StreamConfig, WSIStream
+from trainer_client import PoolConfig, PoolStream, ReconnectPolicy, StreamConfig, UnavailableError, WSIStream
 from trainer_client.pool import resolve_endpoints
 
 CONFIG = dict(dataset="train", batch_size=4, patch_size=32, samples_per_epoch=96, seed=11, credits=2, timeout_s=60,
@@ -167,3 +167,14 @@ def test_sub_shard_layout_in_closed_form_equals_the_general_one(n: int, world: i
     monkeypatch.undo()  # an epoch far past what the general layout holds in memory
     huge = ShardMap(10**9, 1, 3, ResumeStages(((4, (0, 250_000_000, 250_000_000, 250_000_000)),)))
     assert huge.shard_length == 83_333_333 and huge.global_index(5) == (1 + 5 * 3) * 4
+
+
+def test_a_pool_with_no_live_member_gives_up_by_name() -> None:
+    dead = ["127.0.0.1:9", "127.0.0.1:7"]  # nothing listens on discard/echo here
+    with pytest.raises(UnavailableError, match="no service of the pool"):
+        next(iter(PoolStream(StreamConfig(**CONFIG), dead, rank=0, world_size=1)))
+    policy = ReconnectPolicy(deadline_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(UnavailableError, match="answered for 1s"):
+        next(iter(PoolStream(StreamConfig(**{**CONFIG, "reconnect": policy}), dead[:1], rank=0, world_size=1)))
+    assert time.monotonic() - started < 30
