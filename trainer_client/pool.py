@@ -30,7 +30,7 @@ from torch.utils.data import IterableDataset
 
 from trainer_client.client import LoaderClient, WSIStream, distributed_rank
 from trainer_client.config import StreamConfig
-from trainer_client.errors import LoaderError, StalledError, UnavailableError
+from trainer_client.errors import StalledError, UnavailableError
 
 __all__ = ["PoolConfig", "PoolStats", "PoolStream", "resolve_endpoints"]
 
@@ -338,7 +338,9 @@ class PoolStream(IterableDataset):  # type: ignore[type-arg]
         try:
             while not stop.is_set():
                 endpoint = pool.pick(sub)
-                if endpoint is None:
+                if endpoint is None:  # every member failed (this sub-shard's or another's break)
+                    if not reopen:
+                        broke_at, reopen = time.monotonic(), True
                     if policy.attempts == 0 or time.monotonic() - broke_at > policy.deadline_s:
                         raise UnavailableError(f"no service of the pool {list(self.pool_config.endpoints)} answered "
                                                f"for {policy.deadline_s:.0f}s; last break: {self.stats.last_break}")
@@ -376,7 +378,7 @@ class PoolStream(IterableDataset):  # type: ignore[type-arg]
                     reopen = True
                 finally:
                     stream.close_stream()
-        except LoaderError as err:
+        except Exception as err:  # noqa: BLE001 - raised in the trainer's thread, from the queue
             self._put(out, stop, (sub, 0, err))
 
     def _monitor(self, pool: _Pool, stop: threading.Event) -> None:
