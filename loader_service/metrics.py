@@ -26,6 +26,7 @@ METRIC_NAMES = (
     "wsi_loader_batches_in_flight",
     "wsi_loader_active_sessions",
     "wsi_loader_sessions_total",
+    "wsi_loader_sessions_resumed_total",
     "wsi_loader_errors_total",
     "wsi_loader_slides_opened_total",
     "wsi_loader_slides_failed_total",
@@ -119,6 +120,8 @@ class Metrics:
         self.in_flight = Gauge("wsi_loader_batches_in_flight", "Batches being built or queued to send", registry=r)
         self.active_sessions = Gauge("wsi_loader_active_sessions", "Open streaming sessions", registry=r)
         self.sessions = Counter("wsi_loader_sessions", "Streaming sessions opened", registry=r)
+        self.sessions_resumed = Counter(  # reconnects and pool failovers: a session opened mid-epoch
+            "wsi_loader_sessions_resumed", "Sessions opened at a non-zero cursor (reconnects, pool failovers, resumes)", registry=r)
         self.errors = Counter("wsi_loader_errors", "Errors by kind", ["kind"], registry=r)
         self.slides_opened = Counter("wsi_loader_slides_opened", "Slides opened successfully", registry=r)
         self.slides_failed = Counter("wsi_loader_slides_failed", "Slides that could not be used", ["reason"], registry=r)

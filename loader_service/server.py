@@ -600,6 +600,8 @@ class _Servicer(pb_grpc.LoaderServicer):
             threading.Thread(target=session.consume_requests, args=(requests,), daemon=True,
                              name=f"credits-{session.id}").start()
             s.metrics.sessions.inc()
+            if request.cursor:  # a reconnect, a pool failover, a resumed checkpoint
+                s.metrics.sessions_resumed.inc()
             s.metrics.active_sessions.inc()
             yield pb.StreamResponse(opened=pb.SessionOpened(
                 session_id=session.id, shard_length=plan.shard_length, batches=session.cursor.remaining_batches(),

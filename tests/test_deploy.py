@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s" / "daemonset"  # topology 1: a loader per node (DaemonSet), hostIPC
 K8S_SIDECAR = DEPLOY / "k8s" / "sidecar"  # topology 2: the loader as a native sidecar in each trainer pod
+K8S_POOL = DEPLOY / "k8s" / "pool"  # beside topology 1: CPU-only loaders any trainer pulls from (issue #17)
 SCHEMAS = DEPLOY / "schemas"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "wsi-loader.json"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
@@ -172,7 +173,7 @@ def test_k8s_validation_rejects_broken_manifests(k8s: dict[str, dict[str, Any]],
         _validate_k8s(broken)
 
 
-@pytest.mark.parametrize("folder", [K8S, K8S_SIDECAR], ids=lambda p: p.name)
+@pytest.mark.parametrize("folder", [K8S, K8S_SIDECAR, K8S_POOL], ids=lambda p: p.name)
 def test_kustomization_lists_the_manifests(folder: Path) -> None:
     kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])
@@ -622,6 +623,7 @@ def test_metric_names_list_matches_the_live_scrape(scraped: dict[str, Any]) -> N
 def test_dashboard_and_alerts_query_only_exported_metrics(scraped: dict[str, Any]) -> None:
     series: dict[str, set[str]] = scraped["series"]
     checked: set[str] = set()
+    targets = {"instance", "job", "node", "pod"}  # target labels: Prometheus' own and the ServiceMonitors' relabelings
     for where, expr in _dashboard_exprs() + _alert_exprs():
         names = promql_metric_names(expr) - _PROMETHEUS_OWN
         assert names or "up{" in expr, f"{where}: no metric found in {expr!r}"
@@ -634,17 +636,17 @@ def test_dashboard_and_alerts_query_only_exported_metrics(scraped: dict[str, Any
             if not known:
                 continue
             for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers):
-                assert label in known | {"instance", "job", "node"}, f"{where}: {metric} has no label {label!r}"
+                assert label in known | targets, f"{where}: {metric} has no label {label!r}"
         for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
             labels = {lbl.strip() for lbl in group.split(",") if lbl.strip()}
-            have = set().union(*(series.get(n, set()) for n in names)) | {"instance", "job", "node"}
+            have = set().union(*(series.get(n, set()) for n in names)) | targets
             if any(series.get(n) for n in names):
                 assert labels <= have, f"{where}: grouping by {labels - have} that no series carries"
     # The dashboard covers what the issue asks for.
     needed = {"wsi_loader_patches_total", "wsi_loader_bytes_total", "wsi_loader_batches_total",
               "wsi_loader_stage_seconds_bucket", "wsi_loader_credits_available", "wsi_loader_batches_in_flight",
               "wsi_loader_active_sessions", "wsi_loader_tile_cache_hits_total", "wsi_loader_errors_total",
-              "wsi_loader_shm_slots"}
+              "wsi_loader_shm_slots", "wsi_loader_sessions_resumed_total"}
     dashboard_names = set().union(*(promql_metric_names(e) for _, e in _dashboard_exprs()))
     assert needed <= dashboard_names, needed - dashboard_names
     assert series["wsi_loader_patches_total"], "streaming 4 batches should have produced labelled patch counts"
@@ -815,3 +817,60 @@ def test_dockerfile_run_steps_in_ci(dockerfile: Path, tmp_path: Path) -> None:
     health = subprocess.run([str(venv / "bin/loader-service"), "health", "--endpoint", "127.0.0.1:1", "--timeout", "1"],
                             capture_output=True, text=True, timeout=60, cwd="/")
     assert health.returncode == 1 and "unhealthy" in health.stderr  # nothing listens there: the probe says so
+
+
+# --- the CPU-only loader pool (deploy/k8s/pool) ---------------------------------------------------------------
+def _cpu_count(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def _gib(quantity: str) -> float:
+    units = {"Gi": 1.0, "Mi": 1 / 1024}
+    return next(float(quantity[: -len(u)]) * f for u, f in units.items() if quantity.endswith(u))
+
+
+def test_k8s_pool_validates_and_fits_beside_the_daemonset(k8s: dict[str, dict[str, Any]]) -> None:
+    pool = _k8s_docs(K8S_POOL)
+    expected = {"ConfigMap/wsi-loader-pool-config", "Deployment/wsi-loader-pool", "Service/wsi-loader-pool",
+                "NetworkPolicy/wsi-loader-pool", "ServiceMonitor/wsi-loader-pool"}
+    assert set(pool) == expected, set(pool) ^ expected
+    for key, doc in pool.items():
+        try:
+            _validate_k8s(doc)
+        except Exception as err:  # noqa: BLE001 - name the file in the failure
+            pytest.fail(f"{doc['_file']}: {key} does not validate: {getattr(err, 'message', err)}")
+        assert doc["metadata"]["namespace"] == "wsi-loader", f"{key}: beside the per-node loader"
+    deployment = pool["Deployment/wsi-loader-pool"]
+    pod = deployment["spec"]["template"]
+    labels, spec = pod["metadata"]["labels"], pod["spec"]
+    container = spec["containers"][0]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # Headless: DNS answers every ready member, which PoolConfig's dns:/// endpoint resolves to.
+    service = pool["Service/wsi-loader-pool"]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["publishNotReadyAddresses"] is False, "draining or indexing members leave the answer"
+    # The per-node Service, NetworkPolicy and monitor do not pick up pool pods, and the pool's own ones do.
+    assert not k8s["Service/wsi-loader"]["spec"]["selector"].items() <= labels.items()
+    for key in ("NetworkPolicy/wsi-loader-pool", "ServiceMonitor/wsi-loader-pool"):
+        selector = pool[key]["spec"]["podSelector" if key.startswith("Network") else "selector"]["matchLabels"]
+        assert selector.items() <= labels.items(), key
+    # CPU-only, sized per core: decode threads = requested cores, memory per core bounded, Guaranteed QoS.
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"]
+    assert not any("gpu" in name for name in resources["requests"]), "the pool has no GPU"
+    config = _load_config(pool["ConfigMap/wsi-loader-pool-config"]["data"]["config.yaml"])
+    cores = _cpu_count(resources["requests"]["cpu"])
+    assert config.device == "cpu" and config.workers == cores
+    assert 1.0 <= _gib(resources["requests"]["memory"]) / cores <= 4.0
+    assert config.tile_cache_bytes < _gib(resources["requests"]["memory"]) * 2**30
+    assert config.shutdown_grace_s < spec["terminationGracePeriodSeconds"]
+    assert spec["hostIPC"] is False
+    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    assert _host_port(config.listen) == ("0.0.0.0", grpc_port)
+    assert container["readinessProbe"]["grpc"]["service"] == "wsi_loader.v1.Loader"
+    # The volumes are the per-node topology's claims, and the ConfigMap it mounts is the pool's.
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
+    assert claims and all(f"PersistentVolumeClaim/{c}" in k8s for c in claims)
+    assert {v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v} == {"wsi-loader-pool-config"}
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert pod_security_violations(spec) == set(), "the pool needs no privileges"

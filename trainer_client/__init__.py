@@ -19,6 +19,7 @@ from trainer_client.errors import (
     StalledError,
     UnavailableError,
 )
+from trainer_client.pool import PoolConfig, PoolStats, PoolStream
 
 __all__ = [
     "AuthenticationError",
@@ -29,6 +30,9 @@ __all__ = [
     "LoaderError",
     "NotFoundError",
     "PermissionDeniedError",
+    "PoolConfig",
+    "PoolStats",
+    "PoolStream",
     "ReconnectPolicy",
     "ResourceExhaustedError",
     "StalledError",

@@ -57,8 +57,15 @@ class ShardMap:
     def __init__(self, epoch_length: int, rank: int, world_size: int, resume: ResumeStages | None = None) -> None:
         self.rank, self.world_size = rank, world_size
         self._unread: np.ndarray | None = None
+        self._one_shard: tuple[int, int, int] | None = None  # (rank, first position, world) of stage 0
         if resume is None or not resume.stages:
             self.shard_length = epoch_length // world_size
+            return
+        one = _one_shard_left(epoch_length, resume)
+        if one is not None:  # a pool's sub-shard: one rank's shard split further, in closed form (no array)
+            self._one_shard = one
+            left = epoch_length // one[2] - one[1]
+            self.shard_length = max(0, -(-(left - rank) // world_size))
             return
         if epoch_length > MAX_ELASTIC_EPOCH:
             raise InvalidRequest(f"an elastic resume supports epochs of up to {MAX_ELASTIC_EPOCH} samples "
@@ -79,4 +86,22 @@ class ShardMap:
 
     def global_index(self, shard_index: int) -> int:
         position = self.rank + shard_index * self.world_size
+        if self._one_shard is not None:
+            owner, first, world = self._one_shard
+            return owner + (first + position) * world
         return position if self._unread is None else int(self._unread[position])
+
+
+def _one_shard_left(epoch_length: int, resume: ResumeStages) -> tuple[int, int, int] | None:
+    """(rank, cursor, world) when the stages left one rank's shard only: a single stage in which every other
+    rank read its whole shard (trainer_client's PoolStream opens its sub-shards so). None otherwise."""
+    if len(resume.stages) != 1:
+        return None
+    world, cursors = resume.stages[0]
+    full = epoch_length // world
+    if epoch_length % world or len(cursors) != world:
+        return None
+    short = [r for r, cursor in enumerate(cursors) if cursor != full]
+    if len(short) != 1 or not 0 <= cursors[short[0]] <= full:
+        return None
+    return short[0], cursors[short[0]], world
