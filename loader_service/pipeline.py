@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from loader_service.augment.stain import StainConfig, normalise_batch
 from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, render_piece,
                                     resample_rect, to_nchw, to_output)
 from loader_service.dataset import SlideHandles
@@ -228,8 +229,10 @@ class BatchBuilder:
         return out
 
     def build(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int, epoch: int,
-              output: OutputSpec, on_device: bool = False, failures: FailureBudget | None = None) -> BuiltBatch:
-        """One batch of augmented images; on the service's device with ``on_device``, else on the CPU."""
+              output: OutputSpec, on_device: bool = False, failures: FailureBudget | None = None,
+              stain: StainConfig | None = None) -> BuiltBatch:
+        """One batch of augmented images (stain-normalised first with ``stain``); on the service's device with
+        ``on_device``, else on the CPU."""
         t0 = time.perf_counter()
         params = [draw_params(augment, seed, epoch, s.global_index) for s in samples] if augment is not None else []
         pixels, read = self.read_substituting(samples, params, failures)
@@ -238,6 +241,8 @@ class BatchBuilder:
         samples = read
         t1 = time.perf_counter()
         batch = pixels.to(self.device, non_blocking=True)
+        if stain is not None:
+            batch = normalise_batch(batch, stain)
         if augment is not None:
             images = augment_batch(batch, params)  # uint8 NCHW
         elif output.dtype == "uint8" and not output.channels_last:

@@ -9,6 +9,7 @@ from loader_service.augment import AugmentConfig
 from loader_service.errors import InvalidRequest, TooLarge
 from loader_service.pipeline import OutputSpec
 from loader_service.sampling import SamplingSpec
+from loader_service.stain_request import StainRequest, parse_stain
 from loader_service.views import TILE_ORDERS, VIEWS, ViewConfig
 from wsi_loader.v1 import loader_pb2 as pb
 
@@ -39,6 +40,7 @@ class SessionRequest:
     view: ViewConfig
     on_error: str = "skip"  # skip | fail: what a sample whose read fails does (docs/failures.md)
     unservable: str = "skip"  # skip | fallback: slides that cannot serve the level/mpp (mixed datasets)
+    stain: StainRequest | None = None  # stain normalisation before augmentation (patches view)
 
     def tensor_bytes(self) -> int | None:
         """The largest images tensor one message of this session carries; None when it depends on the slide.
@@ -82,8 +84,12 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
         augment: AugmentConfig | None = None
         if msg.augment.enabled:
             augment = AugmentConfig.from_dict(json.loads(msg.augment.config_json)) if msg.augment.config_json else AugmentConfig()
+        stain = parse_stain(msg.stain)
     except (ValueError, TypeError, KeyError) as err:
         raise InvalidRequest(f"invalid session request: {err}") from err
+    if stain is not None and (view.view != "patches" or spec.whole_slide):
+        raise InvalidRequest(f"stain normalisation serves the patches view (got view {view.view}); normalise "
+                             "whole images client-side, or ask for patches")
     if view.view != "patches":
         if spec.patch_size * spec.height > max_region_pixels and not spec.whole_slide:
             raise TooLarge(f"a {spec.patch_size}×{spec.height} region exceeds the server's limit of {max_region_pixels} "
@@ -95,7 +101,7 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
         dataset=msg.dataset, spec=spec, epoch=msg.epoch, rank=msg.rank, world_size=world, cursor=msg.cursor,
         batch_size=batch, drop_last=msg.drop_last, augment=augment, output=output, transport=msg.transport,
         shm_probe=msg.shm_probe, job_id=msg.job_id, shm_slots=msg.shm_slots, view=view,
-        on_error=ON_ERROR_NAMES[msg.on_error], unservable=UNSERVABLE_NAMES[msg.unservable],
+        on_error=ON_ERROR_NAMES[msg.on_error], unservable=UNSERVABLE_NAMES[msg.unservable], stain=stain,
     )
     nbytes = request.tensor_bytes()
     if nbytes is not None and nbytes > max_batch_bytes and view.view != "shard":

@@ -23,6 +23,7 @@ from loader_service.metrics import Metrics, MetricsEndpoint
 from loader_service.pipeline import BatchBuilder, BuiltBatch, resolve_device
 from loader_service.readiness import LOADER_SERVICE, Readiness
 from loader_service.requests import SessionRequest, parse_open
+from loader_service.stain_request import StainFitter
 from loader_service.sampling import CandidateCache, EpochPlan
 from loader_service.session import Session, SessionLimits, check_open
 from loader_service.slides import DecodePool, SlideError, TileCache
@@ -53,6 +54,7 @@ class LoaderServer:
         self.draining = threading.Event()
         self.datasets: dict[str, DatasetIndex] = {}
         self.candidates: dict[str, CandidateCache] = {}
+        self.stain_fitter = StainFitter()
         self.port = 0
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._server: grpc.Server | None = None
@@ -251,8 +253,8 @@ class LoaderServer:
                      ) -> tuple[EpochPlan | SyntheticPlan, Callable[..., BuiltBatch], Callable[..., BuiltBatch]]:
         """The session's epoch plan and its functions building a batch and a piece (tiles/shard views)."""
         if self.synthetic is not None and request.dataset == SYNTHETIC_DATASET:
-            if request.view.view != "patches":
-                raise InvalidRequest("the synthetic dataset serves the patches view only")
+            if request.view.view != "patches" or request.stain is not None:
+                raise InvalidRequest("the synthetic dataset serves the patches view only, without stain normalisation")
             plan_s = SyntheticPlan(request.spec, request.epoch, request.rank, request.world_size)
             build_s = functools.partial(self.synthetic.build, output=request.output)
             return plan_s, build_s, build_s
@@ -270,7 +272,13 @@ class LoaderServer:
         failures = FailureBudget(request.on_error, self.quarantine, plan.substitute, plan.label_index)
         common = dict(augment=request.augment, seed=request.spec.seed, epoch=request.epoch, output=request.output,
                       failures=failures)
-        return plan, functools.partial(self.builder.build, **common), functools.partial(self.builder.build_piece, **common)
+        build = functools.partial(self.builder.build, **common)
+        if request.stain is not None:
+            stain = self.stain_fitter.config(request.stain, ds, request.spec, self.candidates[ds.name],
+                                             self.builder.read)
+            build = functools.partial(build, stain=stain)
+            plan.stain_target = stain.target  # type: ignore[attr-defined]  # reported in SessionOpened
+        return plan, build, functools.partial(self.builder.build_piece, **common)
 
     def open_transport(self, request: SessionRequest, session: Session
                        ) -> tuple[int, str, SlotPool | CudaSlotPool | None]:
@@ -502,7 +510,7 @@ class _Servicer(pb_grpc.LoaderServicer):
                 session_id=session.id, shard_length=plan.shard_length, batches=session.cursor.remaining_batches(),
                 transport=transport, transport_reason=reason, labels=plan.labels,
                 shm_segment=pool.name if isinstance(pool, SlotPool) else "",
-                skipped_slides=getattr(plan, "skipped", []),
+                skipped_slides=getattr(plan, "skipped", []), stain_target=getattr(plan, "stain_target", ()),
             ))
             yield from session.batches()
         except ServiceError as err:

@@ -184,6 +184,7 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
         self.transport = ""          # the transport the service chose: grpc | shm | cuda_ipc
         self.transport_reason = ""   # the service's reason when that is not the one asked for
         self.skipped_slides: list[str] = []  # slides the service left out of the last session, with why
+        self.stain_target: tuple[float, ...] = ()  # the stain normalisation target the last session used
         self._call: _Call | None = None
 
     # --- state ---------------------------------------------------------------------------------------------
@@ -229,6 +230,7 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
             self.transport = _NAMES.get(opened.transport, "grpc")
             self.transport_reason = opened.transport_reason
             self.skipped_slides = list(opened.skipped_slides)  # "slide_id: why" left out of this session
+            self.stain_target = tuple(opened.stain_target)
             if self.skipped_slides:
                 log.warning("the service left %d slides out of this session: %s", len(self.skipped_slides),
                             "; ".join(self.skipped_slides[:5]))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+
+import numpy as np
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +72,13 @@ class StreamConfig:
     # Slides that cannot serve the level/mpp (mixed datasets): skip = left out (the service logs why),
     # fallback = read at their nearest resolution and resampled
     unservable: str = "skip"
+    # Stain normalisation before augmentation (patches view; docs/pathology.md): "" | macenko | reinhard, fitted to
+    # stain_target (a SessionOpened/WSIStream.stain_target of an earlier session), else to stain_reference (uint8
+    # HWC RGB numpy array), else to stain_fit_samples tissue patches of the dataset (0 = the service's default)
+    stain: str = ""
+    stain_target: tuple[float, ...] = ()
+    stain_reference: Any = field(default=None, compare=False)
+    stain_fit_samples: int = 0
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -107,6 +116,9 @@ class StreamConfig:
             raise ValueError(f"locality_region_size must be >= 0 (0 = auto), got {self.locality_region_size}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        object.__setattr__(self, "stain_target", tuple(float(v) for v in self.stain_target))
+        if self.stain not in ("", "macenko", "reinhard"):
+            raise ValueError(f"stain must be '', 'macenko' or 'reinhard', got {self.stain!r}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
@@ -129,4 +141,12 @@ class StreamConfig:
                              grid_rows=self.grid[0], grid_cols=self.grid[1], shard_row=self.shard[0],
                              shard_col=self.shard[1], halo=self.halo, align=self.align,
                              tile_order=_TILE_ORDERS[self.tile_order]),
+            stain=self._stain_message(),
         )
+
+    def _stain_message(self) -> pb.StainNorm:
+        message = pb.StainNorm(method=self.stain, target=self.stain_target, fit_samples=self.stain_fit_samples)
+        if self.stain_reference is not None:
+            ref = np.ascontiguousarray(np.asarray(self.stain_reference), dtype=np.uint8)
+            message.reference.CopyFrom(pb.Tensor(dtype="uint8", shape=list(ref.shape), data=ref.tobytes()))
+        return message

@@ -257,7 +257,7 @@ class Output(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., channels_last: _Optional[bool] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots", "patches_per_region", "locality_window", "locality_region_size", "on_error", "unservable")
+    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots", "patches_per_region", "locality_window", "locality_region_size", "on_error", "unservable", "stain")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +287,7 @@ class OpenSession(_message.Message):
     LOCALITY_REGION_SIZE_FIELD_NUMBER: _ClassVar[int]
     ON_ERROR_FIELD_NUMBER: _ClassVar[int]
     UNSERVABLE_FIELD_NUMBER: _ClassVar[int]
+    STAIN_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: str
     mode: Mode
@@ -316,7 +317,20 @@ class OpenSession(_message.Message):
     locality_region_size: int
     on_error: OnError
     unservable: Unservable
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ..., patches_per_region: _Optional[int] = ..., locality_window: _Optional[int] = ..., locality_region_size: _Optional[int] = ..., on_error: _Optional[_Union[OnError, str]] = ..., unservable: _Optional[_Union[Unservable, str]] = ...) -> None: ...
+    stain: StainNorm
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ..., patches_per_region: _Optional[int] = ..., locality_window: _Optional[int] = ..., locality_region_size: _Optional[int] = ..., on_error: _Optional[_Union[OnError, str]] = ..., unservable: _Optional[_Union[Unservable, str]] = ..., stain: _Optional[_Union[StainNorm, _Mapping]] = ...) -> None: ...
+
+class StainNorm(_message.Message):
+    __slots__ = ("method", "target", "reference", "fit_samples")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    FIT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    target: _containers.RepeatedScalarFieldContainer[float]
+    reference: Tensor
+    fit_samples: int
+    def __init__(self, method: _Optional[str] = ..., target: _Optional[_Iterable[float]] = ..., reference: _Optional[_Union[Tensor, _Mapping]] = ..., fit_samples: _Optional[int] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
@@ -341,7 +355,7 @@ class StreamRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "shard_length", "batches", "transport", "transport_reason", "labels", "shm_segment", "skipped_slides")
+    __slots__ = ("session_id", "shard_length", "batches", "transport", "transport_reason", "labels", "shm_segment", "skipped_slides", "stain_target")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -350,6 +364,7 @@ class SessionOpened(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_SLIDES_FIELD_NUMBER: _ClassVar[int]
+    STAIN_TARGET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     shard_length: int
     batches: int
@@ -358,7 +373,8 @@ class SessionOpened(_message.Message):
     labels: _containers.RepeatedScalarFieldContainer[str]
     shm_segment: str
     skipped_slides: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., shard_length: _Optional[int] = ..., batches: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., transport_reason: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., shm_segment: _Optional[str] = ..., skipped_slides: _Optional[_Iterable[str]] = ...) -> None: ...
+    stain_target: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, session_id: _Optional[str] = ..., shard_length: _Optional[int] = ..., batches: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., transport_reason: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., shm_segment: _Optional[str] = ..., skipped_slides: _Optional[_Iterable[str]] = ..., stain_target: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SampleMeta(_message.Message):
     __slots__ = ("slide_id", "level", "mpp", "x", "y", "width", "height", "label", "label_index", "index", "padding", "piece", "substituted")
