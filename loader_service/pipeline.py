@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from loader_service.augment.stain import StainConfig, normalise_batch
+from loader_service.context import ContextScale, build_context
 from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, render_piece,
                                     resample_rect, to_nchw, to_output)
 from loader_service.dataset import SlideHandles
@@ -69,6 +70,8 @@ class BuiltBatch:
     samples: list[Sample]
     timings: dict[str, float] = field(default_factory=dict)
     piece: PieceSpec | None = None  # tiles/shard views: where these pixels lie in the augmented image
+    context: list[torch.Tensor] = field(default_factory=list)  # multi-scale context: one tensor per scale
+    context_samples: list[list[Sample]] = field(default_factory=list)  # where each scale's patches were read
 
 
 class BatchBuilder:
@@ -230,7 +233,8 @@ class BatchBuilder:
 
     def build(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int, epoch: int,
               output: OutputSpec, on_device: bool = False, failures: FailureBudget | None = None,
-              stain: StainConfig | None = None) -> BuiltBatch:
+              stain: StainConfig | None = None, context: tuple[ContextScale, ...] = (),
+              context_by_mpp: bool = False) -> BuiltBatch:
         """One batch of augmented images (stain-normalised first with ``stain``); on the service's device with
         ``on_device``, else on the CPU."""
         t0 = time.perf_counter()
@@ -256,7 +260,11 @@ class BatchBuilder:
         t2 = time.perf_counter()
         self.metrics.stage_seconds.labels(stage="read").observe(t1 - t0)
         self.metrics.stage_seconds.labels(stage="augment").observe(t2 - t1)
-        return BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, {"read": t1 - t0, "augment": t2 - t1})
+        built = BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, {"read": t1 - t0, "augment": t2 - t1})
+        if context:
+            built.context, built.context_samples = build_context(samples, params, context, context_by_mpp, self.read,
+                                                                 self.device, stain, output)
+        return built
 
 
     def build_piece(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int,

@@ -23,8 +23,9 @@ from loader_service.metrics import Metrics, MetricsEndpoint
 from loader_service.pipeline import BatchBuilder, BuiltBatch, resolve_device
 from loader_service.readiness import LOADER_SERVICE, Readiness
 from loader_service.requests import SessionRequest, parse_open
+from loader_service.context import check_context
 from loader_service.stain_request import StainFitter
-from loader_service.sampling import CandidateCache, EpochPlan
+from loader_service.sampling import CandidateCache, EpochPlan, Sample
 from loader_service.session import Session, SessionLimits, check_open
 from loader_service.slides import DecodePool, SlideError, TileCache
 from loader_service.tissue import TissueMaskCache
@@ -253,8 +254,9 @@ class LoaderServer:
                      ) -> tuple[EpochPlan | SyntheticPlan, Callable[..., BuiltBatch], Callable[..., BuiltBatch]]:
         """The session's epoch plan and its functions building a batch and a piece (tiles/shard views)."""
         if self.synthetic is not None and request.dataset == SYNTHETIC_DATASET:
-            if request.view.view != "patches" or request.stain is not None:
-                raise InvalidRequest("the synthetic dataset serves the patches view only, without stain normalisation")
+            if request.view.view != "patches" or request.stain is not None or request.context:
+                raise InvalidRequest("the synthetic dataset serves the patches view only, without stain normalisation "
+                                     "or context")
             plan_s = SyntheticPlan(request.spec, request.epoch, request.rank, request.world_size)
             build_s = functools.partial(self.synthetic.build, output=request.output)
             return plan_s, build_s, build_s
@@ -278,6 +280,11 @@ class LoaderServer:
                                              self.builder.read)
             build = functools.partial(build, stain=stain)
             plan.stain_target = stain.target  # type: ignore[attr-defined]  # reported in SessionOpened
+        if request.context:
+            probes = [Sample(0, 0, r, c.geometry.level, c.geometry.mpp, 0, 0, request.spec.patch_size,
+                             request.spec.height) for r, c in plan.slides]  # one per slide: fail at open
+            check_context(probes, request.context, request.spec.mpp > 0)
+            build = functools.partial(build, context=request.context, context_by_mpp=request.spec.mpp > 0)
         return plan, build, functools.partial(self.builder.build_piece, **common)
 
     def open_transport(self, request: SessionRequest, session: Session

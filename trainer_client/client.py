@@ -322,6 +322,10 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
             "padding": torch.tensor([s.padding for s in samples], dtype=torch.bool),
             "substituted": torch.tensor(list(batch.substituted), dtype=torch.int64),  # shard indices replaced
             "piece": _piece(samples[0]) if samples and samples[0].HasField("piece") else None,
+            # multi-scale context: one tensor per StreamConfig.context entry, and where each patch was read
+            "context": [decode_tensor(t) for t in batch.context],
+            "context_place": [[(p.level, p.mpp, p.x, p.y, p.size) for p in (s.context[i] for s in samples)]
+                              for i in range(len(batch.context))],
         }
 
     def release(self, batch: dict[str, Any]) -> None:

@@ -79,6 +79,9 @@ class StreamConfig:
     stain_target: tuple[float, ...] = ()
     stain_reference: Any = field(default=None, compare=False)
     stain_fit_samples: int = 0
+    # Multi-scale context (patches view): (factor, size) pairs; each adds batch["context"][i], size² patches at factor×
+    # coarser resolution centred on each patch, with the same augmentation (size 0 = patch_size)
+    context: tuple[tuple[float, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -117,6 +120,7 @@ class StreamConfig:
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         object.__setattr__(self, "stain_target", tuple(float(v) for v in self.stain_target))
+        object.__setattr__(self, "context", tuple((float(f), int(s)) for f, s in self.context))
         if self.stain not in ("", "macenko", "reinhard"):
             raise ValueError(f"stain must be '', 'macenko' or 'reinhard', got {self.stain!r}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -142,6 +146,7 @@ class StreamConfig:
                              shard_col=self.shard[1], halo=self.halo, align=self.align,
                              tile_order=_TILE_ORDERS[self.tile_order]),
             stain=self._stain_message(),
+            context=[pb.ContextScale(factor=f, size=s) for f, s in self.context],
         )
 
     def _stain_message(self) -> pb.StainNorm:

@@ -257,7 +257,7 @@ class Output(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., channels_last: _Optional[bool] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots", "patches_per_region", "locality_window", "locality_region_size", "on_error", "unservable", "stain")
+    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots", "patches_per_region", "locality_window", "locality_region_size", "on_error", "unservable", "stain", "context")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +288,7 @@ class OpenSession(_message.Message):
     ON_ERROR_FIELD_NUMBER: _ClassVar[int]
     UNSERVABLE_FIELD_NUMBER: _ClassVar[int]
     STAIN_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: str
     mode: Mode
@@ -318,7 +319,30 @@ class OpenSession(_message.Message):
     on_error: OnError
     unservable: Unservable
     stain: StainNorm
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ..., patches_per_region: _Optional[int] = ..., locality_window: _Optional[int] = ..., locality_region_size: _Optional[int] = ..., on_error: _Optional[_Union[OnError, str]] = ..., unservable: _Optional[_Union[Unservable, str]] = ..., stain: _Optional[_Union[StainNorm, _Mapping]] = ...) -> None: ...
+    context: _containers.RepeatedCompositeFieldContainer[ContextScale]
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ..., patches_per_region: _Optional[int] = ..., locality_window: _Optional[int] = ..., locality_region_size: _Optional[int] = ..., on_error: _Optional[_Union[OnError, str]] = ..., unservable: _Optional[_Union[Unservable, str]] = ..., stain: _Optional[_Union[StainNorm, _Mapping]] = ..., context: _Optional[_Iterable[_Union[ContextScale, _Mapping]]] = ...) -> None: ...
+
+class ContextScale(_message.Message):
+    __slots__ = ("factor", "size")
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    factor: float
+    size: int
+    def __init__(self, factor: _Optional[float] = ..., size: _Optional[int] = ...) -> None: ...
+
+class ContextPlace(_message.Message):
+    __slots__ = ("level", "mpp", "x", "y", "size")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MPP_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    level: int
+    mpp: float
+    x: int
+    y: int
+    size: int
+    def __init__(self, level: _Optional[int] = ..., mpp: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class StainNorm(_message.Message):
     __slots__ = ("method", "target", "reference", "fit_samples")
@@ -377,7 +401,7 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., shard_length: _Optional[int] = ..., batches: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., transport_reason: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., shm_segment: _Optional[str] = ..., skipped_slides: _Optional[_Iterable[str]] = ..., stain_target: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SampleMeta(_message.Message):
-    __slots__ = ("slide_id", "level", "mpp", "x", "y", "width", "height", "label", "label_index", "index", "padding", "piece", "substituted")
+    __slots__ = ("slide_id", "level", "mpp", "x", "y", "width", "height", "label", "label_index", "index", "padding", "piece", "substituted", "context")
     SLIDE_ID_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     MPP_FIELD_NUMBER: _ClassVar[int]
@@ -391,6 +415,7 @@ class SampleMeta(_message.Message):
     PADDING_FIELD_NUMBER: _ClassVar[int]
     PIECE_FIELD_NUMBER: _ClassVar[int]
     SUBSTITUTED_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     slide_id: str
     level: int
     mpp: float
@@ -404,7 +429,8 @@ class SampleMeta(_message.Message):
     padding: bool
     piece: Piece
     substituted: bool
-    def __init__(self, slide_id: _Optional[str] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., label: _Optional[str] = ..., label_index: _Optional[int] = ..., index: _Optional[int] = ..., padding: _Optional[bool] = ..., piece: _Optional[_Union[Piece, _Mapping]] = ..., substituted: _Optional[bool] = ...) -> None: ...
+    context: _containers.RepeatedCompositeFieldContainer[ContextPlace]
+    def __init__(self, slide_id: _Optional[str] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., label: _Optional[str] = ..., label_index: _Optional[int] = ..., index: _Optional[int] = ..., padding: _Optional[bool] = ..., piece: _Optional[_Union[Piece, _Mapping]] = ..., substituted: _Optional[bool] = ..., context: _Optional[_Iterable[_Union[ContextPlace, _Mapping]]] = ...) -> None: ...
 
 class Piece(_message.Message):
     __slots__ = ("image_height", "image_width", "y", "x", "height", "width", "core_y", "core_x", "core_height", "core_width", "index", "count")
@@ -435,20 +461,22 @@ class Piece(_message.Message):
     def __init__(self, image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., y: _Optional[int] = ..., x: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., core_y: _Optional[int] = ..., core_x: _Optional[int] = ..., core_height: _Optional[int] = ..., core_width: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("sequence", "cursor_after", "images", "labels", "samples", "substituted")
+    __slots__ = ("sequence", "cursor_after", "images", "labels", "samples", "substituted", "context")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CURSOR_AFTER_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SUBSTITUTED_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     cursor_after: int
     images: Tensor
     labels: Tensor
     samples: _containers.RepeatedCompositeFieldContainer[SampleMeta]
     substituted: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, sequence: _Optional[int] = ..., cursor_after: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[_Iterable[_Union[SampleMeta, _Mapping]]] = ..., substituted: _Optional[_Iterable[int]] = ...) -> None: ...
+    context: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, sequence: _Optional[int] = ..., cursor_after: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[_Iterable[_Union[SampleMeta, _Mapping]]] = ..., substituted: _Optional[_Iterable[int]] = ..., context: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class EndOfEpoch(_message.Message):
     __slots__ = ("samples", "cursor", "substituted")
