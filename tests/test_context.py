@@ -13,7 +13,8 @@ from trainer_client import InvalidRequestError, StreamConfig
 def _batches(client: Any, n: int = 2, **kw: Any) -> list[dict[str, Any]]:
     kw = {"augment": False, "mode": "grid", "grid_stride": 64, "level": 0, "tissue_threshold": 0.5, "batch_size": 6,
           **kw}
-    stream = client.stream(StreamConfig(dataset="train", patch_size=64, transport="grpc", **kw))
+    kw = {"transport": "grpc", **kw}
+    stream = client.stream(StreamConfig(dataset="train", patch_size=64, **kw))
     batches = [b for _, b in zip(range(n), stream)]
     stream.close()
     return batches
@@ -66,3 +67,14 @@ def test_bad_context_requests_are_invalid_argument(client: Any) -> None:
         _batches(client, augment=True, augment_config={"scale": 0.2}, context=((4.0, 64),))
     with pytest.raises(InvalidRequestError, match="context factor"):
         _batches(client, context=((0.5, 64),))
+
+
+def test_context_on_a_shared_memory_session_equals_grpc(client: Any) -> None:
+    from trainer_client.shm import shm_supported
+
+    if not shm_supported():
+        pytest.skip("no shared /dev/shm here")
+    via_grpc = _batches(client, n=1, context=((4.0, 32),), augment=True, seed=5)[0]
+    via_shm = _batches(client, n=1, context=((4.0, 32),), augment=True, seed=5, transport="shm")[0]
+    assert torch.equal(via_grpc["images"], via_shm["images"])
+    assert torch.equal(via_grpc["context"][0], via_shm["context"][0])

@@ -55,7 +55,14 @@ def test_identity_model_reproduces_the_slide_at_its_level(client: Any, tmp_path:
         else:
             assert covered[:448, :448].all() and not covered[-8:].any()  # the grid's last cell ends at 496
         np.testing.assert_allclose(merged[covered], want[covered], atol=1e-3)
-        assert Path(files["tiff"]).exists() and Path(files["overlay"]).exists()
+        assert Path(files["overlay"]).exists()
+        import tifffile
+
+        with tifffile.TiffFile(files["tiff"]) as tif:
+            page = tif.pages[0]
+            assert np.array_equal(page.asarray(), merged, equal_nan=True)
+            assert len(page.subifds or ()) == 1  # 512² -> 256²: one tile
+            assert tif.series[0].levels[1].shape == (256, 256, 3)
 
 
 def test_output_stride_and_coarser_output_level(client: Any, tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ def write_pyramidal_tiff(result: np.ndarray, path: Path, tile: int = 256) -> Pat
     import tifffile
 
     levels = 1
-    while max(result.shape[0], result.shape[1]) >> levels > tile:
+    while max(result.shape[0], result.shape[1]) >> (levels - 1) > tile:  # until a level fits in one tile
         levels += 1
     options = dict(tile=(tile, tile), photometric="minisblack", planarconfig="contig", compression="zlib")
     with tifffile.TiffWriter(path, bigtiff=True) as tw:

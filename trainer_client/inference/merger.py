@@ -16,7 +16,6 @@ maps are exactly those of the last recorded batch, and drops the log otherwise.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +191,3 @@ class SlideMerger:
         return {"stem": self.stem, "shape": list(self.shape), "channels": self.channels, "scale": self.scale,
                 "window": self.window}
 
-
-def pyramid_levels(shape: tuple[int, int], tile: int = 256) -> int:
-    """Levels of a pyramid down to one tile."""
-    return max(1, math.ceil(math.log2(max(shape) / tile)) + 1) if max(shape) > tile else 1
