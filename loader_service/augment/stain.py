@@ -10,7 +10,8 @@ the target, so a normalised sample is as reproducible as its read.
   Each image's stains are estimated from its tissue pixels (OD > ``OD_THRESHOLD`` in every channel) as the
   extreme angles (1st/99th percentile) in the plane of the two leading eigenvectors of the OD covariance;
   its concentrations are rescaled to the target's percentiles and re-rendered with the target's stains.
-  Images with fewer than ``MIN_TISSUE_PIXELS`` tissue pixels pass unchanged.
+  Images with fewer than ``MIN_TISSUE_PIXELS`` tissue pixels pass unchanged. An image's statistics come from
+  a fixed subsample (every k-th pixel, about ``STATS_PIXELS`` of them); fits use every pixel.
 * ``reinhard``: target = CIE L*a*b* mean (3) and standard deviation (3); each image's channels are shifted
   and scaled to them (whole image), then converted back and rounded.
 """
@@ -31,7 +32,9 @@ BACKGROUND = 240.0
 OD_THRESHOLD = 0.15
 ANGLE_PERCENTILE = 0.01
 MAX_PERCENTILE = 0.99
-MIN_TISSUE_PIXELS = 64
+MIN_TISSUE_PIXELS = 64  # (counted in the statistics' subsample)
+#: Macenko normalisation estimates an image's stains and percentiles from every k-th pixel, k = pixels // this.
+STATS_PIXELS = 16384
 _MAX_FIT_PIXELS = 1 << 22  # quantile's input limit; fits subsample deterministically (a fixed stride) above it
 
 
@@ -131,9 +134,11 @@ def _macenko(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     n, p, _ = x.shape
     od = _optical_density(x)
     mask = _tissue(od)
-    stains, count = macenko_stains(od, mask)
+    step = max(1, p // STATS_PIXELS)  # statistics from a fixed subsample: every step-th pixel
+    stains, count = macenko_stains(od[:, ::step], mask[:, ::step])
     conc = _concentrations(od, stains)
-    high = torch.nanquantile(conc.masked_fill(~mask[..., None], float("nan")), MAX_PERCENTILE, dim=1)  # (N, 2)
+    sub = conc[:, ::step].masked_fill(~mask[:, ::step, None], float("nan"))
+    high = torch.nanquantile(sub, MAX_PERCENTILE, dim=1)  # (N, 2)
     high = torch.nan_to_num(high, nan=1.0).clamp_min(1e-6)
     target_stains, target_high = target[:6].view(2, 3).T, target[6:]
     conc = conc * (target_high / high)[:, None]
@@ -200,7 +205,11 @@ def normalise_batch(images: torch.Tensor, config: StainConfig, layout: str = "NH
     if x.shape[0] == 0 or x.shape[1] == 0:
         return images.clone()
     target = torch.tensor(config.target, dtype=torch.float32, device=images.device)
-    out = _macenko(x, target) if config.method == "macenko" else _reinhard(x, target)
+    run = _macenko if config.method == "macenko" else _reinhard
+    if images.device.type == "cpu":  # image by image: its temporaries stay in cache (same result: tested)
+        out = torch.cat([run(x[i:i + 1], target) for i in range(x.shape[0])])
+    else:
+        out = run(x, target)
     if layout == "NHWC":
         return out.reshape(images.shape)
     n, c, h, w = images.shape
