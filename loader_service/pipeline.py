@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from loader_service.augment.stain import StainConfig, normalise_batch
+from loader_service.context import ContextScale, build_context
 from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, render_piece,
                                     resample_rect, to_nchw, to_output)
 from loader_service.dataset import SlideHandles
@@ -70,6 +72,8 @@ class BuiltBatch:
     piece: PieceSpec | None = None  # tiles/shard views: where these pixels lie in the augmented image
     masks: torch.Tensor | None = None  # annotations: uint8 (N, H, W) class indices, aligned with images
     classes: torch.Tensor | None = None  # annotations: int64 (N,) class index at each sample's centre
+    context: list[torch.Tensor] = field(default_factory=list)  # multi-scale context: one tensor per scale
+    context_samples: list[list[Sample]] = field(default_factory=list)  # where each scale's patches were read
 
 
 class BatchBuilder:
@@ -232,8 +236,11 @@ class BatchBuilder:
         return out
 
     def build(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int, epoch: int,
-              output: OutputSpec, on_device: bool = False, failures: FailureBudget | None = None) -> BuiltBatch:
-        """One batch of augmented images; on the service's device with ``on_device``, else on the CPU."""
+              output: OutputSpec, on_device: bool = False, failures: FailureBudget | None = None,
+              stain: StainConfig | None = None, context: tuple[ContextScale, ...] = (),
+              context_by_mpp: bool = False) -> BuiltBatch:
+        """One batch of augmented images (stain-normalised first with ``stain``); on the service's device with
+        ``on_device``, else on the CPU."""
         t0 = time.perf_counter()
         params = [draw_params(augment, seed, epoch, s.global_index) for s in samples] if augment is not None else []
         pixels, read = self.read_substituting(samples, params, failures)
@@ -242,6 +249,8 @@ class BatchBuilder:
         samples = read
         t1 = time.perf_counter()
         batch = pixels.to(self.device, non_blocking=True)
+        if stain is not None:
+            batch = normalise_batch(batch, stain)
         if augment is not None:
             images = augment_batch(batch, params)  # uint8 NCHW
         elif output.dtype == "uint8" and not output.channels_last:
@@ -255,7 +264,11 @@ class BatchBuilder:
         t2 = time.perf_counter()
         self.metrics.stage_seconds.labels(stage="read").observe(t1 - t0)
         self.metrics.stage_seconds.labels(stage="augment").observe(t2 - t1)
-        return BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, {"read": t1 - t0, "augment": t2 - t1})
+        built = BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, {"read": t1 - t0, "augment": t2 - t1})
+        if context:
+            built.context, built.context_samples = build_context(samples, params, context, context_by_mpp, self.read,
+                                                                 self.device, stain, output)
+        return built
 
 
     def build_piece(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int,

@@ -10,7 +10,9 @@ from loader_service.annotations.options import REGIONS, AnnotationOptions
 from loader_service.augment import AugmentConfig
 from loader_service.errors import InvalidRequest, TooLarge
 from loader_service.pipeline import OutputSpec
+from loader_service.context import MAX_CONTEXT_SCALES, ContextScale
 from loader_service.sampling import ResumeStages, SamplingSpec
+from loader_service.stain_request import StainRequest, parse_stain
 from loader_service.views import TILE_ORDERS, VIEWS, ViewConfig, split_bounds
 from wsi_loader.v1 import loader_pb2 as pb
 
@@ -43,6 +45,8 @@ class SessionRequest:
     unservable: str = "skip"  # skip | fallback: slides that cannot serve the level/mpp (mixed datasets)
     resume: ResumeStages = ResumeStages()  # elastic resume: the stages the epoch was read in before
     annotations: AnnotationOptions = AnnotationOptions()  # docs/annotations.md
+    stain: StainRequest | None = None  # stain normalisation before augmentation (patches view)
+    context: tuple[ContextScale, ...] = ()  # multi-scale context patches (patches view)
 
     def tensor_bytes(self) -> int | None:
         """The largest images tensor one message of this session carries; None when it depends on the slide.
@@ -87,8 +91,19 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
         if msg.augment.enabled:
             augment = AugmentConfig.from_dict(json.loads(msg.augment.config_json)) if msg.augment.config_json else AugmentConfig()
         annotations = _annotations(msg.annotations)
+        stain = parse_stain(msg.stain)
+        context = tuple(ContextScale(float(c.factor), c.size or spec.patch_size) for c in msg.context)
     except (ValueError, TypeError, KeyError) as err:
         raise InvalidRequest(f"invalid session request: {err}") from err
+    if context and (view.view != "patches" or spec.whole_slide or len(context) > MAX_CONTEXT_SCALES):
+        raise InvalidRequest(f"multi-scale context serves the patches view, with at most {MAX_CONTEXT_SCALES} "
+                             f"scales (got view {view.view} and {len(context)} scales)")
+    if context and augment is not None and (augment.scale or augment.crop):
+        raise InvalidRequest("multi-scale context cannot be combined with image-level scale or crop augmentation "
+                             "(they resample one scale only); set augment scale=0 and crop=0")
+    if stain is not None and (view.view != "patches" or spec.whole_slide):
+        raise InvalidRequest(f"stain normalisation serves the patches view (got view {view.view}); normalise "
+                             "whole images client-side, or ask for patches")
     if view.view != "patches":
         if spec.patch_size * spec.height > max_region_pixels and not spec.whole_slide:
             raise TooLarge(f"a {spec.patch_size}×{spec.height} region exceeds the server's limit of {max_region_pixels} "
@@ -109,6 +124,7 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
         shm_probe=msg.shm_probe, job_id=msg.job_id, shm_slots=msg.shm_slots, view=view,
         on_error=ON_ERROR_NAMES[msg.on_error], unservable=UNSERVABLE_NAMES[msg.unservable], annotations=annotations,
         resume=ResumeStages.from_wire(list(msg.resume_world_sizes), list(msg.resume_cursors)),
+        stain=stain, context=context,
     )
     nbytes = request.tensor_bytes()
     if nbytes is not None and nbytes > max_batch_bytes and view.view != "shard":

@@ -30,7 +30,9 @@ from loader_service.metrics import Metrics, MetricsEndpoint
 from loader_service.pipeline import BatchBuilder, BuiltBatch, resolve_device
 from loader_service.readiness import LOADER_SERVICE, Readiness
 from loader_service.requests import SessionRequest, parse_open
-from loader_service.sampling import CandidateCache, EpochPlan
+from loader_service.context import check_context
+from loader_service.stain_request import StainFitter
+from loader_service.sampling import CandidateCache, EpochPlan, Sample
 from loader_service.session import Session, SessionLimits, check_open
 from loader_service.slides import DecodePool, MppOutOfRange, SlideError, TileCache
 from loader_service.tissue import TissueMaskCache
@@ -61,6 +63,7 @@ class LoaderServer:
         self.datasets: dict[str, DatasetIndex] = {}
         self.candidates: dict[str, CandidateCache] = {}
         self.annotation_files = AnnotationStore()  # parsed annotation files, shared by sessions
+        self.stain_fitter = StainFitter()
         self.port = 0
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._server: grpc.Server | None = None
@@ -266,8 +269,9 @@ class LoaderServer:
                      ) -> tuple[EpochPlan | SyntheticPlan, Callable[..., BuiltBatch], Callable[..., BuiltBatch]]:
         """The session's epoch plan and its functions building a batch and a piece (tiles/shard views)."""
         if self.synthetic is not None and request.dataset == SYNTHETIC_DATASET:
-            if request.view.view != "patches":
-                raise InvalidRequest("the synthetic dataset serves the patches view only")
+            if request.view.view != "patches" or request.stain is not None or request.context:
+                raise InvalidRequest("the synthetic dataset serves the patches view only, without stain normalisation "
+                                     "or context")
             plan_s = SyntheticPlan(request.spec, request.epoch, request.rank, request.world_size, request.resume)
             build_s = functools.partial(self.synthetic.build, output=request.output)
             return plan_s, build_s, build_s
@@ -290,6 +294,16 @@ class LoaderServer:
                       failures=failures)
         build = functools.partial(self.builder.build, **common)
         build_piece = functools.partial(self.builder.build_piece, **common)
+        if request.stain is not None:
+            stain = self.stain_fitter.config(request.stain, ds, request.spec, self.candidates[ds.name],
+                                             self.builder.read)
+            build = functools.partial(build, stain=stain)
+            plan.stain_target = stain.target  # type: ignore[attr-defined]  # reported in SessionOpened
+        if request.context:
+            probes = [Sample(0, 0, r, c.geometry.level, c.geometry.mpp, 0, 0, request.spec.patch_size,
+                             request.spec.height) for r, c in plan.slides]  # one per slide: fail at open
+            check_context(probes, request.context, request.spec.mpp > 0)
+            build = functools.partial(build, context=request.context, context_by_mpp=request.spec.mpp > 0)
         if annotations is not None:  # classes at patch centres, masks when asked (docs/annotations.md)
             labeller = Labeller(annotations, request.augment, request.spec.seed, request.epoch, self.read_pool)
             build, build_piece = labeller.wrap(build), labeller.wrap(build_piece)
@@ -607,7 +621,7 @@ class _Servicer(pb_grpc.LoaderServicer):
                 session_id=session.id, shard_length=plan.shard_length, batches=session.cursor.remaining_batches(),
                 transport=transport, transport_reason=reason, labels=plan.labels,
                 shm_segment=pool.name if isinstance(pool, SlotPool) else "",
-                skipped_slides=getattr(plan, "skipped", []),
+                skipped_slides=getattr(plan, "skipped", []), stain_target=getattr(plan, "stain_target", ()),
                 annotation_classes=plan.annotations.classes if getattr(plan, "annotations", None) else [],
             ))
             yield from session.batches()

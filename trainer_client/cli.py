@@ -119,6 +119,13 @@ def _train_streaming(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from trainer_client.inference.cli import run
+
+    with _client(args) as client:
+        return run(args, client, _dataset(client, args.dataset))
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", required=True, help="HOST:PORT of a loader-service")
     p.add_argument("--token", default=os.environ.get("WSI_LOADER_TOKEN"),
@@ -179,6 +186,13 @@ def _parser() -> argparse.ArgumentParser:
 
     add_arguments(streaming)
     streaming.set_defaults(func=_train_streaming)
+
+    predict = sub.add_parser("predict", help="run a checkpoint over a dataset's tissue grid into slide maps (resumable)")
+    _common(predict)
+    from trainer_client.inference.cli import add_arguments as add_predict_arguments
+
+    add_predict_arguments(predict)
+    predict.set_defaults(func=_predict)
     return parser
 
 

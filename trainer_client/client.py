@@ -233,6 +233,7 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
         self.skipped_slides: list[str] = []  # slides the service left out of the last session, with why
         self.stats = StreamStats()
         self.annotation_classes: list[str] = []  # class index -> name of batch["classes"] and ["masks"]
+        self.stain_target: tuple[float, ...] = ()  # the stain normalisation target the last session used
         self._call: _Call | None = None
         self._resume: Stages = []  # elastic resume: how the epoch was read before (trainer_client/elastic.py)
         self._ended: dict[str, Any] | None = None  # the epoch this stream finished last, for merge_state_dicts
@@ -364,6 +365,7 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
         self.transport_reason = opened.transport_reason
         self.skipped_slides = list(opened.skipped_slides)  # "slide_id: why" left out of this session
         self.annotation_classes = list(opened.annotation_classes)
+        self.stain_target = tuple(opened.stain_target)
         if self.skipped_slides:
             log.warning("the service left %d slides out of this session: %s", len(self.skipped_slides),
                         "; ".join(self.skipped_slides[:5]))
@@ -466,6 +468,10 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
             "piece": _piece(samples[0]) if samples and samples[0].HasField("piece") else None,
             "classes": decode_tensor(batch.classes) if batch.HasField("classes") else None,  # class at centre
             "masks": decode_tensor(batch.masks) if batch.HasField("masks") else None,  # uint8 (N, H, W)
+            # multi-scale context: one tensor per StreamConfig.context entry, and where each patch was read
+            "context": [decode_tensor(t) for t in batch.context],
+            "context_place": [[(p.level, p.mpp, p.x, p.y, p.size) for p in (s.context[i] for s in samples)]
+                              for i in range(len(batch.context))],
         }
 
     def release(self, batch: dict[str, Any]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+
+import numpy as np
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +121,16 @@ class StreamConfig:
     exclude_classes: tuple[str, ...] = ()
     class_proportions: dict[str, float] = field(default_factory=dict)
     masks: bool = False
+    # Stain normalisation before augmentation (patches view; docs/pathology.md): "" | macenko | reinhard, fitted to
+    # stain_target (a SessionOpened/WSIStream.stain_target of an earlier session), else to stain_reference (uint8
+    # HWC RGB numpy array), else to stain_fit_samples tissue patches of the dataset (0 = the service's default)
+    stain: str = ""
+    stain_target: tuple[float, ...] = ()
+    stain_reference: Any = field(default=None, compare=False)
+    stain_fit_samples: int = 0
+    # Multi-scale context (patches view): (factor, size) pairs; each adds batch["context"][i], size² patches at factor×
+    # coarser resolution centred on each patch, with the same augmentation (size 0 = patch_size)
+    context: tuple[tuple[float, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -164,6 +176,10 @@ class StreamConfig:
             object.__setattr__(self, "reconnect", ReconnectPolicy(**self.reconnect))
         if not math.isfinite(self.mpp) or self.mpp < 0:
             raise ValueError(f"mpp must be a finite number of µm/px >= 0 (0 = use level), got {self.mpp}")
+        object.__setattr__(self, "stain_target", tuple(float(v) for v in self.stain_target))
+        object.__setattr__(self, "context", tuple((float(f), int(s)) for f, s in self.context))
+        if self.stain not in ("", "macenko", "reinhard"):
+            raise ValueError(f"stain must be '', 'macenko' or 'reinhard', got {self.stain!r}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
@@ -190,4 +206,13 @@ class StreamConfig:
                              grid_rows=self.grid[0], grid_cols=self.grid[1], shard_row=self.shard[0],
                              shard_col=self.shard[1], halo=self.halo, align=self.align,
                              tile_order=_TILE_ORDERS[self.tile_order]),
+            stain=self._stain_message(),
+            context=[pb.ContextScale(factor=f, size=s) for f, s in self.context],
         )
+
+    def _stain_message(self) -> pb.StainNorm:
+        message = pb.StainNorm(method=self.stain, target=self.stain_target, fit_samples=self.stain_fit_samples)
+        if self.stain_reference is not None:
+            ref = np.ascontiguousarray(np.asarray(self.stain_reference), dtype=np.uint8)
+            message.reference.CopyFrom(pb.Tensor(dtype="uint8", shape=list(ref.shape), data=ref.tobytes()))
+        return message

@@ -14,6 +14,7 @@ from .cpu_kernels import warm_up as warm_up_cpu_kernels
 from .params import PARAMS_SALT, AugmentParams, Rect, draw_params
 from .pipeline import OUTPUT_DTYPES, augment_batch, augment_image, render_piece, source_rect, to_nchw, to_output
 from .resample import resample_rect, source_window
+from .stain import STAIN_METHODS, StainConfig, fit_target, normalise_batch
 
 __all__ = [
     "AugmentConfig",
@@ -32,4 +33,8 @@ __all__ = [
     "MAX_BLUR_SIGMA",
     "OUTPUT_DTYPES",
     "PARAMS_SALT",
+    "STAIN_METHODS",
+    "StainConfig",
+    "fit_target",
+    "normalise_batch",
 ]

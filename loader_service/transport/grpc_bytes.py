@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from loader_service.context import resampled_mpp
 from wsi_loader.v1 import loader_pb2 as pb
 
 if TYPE_CHECKING:
@@ -38,11 +39,13 @@ def sample_meta(built: BuiltBatch, labels: list[str]) -> list[pb.SampleMeta]:
                          height=p.rect.height, width=p.rect.width, core_y=p.core.y, core_x=p.core.x,
                          core_height=p.core.height, core_width=p.core.width, index=p.index, count=p.count)
     metas = []
-    for sample, label in zip(built.samples, built.labels.tolist()):
+    for i, (sample, label) in enumerate(zip(built.samples, built.labels.tolist())):
         metas.append(pb.SampleMeta(
             slide_id=sample.record.slide_id, level=sample.level, mpp=sample.mpp, x=sample.x, y=sample.y,
             width=sample.width, height=sample.height, label=labels[label], label_index=label,
             index=sample.index, padding=sample.padding, piece=piece, substituted=bool(sample.substituted),
+            context=[pb.ContextPlace(level=c[i].level, mpp=resampled_mpp(c[i]), x=c[i].x, y=c[i].y, size=c[i].width)
+                     for c in built.context_samples],
         ))
     return metas
 
@@ -68,4 +71,6 @@ def batch_response(built: BuiltBatch, sequence: int, cursor_after: int, labels: 
         fill_tensor(batch.masks, built.masks)
     if built.classes is not None:
         fill_tensor(batch.classes, built.classes)
+    for tensor in built.context:
+        fill_tensor(batch.context.add(), tensor)
     return message

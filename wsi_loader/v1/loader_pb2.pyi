@@ -274,7 +274,7 @@ class Output(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., channels_last: _Optional[bool] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots", "patches_per_region", "locality_window", "locality_region_size", "on_error", "unservable", "resume_world_sizes", "resume_cursors", "annotations")
+    __slots__ = ("dataset", "split", "mode", "balance", "patch_size", "level", "mpp", "tissue_threshold", "samples_per_epoch", "grid_stride", "seed", "epoch", "rank", "world_size", "cursor", "batch_size", "drop_last", "augment", "output", "transport", "shm_probe", "job_id", "view", "shm_slots", "patches_per_region", "locality_window", "locality_region_size", "on_error", "unservable", "resume_world_sizes", "resume_cursors", "annotations", "stain", "context")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +307,8 @@ class OpenSession(_message.Message):
     RESUME_WORLD_SIZES_FIELD_NUMBER: _ClassVar[int]
     RESUME_CURSORS_FIELD_NUMBER: _ClassVar[int]
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
+    STAIN_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: str
     mode: Mode
@@ -339,7 +341,9 @@ class OpenSession(_message.Message):
     resume_world_sizes: _containers.RepeatedScalarFieldContainer[int]
     resume_cursors: _containers.RepeatedScalarFieldContainer[int]
     annotations: AnnotationRequest
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ..., patches_per_region: _Optional[int] = ..., locality_window: _Optional[int] = ..., locality_region_size: _Optional[int] = ..., on_error: _Optional[_Union[OnError, str]] = ..., unservable: _Optional[_Union[Unservable, str]] = ..., resume_world_sizes: _Optional[_Iterable[int]] = ..., resume_cursors: _Optional[_Iterable[int]] = ..., annotations: _Optional[_Union[AnnotationRequest, _Mapping]] = ...) -> None: ...
+    stain: StainNorm
+    context: _containers.RepeatedCompositeFieldContainer[ContextScale]
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., balance: _Optional[_Union[Balance, str]] = ..., patch_size: _Optional[int] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., tissue_threshold: _Optional[float] = ..., samples_per_epoch: _Optional[int] = ..., grid_stride: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[int] = ..., batch_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., augment: _Optional[_Union[Augment, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_probe: _Optional[str] = ..., job_id: _Optional[str] = ..., view: _Optional[_Union[ViewSpec, _Mapping]] = ..., shm_slots: _Optional[int] = ..., patches_per_region: _Optional[int] = ..., locality_window: _Optional[int] = ..., locality_region_size: _Optional[int] = ..., on_error: _Optional[_Union[OnError, str]] = ..., unservable: _Optional[_Union[Unservable, str]] = ..., resume_world_sizes: _Optional[_Iterable[int]] = ..., resume_cursors: _Optional[_Iterable[int]] = ..., annotations: _Optional[_Union[AnnotationRequest, _Mapping]] = ..., stain: _Optional[_Union[StainNorm, _Mapping]] = ..., context: _Optional[_Iterable[_Union[ContextScale, _Mapping]]] = ...) -> None: ...
 
 class AnnotationRequest(_message.Message):
     __slots__ = ("region", "classes", "exclude", "proportions", "masks")
@@ -361,6 +365,40 @@ class AnnotationRequest(_message.Message):
     proportions: _containers.ScalarMap[str, float]
     masks: bool
     def __init__(self, region: _Optional[_Union[AnnotationRegion, str]] = ..., classes: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., proportions: _Optional[_Mapping[str, float]] = ..., masks: _Optional[bool] = ...) -> None: ...
+
+class ContextScale(_message.Message):
+    __slots__ = ("factor", "size")
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    factor: float
+    size: int
+    def __init__(self, factor: _Optional[float] = ..., size: _Optional[int] = ...) -> None: ...
+
+class ContextPlace(_message.Message):
+    __slots__ = ("level", "mpp", "x", "y", "size")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MPP_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    level: int
+    mpp: float
+    x: int
+    y: int
+    size: int
+    def __init__(self, level: _Optional[int] = ..., mpp: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class StainNorm(_message.Message):
+    __slots__ = ("method", "target", "reference", "fit_samples")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    FIT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    target: _containers.RepeatedScalarFieldContainer[float]
+    reference: Tensor
+    fit_samples: int
+    def __init__(self, method: _Optional[str] = ..., target: _Optional[_Iterable[float]] = ..., reference: _Optional[_Union[Tensor, _Mapping]] = ..., fit_samples: _Optional[int] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
@@ -385,7 +423,7 @@ class StreamRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "shard_length", "batches", "transport", "transport_reason", "labels", "shm_segment", "skipped_slides", "annotation_classes")
+    __slots__ = ("session_id", "shard_length", "batches", "transport", "transport_reason", "labels", "shm_segment", "skipped_slides", "annotation_classes", "stain_target")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -395,6 +433,7 @@ class SessionOpened(_message.Message):
     SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_SLIDES_FIELD_NUMBER: _ClassVar[int]
     ANNOTATION_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    STAIN_TARGET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     shard_length: int
     batches: int
@@ -404,10 +443,11 @@ class SessionOpened(_message.Message):
     shm_segment: str
     skipped_slides: _containers.RepeatedScalarFieldContainer[str]
     annotation_classes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., shard_length: _Optional[int] = ..., batches: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., transport_reason: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., shm_segment: _Optional[str] = ..., skipped_slides: _Optional[_Iterable[str]] = ..., annotation_classes: _Optional[_Iterable[str]] = ...) -> None: ...
+    stain_target: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, session_id: _Optional[str] = ..., shard_length: _Optional[int] = ..., batches: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., transport_reason: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., shm_segment: _Optional[str] = ..., skipped_slides: _Optional[_Iterable[str]] = ..., annotation_classes: _Optional[_Iterable[str]] = ..., stain_target: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SampleMeta(_message.Message):
-    __slots__ = ("slide_id", "level", "mpp", "x", "y", "width", "height", "label", "label_index", "index", "padding", "piece", "substituted")
+    __slots__ = ("slide_id", "level", "mpp", "x", "y", "width", "height", "label", "label_index", "index", "padding", "piece", "substituted", "context")
     SLIDE_ID_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     MPP_FIELD_NUMBER: _ClassVar[int]
@@ -421,6 +461,7 @@ class SampleMeta(_message.Message):
     PADDING_FIELD_NUMBER: _ClassVar[int]
     PIECE_FIELD_NUMBER: _ClassVar[int]
     SUBSTITUTED_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     slide_id: str
     level: int
     mpp: float
@@ -434,7 +475,8 @@ class SampleMeta(_message.Message):
     padding: bool
     piece: Piece
     substituted: bool
-    def __init__(self, slide_id: _Optional[str] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., label: _Optional[str] = ..., label_index: _Optional[int] = ..., index: _Optional[int] = ..., padding: _Optional[bool] = ..., piece: _Optional[_Union[Piece, _Mapping]] = ..., substituted: _Optional[bool] = ...) -> None: ...
+    context: _containers.RepeatedCompositeFieldContainer[ContextPlace]
+    def __init__(self, slide_id: _Optional[str] = ..., level: _Optional[int] = ..., mpp: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., label: _Optional[str] = ..., label_index: _Optional[int] = ..., index: _Optional[int] = ..., padding: _Optional[bool] = ..., piece: _Optional[_Union[Piece, _Mapping]] = ..., substituted: _Optional[bool] = ..., context: _Optional[_Iterable[_Union[ContextPlace, _Mapping]]] = ...) -> None: ...
 
 class Piece(_message.Message):
     __slots__ = ("image_height", "image_width", "y", "x", "height", "width", "core_y", "core_x", "core_height", "core_width", "index", "count")
@@ -465,7 +507,7 @@ class Piece(_message.Message):
     def __init__(self, image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., y: _Optional[int] = ..., x: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., core_y: _Optional[int] = ..., core_x: _Optional[int] = ..., core_height: _Optional[int] = ..., core_width: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("sequence", "cursor_after", "images", "labels", "samples", "substituted", "masks", "classes")
+    __slots__ = ("sequence", "cursor_after", "images", "labels", "samples", "substituted", "masks", "classes", "context")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CURSOR_AFTER_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -474,6 +516,7 @@ class Batch(_message.Message):
     SUBSTITUTED_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     cursor_after: int
     images: Tensor
@@ -482,7 +525,8 @@ class Batch(_message.Message):
     substituted: _containers.RepeatedScalarFieldContainer[int]
     masks: Tensor
     classes: Tensor
-    def __init__(self, sequence: _Optional[int] = ..., cursor_after: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[_Iterable[_Union[SampleMeta, _Mapping]]] = ..., substituted: _Optional[_Iterable[int]] = ..., masks: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    context: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, sequence: _Optional[int] = ..., cursor_after: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[_Iterable[_Union[SampleMeta, _Mapping]]] = ..., substituted: _Optional[_Iterable[int]] = ..., masks: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Union[Tensor, _Mapping]] = ..., context: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class EndOfEpoch(_message.Message):
     __slots__ = ("samples", "cursor", "substituted")

@@ -1,0 +1,80 @@
+"""Multi-scale context: aligned patches at coarser resolutions, re-read equal, augmented like their sample."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from trainer_client import InvalidRequestError, StreamConfig
+
+
+def _batches(client: Any, n: int = 2, **kw: Any) -> list[dict[str, Any]]:
+    kw = {"augment": False, "mode": "grid", "grid_stride": 64, "level": 0, "tissue_threshold": 0.5, "batch_size": 6,
+          **kw}
+    kw = {"transport": "grpc", **kw}
+    stream = client.stream(StreamConfig(dataset="train", patch_size=64, **kw))
+    batches = [b for _, b in zip(range(n), stream)]
+    stream.close()
+    return batches
+
+
+def _reread(client: Any, slide_id: str, place: tuple[int, float, int, int, int]) -> torch.Tensor:
+    level, mpp, x, y, size = place
+    return client.read_region("train", slide_id, x, y, size, size, level=level, mpp=mpp).permute(2, 0, 1)
+
+
+def test_context_patches_are_centred_and_equal_read_regions_at_each_level(client: Any) -> None:
+    scales = ((4.0, 64), (2.0, 32), (3.0, 40))  # levels 2 and 1; 3× is no level: read at 3× the level-0 mpp
+    for batch in _batches(client, context=scales):
+        assert len(batch["context"]) == 3
+        for (factor, size), tensor, places in zip(scales, batch["context"], batch["context_place"]):
+            assert tensor.shape == (6, 3, size, size) and tensor.dtype == torch.uint8
+            for j, place in enumerate(places):
+                level, mpp, x, y, _ = place
+                assert (level, mpp > 0) == ({4.0: 2, 2.0: 1}.get(factor, 0), factor == 3.0)
+                centre = int(batch["x"][j]) + 32
+                assert abs((x + size / 2) * factor - centre) < factor  # the same centre, to a coarse pixel
+                assert torch.equal(tensor[j], _reread(client, batch["slide_id"][j], place))
+
+
+def test_every_scale_gets_the_samples_augmentation(client: Any) -> None:
+    from loader_service.augment import AugmentConfig, augment_image, draw_params
+
+    config = {"preset": "pathology", "blur_prob": 0.5}
+    batch = _batches(client, n=1, augment=True, augment_config=config, seed=11, context=((4.0, 64),))[0]
+    params = [draw_params(AugmentConfig.from_dict(config), 11, 0, int(i)) for i in batch["index"]]
+    assert len({p.geometry_key for p in params}) > 1  # the batch mixes flips and rotations
+    for j, p in enumerate(params):
+        raw = client.read_region("train", batch["slide_id"][j], int(batch["x"][j]), int(batch["y"][j]), 64, 64)
+        assert torch.equal(batch["images"][j], augment_image(raw, p))
+        ctx_raw = _reread(client, batch["slide_id"][j], batch["context_place"][0][j]).permute(1, 2, 0)
+        assert torch.equal(batch["context"][0][j], augment_image(ctx_raw, p))
+
+
+def test_context_with_stain_and_float_output(client: Any) -> None:
+    batch = _batches(client, n=1, context=((2.0, 64),), stain="reinhard", stain_fit_samples=8, dtype="float32",
+                     mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))[0]
+    assert batch["context"][0].dtype == torch.float32 and batch["context"][0].shape == (6, 3, 64, 64)
+    assert batch["context"][0].abs().max() < 2.01
+
+
+def test_bad_context_requests_are_invalid_argument(client: Any) -> None:
+    with pytest.raises(InvalidRequestError, match="patches view"):
+        _batches(client, view="image", batch_size=1, context=((4.0, 64),))
+    with pytest.raises(InvalidRequestError, match="scale or crop"):
+        _batches(client, augment=True, augment_config={"scale": 0.2}, context=((4.0, 64),))
+    with pytest.raises(InvalidRequestError, match="context factor"):
+        _batches(client, context=((0.5, 64),))
+
+
+def test_context_on_a_shared_memory_session_equals_grpc(client: Any) -> None:
+    from trainer_client.shm import shm_supported
+
+    if not shm_supported():
+        pytest.skip("no shared /dev/shm here")
+    via_grpc = _batches(client, n=1, context=((4.0, 32),), augment=True, seed=5)[0]
+    via_shm = _batches(client, n=1, context=((4.0, 32),), augment=True, seed=5, transport="shm")[0]
+    assert torch.equal(via_grpc["images"], via_shm["images"])
+    assert torch.equal(via_grpc["context"][0], via_shm["context"][0])
