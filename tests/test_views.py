@@ -85,9 +85,11 @@ def test_stain_normalised_tiles_and_shards_stitch_to_the_image_view(client: Load
         target = stream.stain_target
     assert len(whole) == 2 and any(not torch.equal(a, b) for a, b in zip(whole, plain))
     stained = {"samples_per_epoch": 2, "stain": method, "stain_target": target}
-    with client.stream(cfg(view="tiles", tile_size=96, overlap=16, **stained)) as stream:
-        stitched = [b["images"] for b in stitch_tiles(list(stream))]
-    assert len(stitched) == 2 and all(torch.equal(a, b) for a, b in zip(whole, stitched))
+    for transport in ("grpc", "shm"):
+        with client.stream(cfg(view="tiles", tile_size=96, overlap=16, transport=transport, **stained)) as stream:
+            stitched = [b["images"] for b in stitch_tiles(list(stream))]
+            assert stream.transport == transport
+        assert len(stitched) == 2 and all(torch.equal(a, b) for a, b in zip(whole, stitched))
     canvas = [torch.zeros_like(w) for w in whole]
     for r in range(2):
         with client.stream(cfg(view="shard", grid=(2, 1), shard=(r, 0), halo=5, **stained)) as stream:
