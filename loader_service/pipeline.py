@@ -273,8 +273,11 @@ class BatchBuilder:
 
     def build_piece(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int,
                     epoch: int, output: OutputSpec, piece: PieceSpec, on_device: bool = False,
-                    failures: FailureBudget | None = None) -> BuiltBatch:
+                    failures: FailureBudget | None = None, stain: StainConfig | None = None) -> BuiltBatch:
         """One piece (tile or shard) of one sample's augmented image, reading only the raw pixels it needs.
+
+        With ``stain`` the normalisation is fitted to the whole image, so the whole raw image is read, normalised
+        and augmented as :meth:`build` does, and the piece cut from it: stitched pieces equal the image view.
 
         On the service's device with ``on_device``, else on the CPU. A failed read is substituted only when the
         piece is the sample's only one in this stream (shard view): pieces already sent cannot be taken back, so
@@ -285,6 +288,8 @@ class BatchBuilder:
         params = draw_params(augment, seed, epoch, sample.global_index) if augment is not None else AugmentParams()
 
         def render(s: Sample) -> torch.Tensor:
+            if stain is not None:
+                return self._stained_piece(s, params, augment is not None, piece, stain)
             return render_piece(params, (s.height, s.width), piece.rect, lambda rect: self._read_rect(s, rect),
                                 self.device)
 
@@ -304,6 +309,15 @@ class BatchBuilder:
         self.metrics.samples_decoded.inc(1 if piece.index == 0 else 0)
         self.metrics.stage_seconds.labels(stage="read").observe(time.perf_counter() - t0)
         return BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, piece=piece)
+
+    def _stained_piece(self, sample: Sample, params: AugmentParams, augmented: bool, piece: PieceSpec,
+                       stain: StainConfig) -> torch.Tensor:
+        """``piece`` of the sample's whole image, stain-normalised then augmented exactly as in :meth:`build`."""
+        pixels, _ = self.read_substituting([sample], [params], None)  # a failed read raises SampleFailed
+        batch = normalise_batch(pixels.to(self.device, non_blocking=True), stain)
+        image = augment_batch(batch, [params])[0] if augmented else batch[0].permute(2, 0, 1)
+        rect = piece.rect
+        return image[:, rect.y:rect.y1, rect.x:rect.x1].contiguous()
 
     def _substitute_piece(self, sample: Sample, piece: PieceSpec, failure: SampleFailed,
                           render: Callable[[Sample], torch.Tensor], failures: FailureBudget

@@ -45,7 +45,7 @@ class SessionRequest:
     unservable: str = "skip"  # skip | fallback: slides that cannot serve the level/mpp (mixed datasets)
     resume: ResumeStages = ResumeStages()  # elastic resume: the stages the epoch was read in before
     annotations: AnnotationOptions = AnnotationOptions()  # docs/annotations.md
-    stain: StainRequest | None = None  # stain normalisation before augmentation (patches view)
+    stain: StainRequest | None = None  # stain normalisation before augmentation (not whole slides)
     context: tuple[ContextScale, ...] = ()  # multi-scale context patches (patches view)
 
     def tensor_bytes(self) -> int | None:
@@ -101,9 +101,9 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
     if context and augment is not None and (augment.scale or augment.crop):
         raise InvalidRequest("multi-scale context cannot be combined with image-level scale or crop augmentation "
                              "(they resample one scale only); set augment scale=0 and crop=0")
-    if stain is not None and (view.view != "patches" or spec.whole_slide):
-        raise InvalidRequest(f"stain normalisation serves the patches view (got view {view.view}); normalise "
-                             "whole images client-side, or ask for patches")
+    if stain is not None and spec.whole_slide:
+        raise InvalidRequest("stain normalisation is not served for whole slides (whole_slide=true); normalise "
+                             "client-side, or ask for regions of a fixed size")
     if view.view != "patches":
         if spec.patch_size * spec.height > max_region_pixels and not spec.whole_slide:
             raise TooLarge(f"a {spec.patch_size}×{spec.height} region exceeds the server's limit of {max_region_pixels} "

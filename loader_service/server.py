@@ -298,6 +298,7 @@ class LoaderServer:
             stain = self.stain_fitter.config(request.stain, ds, request.spec, self.candidates[ds.name],
                                              self.builder.read)
             build = functools.partial(build, stain=stain)
+            build_piece = functools.partial(build_piece, stain=stain)  # the whole image normalised, then cut
             plan.stain_target = stain.target  # type: ignore[attr-defined]  # reported in SessionOpened
         if request.context:
             probes = [Sample(0, 0, r, c.geometry.level, c.geometry.mpp, 0, 0, request.spec.patch_size,

@@ -146,7 +146,7 @@ def test_bad_stain_requests_are_invalid_argument(client: Any) -> None:
 
     with pytest.raises(InvalidRequestError, match="6 values"):
         _batches(client, stain="reinhard", stain_target=(1.0, 2.0))
-    with pytest.raises(InvalidRequestError, match="patches view"):
-        _batches(client, stain="reinhard", view="image", batch_size=1)
+    with pytest.raises(InvalidRequestError, match="whole slides"):
+        _batches(client, stain="reinhard", view="image", whole_slide=True, batch_size=1)
     with pytest.raises(InvalidRequestError, match="tissue pixels"):
         _batches(client, stain="macenko", stain_reference=np.full((32, 32, 3), 250, np.uint8))

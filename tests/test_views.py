@@ -74,6 +74,33 @@ def test_shards_with_halo_are_crops_of_the_image_view(client: LoaderClient) -> N
         assert torch.equal(a, b)
 
 
+
+@pytest.mark.parametrize("method", ["reinhard", "macenko"])
+def test_stain_normalised_tiles_and_shards_stitch_to_the_image_view(client: LoaderClient, method: str) -> None:
+    """Stain normalisation is fitted to the whole image before it is cut: stitched tiles and shards (with
+    blur, so halos matter) equal the normalised image view exactly, and the normalisation changes the pixels."""
+    plain = images(client, cfg(samples_per_epoch=2))
+    with client.stream(cfg(samples_per_epoch=2, stain=method, stain_fit_samples=8)) as stream:
+        whole = [b["images"] for b in stream]
+        target = stream.stain_target
+    assert len(whole) == 2 and any(not torch.equal(a, b) for a, b in zip(whole, plain))
+    stained = {"samples_per_epoch": 2, "stain": method, "stain_target": target}
+    for transport in ("grpc", "shm"):
+        with client.stream(cfg(view="tiles", tile_size=96, overlap=16, transport=transport, **stained)) as stream:
+            stitched = [b["images"] for b in stitch_tiles(list(stream))]
+            assert stream.transport == transport
+        assert len(stitched) == 2 and all(torch.equal(a, b) for a, b in zip(whole, stitched))
+    canvas = [torch.zeros_like(w) for w in whole]
+    for r in range(2):
+        with client.stream(cfg(view="shard", grid=(2, 1), shard=(r, 0), halo=5, **stained)) as stream:
+            for i, batch in enumerate(stream):
+                y, x, h, w = batch["piece"]["rect"]
+                assert torch.equal(batch["images"], whole[i][..., y:y + h, x:x + w])
+                cy, cx, ch, cw = batch["piece"]["core"]
+                canvas[i][..., cy:cy + ch, cx:cx + cw] = crop_core(batch)
+    assert all(torch.equal(a, b) for a, b in zip(whole, canvas))
+
+
 def test_image_level_scale_and_crop_in_every_view(client: LoaderClient) -> None:
     """Random zoom and crop are image-level: the tiles and shards of a zoomed image still stitch to its
     image view exactly, and the zoom really changes the pixels (context comes from the slide around)."""

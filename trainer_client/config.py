@@ -121,9 +121,10 @@ class StreamConfig:
     exclude_classes: tuple[str, ...] = ()
     class_proportions: dict[str, float] = field(default_factory=dict)
     masks: bool = False
-    # Stain normalisation before augmentation (patches view; docs/pathology.md): "" | macenko | reinhard, fitted to
-    # stain_target (a SessionOpened/WSIStream.stain_target of an earlier session), else to stain_reference (uint8
-    # HWC RGB numpy array), else to stain_fit_samples tissue patches of the dataset (0 = the service's default)
+    # Stain normalisation before augmentation (every view but whole_slide; docs/pathology.md): "" | macenko |
+    # reinhard, fitted to stain_target (a SessionOpened/WSIStream.stain_target of an earlier session), else to
+    # stain_reference (uint8 HWC RGB numpy array), else to stain_fit_samples tissue patches of the dataset (0 = the
+    # service's default)
     stain: str = ""
     stain_target: tuple[float, ...] = ()
     stain_reference: Any = field(default=None, compare=False)
