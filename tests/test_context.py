@@ -78,3 +78,16 @@ def test_context_on_a_shared_memory_session_equals_grpc(client: Any) -> None:
     via_shm = _batches(client, n=1, context=((4.0, 32),), augment=True, seed=5, transport="shm")[0]
     assert torch.equal(via_grpc["images"], via_shm["images"])
     assert torch.equal(via_grpc["context"][0], via_shm["context"][0])
+
+
+@pytest.mark.parametrize("other", [dict(context=((2.0, 64),)), dict(unservable="fallback"),
+                                   dict(stain="reinhard")])
+def test_ranks_of_one_job_must_agree_on_context_stain_unservable(client: Any, other: dict) -> None:
+    base = dict(dataset="train", patch_size=64, batch_size=4, samples_per_epoch=4000, augment=False, transport="grpc",
+                job_id=f"job-{sorted(other)[0]}", context=((4.0, 64),))
+    with client.stream(StreamConfig(**base), rank=0, world_size=2) as a, \
+            client.stream(StreamConfig(**{**base, **other}), rank=1, world_size=2) as b:
+        first = iter(a)  # keep rank 0's session open
+        next(first)
+        with pytest.raises(InvalidRequestError, match="disagrees"):
+            next(iter(b))
