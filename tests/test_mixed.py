@@ -49,7 +49,11 @@ def mixed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoaderSer
     rows = [{"path": "big.tiff", "label": "a", "mpp": ""}, {"path": "small.tiff", "label": "b", "mpp": ""}]
     _manifest(root / "raw.csv", rows + [{"path": "nompp.tiff", "label": "a", "mpp": ""}])
     _manifest(root / "fixed.csv", rows + [{"path": "nompp.tiff", "label": "a", "mpp": "0.5"}])
-    config = make_config(root, datasets=(DatasetConfig("raw", root / "raw.csv"), DatasetConfig("fixed", root / "fixed.csv")),
+    # shallow: a one-level (zlib) slide next to big: it serves mpp up to 4× its full resolution only
+    write_tifffile_pyramid(root / "flat.tiff", pyramid_levels(render_synthetic(1024, 1024, seed=63), 1), "zlib", mpp=0.5)
+    _manifest(root / "shallow.csv", [rows[0], {"path": "flat.tiff", "label": "b", "mpp": ""}])
+    config = make_config(root, datasets=(DatasetConfig("raw", root / "raw.csv"), DatasetConfig("fixed", root / "fixed.csv"),
+                                         DatasetConfig("shallow", root / "shallow.csv")),
                          tissue_cache_dir=None, tissue_max_size=256)
     with LoaderServer(config) as server:
         yield server
@@ -90,6 +94,25 @@ def test_no_level_anywhere_suggests_only_what_every_slide_serves(mixed_server: L
     assert count == 96 and not skipped and slides == {"big.tiff", "small.tiff", "nompp.tiff"}
 
 
+def test_a_shallow_pyramid_is_skipped_not_the_session(mixed_server: LoaderServer) -> None:
+    before = mixed_server.metrics.sample("wsi_loader_slides_skipped_total", {"reason": "mpp_too_coarse"}) or 0
+    slides, skipped, count = _stream(mixed_server, dataset="shallow", mpp=4.0, tissue_threshold=0.0)
+    assert count == 96 and slides == {"big.tiff"}
+    assert any(s.startswith("flat.tiff:") and "MAX_READ_FACTOR" in s for s in skipped)
+    assert mixed_server.metrics.sample("wsi_loader_slides_skipped_total", {"reason": "mpp_too_coarse"}) == before + 1
+
+
+def test_an_mpp_no_slide_reaches_is_out_of_range_and_suggests_what_works(mixed_server: LoaderServer) -> None:
+    with pytest.raises(InvalidRequestError) as info:  # OUT_OF_RANGE: the client's InvalidRequestError family
+        _stream(mixed_server, dataset="shallow", mpp=500.0)
+    assert "OUT_OF_RANGE" in str(info.value), str(info.value)
+    found = re.search(r"mpp from ([\d.]+) to ([\d.]+) µm/px is served by every slide", str(info.value))
+    assert found, str(info.value)
+    for mpp in map(float, found.groups()):  # both ends of what it suggests work for every slide
+        slides, skipped, count = _stream(mixed_server, dataset="shallow", mpp=mpp, tissue_threshold=0.0)
+        assert count == 96 and not skipped and slides == {"big.tiff", "flat.tiff"}
+
+
 def test_mpp_needs_metadata_or_the_manifest_column(mixed_server: LoaderServer) -> None:
     slides, skipped, _ = _stream(mixed_server, mpp=1.0)
     assert "nompp.tiff" not in slides and any(s.startswith("nompp.tiff:") for s in skipped)
@@ -103,7 +126,7 @@ def test_mpp_needs_metadata_or_the_manifest_column(mixed_server: LoaderServer) -
 def test_too_fine_mpp_suggests_what_works_and_fallback_upsamples(mixed_server: LoaderServer) -> None:
     with pytest.raises(InvalidRequestError) as info:
         _stream(mixed_server, mpp=0.25)
-    found = re.search(r"mpp >= ([0-9.]+)", str(info.value))
+    found = re.search(r"mpp from ([0-9.]+) to", str(info.value))
     assert found, str(info.value)
     slides, _, count = _stream(mixed_server, mpp=float(found.group(1)))
     assert count == 96 and {"big.tiff", "small.tiff"} <= slides
