@@ -19,7 +19,7 @@ import torch
 from loader_service.augment import AugmentParams, augment_batch, to_nchw, to_output
 from loader_service.augment.stain import StainConfig, normalise_batch
 from loader_service.errors import InvalidRequest
-from loader_service.sampling import Sample
+from loader_service.sampling import Sample, sample_scale
 
 __all__ = ["ContextScale", "context_sample", "check_context", "build_context", "resampled_mpp", "MAX_CONTEXT_SCALES"]
 
@@ -41,11 +41,11 @@ class ContextScale:
 
 def context_sample(sample: Sample, scale: ContextScale, by_mpp: bool) -> Sample:
     """The context patch of ``sample`` at ``scale`` as a Sample (its level/mpp/x/y say where it is read).
-    ``by_mpp``: the session samples at an mpp (else at a level). Raises InvalidRequest when the slide has neither
+    ``by_mpp`` is unused: the grid is the sample's own (:func:`sample_scale`). Raises InvalidRequest when the slide has neither
     a level nor mpp metadata for that resolution."""
     info = sample.record.info
     assert info is not None
-    grid_ds = sample.mpp / info.mpp if by_mpp and info.mpp else info.levels[sample.level].downsample
+    grid_ds = sample_scale(sample)  # the sample's own grid: resampled for fallback samples, as the Labeller's
     want = grid_ds * scale.factor
     x = math.floor((2 * sample.x + sample.width) / (2 * scale.factor) - scale.size / 2)
     y = math.floor((2 * sample.y + sample.height) / (2 * scale.factor) - scale.size / 2)

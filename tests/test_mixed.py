@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from loader_service.config import DatasetConfig
 from loader_service.dataset import ManifestError, read_manifest
@@ -228,3 +229,24 @@ def test_reduced_resolution_reads_are_area_averages(tmp_path: Path, mpp: float) 
     ref = np.asarray(Image.fromarray(full).resize((w, h), Image.Resampling.BOX, box=box))
     diff = np.abs(got.astype(int) - ref)
     assert diff.mean() < 0.7 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def test_context_of_a_fallback_sample_is_centred_in_its_resampled_grid(mixed_server: LoaderServer) -> None:
+    """small.tiff has no level 2: its samples are read at 4× (resampled); a 2× context is then 8× below level 0."""
+    with LoaderClient(f"127.0.0.1:{mixed_server.port}", timeout_s=60) as client:
+        stream = client.stream(StreamConfig(dataset="fixed", batch_size=8, patch_size=32, samples_per_epoch=48, seed=3,
+                                            balance="slide", augment=False, transport="grpc", tissue_threshold=0.0,
+                                            level=2, unservable="fallback", context=((2.0, 32),)))
+        checked = 0
+        for batch in stream:
+            for j, slide_id in enumerate(batch["slide_id"]):
+                if slide_id != "small.tiff":
+                    continue
+                level, mpp, x, y, size = batch["context_place"][0][j]
+                assert mpp == pytest.approx(0.5 * 4 * 2)  # the sample's 4× grid, times the factor
+                centre = int(batch["x"][j]) + 16
+                assert abs((x + size / 2) * 2.0 - centre) < 2.0
+                again = client.read_region("fixed", slide_id, x, y, size, size, level=level, mpp=mpp).permute(2, 0, 1)
+                assert torch.equal(batch["context"][0][j], again)
+                checked += 1
+        assert checked > 0

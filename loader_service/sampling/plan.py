@@ -67,6 +67,16 @@ class Sample:
     attempt: int = 0  # 0: the index's own draw; n: its n-th substitute draw (EpochPlan.substitute)
 
 
+def sample_scale(sample: Sample) -> float:
+    """Level-0 pixels per sample pixel."""
+    info = sample.record.info
+    assert info is not None
+    level = info.levels[min(sample.level, len(info.levels) - 1)]
+    if sample.mpp > 0 and info.mpp and abs(sample.mpp - info.mpp * level.downsample) > 1e-9 * sample.mpp:
+        return sample.mpp / info.mpp
+    return level.downsample
+
+
 class EpochPlan:
     """Samples of one (spec, epoch) over a dataset, and one rank's shard of them."""
 
