@@ -314,18 +314,18 @@ class LoaderServer:
         dropped once the message holds the bytes, the message once gRPC took it), plus the raw region a piece
         is cut from. Refuses a session whose one batch would not fit the whole budget."""
         itemsize = {"uint8": 1, "float16": 2, "float32": 4}[request.output.dtype]
-        nbytes = request.tensor_bytes()
+        nbytes = request.message_bytes()  # images plus the context patches and masks beside them
         if nbytes is None:  # whole slides: the largest one
             pixels = max(c.geometry.width * c.geometry.height for _, c in plan.slides) if isinstance(plan, EpochPlan) \
                 else request.spec.patch_size * request.spec.height
-            nbytes = 3 * pixels * itemsize
+            nbytes = 3 * pixels * itemsize + (pixels if request.annotations.masks else 0)
         cost = 2 * nbytes
         if request.view.pieces_per_sample and not request.spec.whole_slide:
             cost += 3 * request.spec.patch_size * request.spec.height * 4
         if cost > self.budget.total:
             raise TooLarge(f"one batch of this session needs {cost / 2**20:.0f} MiB in flight (tensor and message), over "
                            f"the server's in-flight memory budget of {self.budget.total / 2**20:.0f} MiB "
-                           "(max_inflight_mb); lower batch_size or patch_size")
+                           "(max_inflight_mb); lower batch_size, patch_size or the context sizes")
         return cost
 
     def reserve_slots(self, request: SessionRequest, session: Session) -> tuple[bool, str]:
@@ -355,7 +355,9 @@ class LoaderServer:
         if pool is None:
             session.account.release(self._slot_count(request) * (request.tensor_bytes() or 0))  # type: ignore[union-attr]
         else:
-            session.gate.cost = request.tensor_bytes() or 0  # the built tensor, until it is copied into its slot
+            # the built tensor until it is copied into its slot; context and masks travel inline in the message
+            # (held by the built batch and the message until the batch drops them)
+            session.gate.cost = (request.tensor_bytes() or 0) + 2 * request.inline_bytes()
         return transport, reason, pool
 
     def _open_slots(self, request: SessionRequest, session: Session) -> tuple[int, str, SlotPool | CudaSlotPool | None]:

@@ -91,3 +91,25 @@ def test_ranks_of_one_job_must_agree_on_context_stain_unservable(client: Any, ot
         next(first)
         with pytest.raises(InvalidRequestError, match="disagrees"):
             next(iter(b))
+
+
+def test_context_counts_in_the_message_size_limit_at_open(client: Any) -> None:
+    from trainer_client import ResourceExhaustedError
+
+    with pytest.raises(ResourceExhaustedError, match="max_batch_bytes") as info:  # 3 GiB of context, 0.4 MiB images
+        _batches(client, n=1, batch_size=32, context=((2.0, 4096), (4.0, 4096)))
+    assert "context" in str(info.value)
+
+
+def test_context_counts_in_the_memory_budget(dataset_dir: Any) -> None:
+    from loader_service.server import LoaderServer
+    from tests.conftest import make_config
+    from trainer_client import LoaderClient
+
+    with LoaderServer(make_config(dataset_dir, max_inflight_mb=4)) as srv, \
+            LoaderClient(f"127.0.0.1:{srv.port}", timeout_s=30) as small:
+        with pytest.raises(Exception, match="max_inflight_mb"):  # 6 MiB of context per batch, 0.1 MiB of images
+            _batches(small, n=1, batch_size=8, context=((2.0, 512),))
+        assert srv.budget.used == 0
+        batch = _batches(small, n=1, batch_size=8, context=((2.0, 64),))[0]  # what fits is served
+        assert batch["context"][0].shape == (8, 3, 64, 64)
