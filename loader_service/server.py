@@ -302,12 +302,20 @@ class LoaderServer:
         if request.context:
             probes = [Sample(0, 0, r, c.geometry.level, c.geometry.mpp, 0, 0, request.spec.patch_size,
                              request.spec.height) for r, c in plan.slides]  # one per slide: fail at open
-            check_context(probes, request.context, request.spec.mpp > 0)
+            check_context(probes, request.context, request.spec.mpp > 0, self._plan_read)
             build = functools.partial(build, context=request.context, context_by_mpp=request.spec.mpp > 0)
         if annotations is not None:  # classes at patch centres, masks when asked (docs/annotations.md)
             labeller = Labeller(annotations, request.augment, request.spec.seed, request.epoch, self.read_pool)
             build, build_piece = labeller.wrap(build), labeller.wrap(build_piece)
         return plan, build, build_piece
+
+    def _plan_read(self, sample: Sample) -> None:
+        """How ``sample`` would be read at its mpp (MppOutOfRange past MAX_READ_FACTOR); a slide that does not
+        open is left to its reads (counted and substituted there)."""
+        try:
+            self.builder.handles.for_record(sample.record).read_plan(sample.mpp)
+        except SlideError:  # e.g. its mpp is the manifest's: the read itself checks
+            return
 
     def batch_cost(self, request: SessionRequest, plan: EpochPlan | SyntheticPlan) -> int:
         """Bytes one batch of this session holds in flight over gRPC: its tensor and its message (the tensor is

@@ -250,3 +250,17 @@ def test_context_of_a_fallback_sample_is_centred_in_its_resampled_grid(mixed_ser
                 assert torch.equal(batch["context"][0][j], again)
                 checked += 1
         assert checked > 0
+
+
+def test_context_past_a_slides_read_reach_is_refused_at_open(mixed_server: LoaderServer) -> None:
+    """flat.tiff has one level: an 8× context would be read 8× below it, past MAX_READ_FACTOR."""
+    with LoaderClient(f"127.0.0.1:{mixed_server.port}", timeout_s=60) as client:
+        stream = client.stream(StreamConfig(dataset="shallow", batch_size=4, patch_size=64, samples_per_epoch=8,
+                                            context=((8.0, 64),), augment=False, transport="grpc",
+                                            tissue_threshold=0.0))
+        with pytest.raises(InvalidRequestError, match="MAX_READ_FACTOR") as info:  # before SessionOpened
+            next(iter(stream))
+        assert "OUT_OF_RANGE" in str(info.value) and "flat.tiff" in str(info.value) and stream.shard_length == 0
+        ok = client.stream(StreamConfig(dataset="shallow", batch_size=4, patch_size=64, samples_per_epoch=8,
+                                        context=((2.0, 64),), augment=False, transport="grpc", tissue_threshold=0.0))
+        assert sum(b["context"][0].shape[0] for b in ok) == 8
