@@ -296,7 +296,7 @@ class LoaderServer:
         build_piece = functools.partial(self.builder.build_piece, **common)
         if request.stain is not None:
             stain = self.stain_fitter.config(request.stain, ds, request.spec, self.candidates[ds.name],
-                                             self.builder.read)
+                                             self.builder.read, self.quarantine)
             build = functools.partial(build, stain=stain)
             plan.stain_target = stain.target  # type: ignore[attr-defined]  # reported in SessionOpened
         if request.context:

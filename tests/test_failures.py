@@ -272,3 +272,14 @@ def test_a_failed_context_read_substitutes_the_whole_sample(context_damaged_dir:
                 for _ in client.stream(_cfg(batch_size=8, patch_size=64, samples_per_epoch=48, seed=4,
                                             context=((2.0, 64),), on_error="fail")):
                     pass
+
+
+def test_a_stain_fit_to_the_dataset_survives_a_damaged_tile(damaged_dir: Path) -> None:
+    cfg = _cfg(batch_size=8, samples_per_epoch=16, stain="reinhard", stain_fit_samples=96)
+    with _server(damaged_dir) as server:
+        before = _failed(server, "known_bad_tile") + _failed(server, "read")
+        with LoaderClient(f"127.0.0.1:{server.port}", timeout_s=60) as client:
+            stream = client.stream(cfg)
+            assert sum(b["images"].shape[0] for b in stream) == 16
+            assert len(stream.stain_target) > 0
+        assert _failed(server, "known_bad_tile") + _failed(server, "read") > before, "the fit met the damage"
