@@ -41,8 +41,8 @@ class ContextScale:
 
 def context_sample(sample: Sample, scale: ContextScale, by_mpp: bool) -> Sample:
     """The context patch of ``sample`` at ``scale`` as a Sample (its level/mpp/x/y say where it is read).
-    ``by_mpp`` is unused: the grid is the sample's own (:func:`sample_scale`). Raises InvalidRequest when the slide has neither
-    a level nor mpp metadata for that resolution."""
+    ``by_mpp`` is unused: the grid is the sample's own (:func:`sample_scale`). Raises InvalidRequest when the
+    slide has neither a level nor mpp metadata for that resolution."""
     info = sample.record.info
     assert info is not None
     grid_ds = sample_scale(sample)  # the sample's own grid: resampled for fallback samples, as the Labeller's

@@ -113,3 +113,14 @@ def test_context_counts_in_the_memory_budget(dataset_dir: Any) -> None:
         assert srv.budget.used == 0
         batch = _batches(small, n=1, batch_size=8, context=((2.0, 64),))[0]  # what fits is served
         assert batch["context"][0].shape == (8, 3, 64, 64)
+
+
+def test_message_bytes_count_images_context_and_masks() -> None:
+    from loader_service.requests import parse_open
+    from wsi_loader.v1 import loader_pb2 as pb
+
+    config = StreamConfig(dataset="train", batch_size=4, patch_size=64, context=((2.0, 32), (4.0, 16)),
+                          dtype="float16", masks=True)
+    request = parse_open(config.open_message(0, 0, 1, 0, pb.GRPC), 2**30, 2**26)  # type: ignore[arg-type]
+    images, context, masks = 4 * 3 * 64 * 64 * 2, 4 * 3 * (32 * 32 + 16 * 16) * 2, 4 * 64 * 64
+    assert request.tensor_bytes() == images and request.message_bytes() == images + context + masks

@@ -51,10 +51,12 @@ def mixed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoaderSer
     _manifest(root / "raw.csv", rows + [{"path": "nompp.tiff", "label": "a", "mpp": ""}])
     _manifest(root / "fixed.csv", rows + [{"path": "nompp.tiff", "label": "a", "mpp": "0.5"}])
     # shallow: a one-level (zlib) slide next to big: it serves mpp up to 4× its full resolution only
-    write_tifffile_pyramid(root / "flat.tiff", pyramid_levels(render_synthetic(1024, 1024, seed=63), 1), "zlib", mpp=0.5)
+    flat = pyramid_levels(render_synthetic(1024, 1024, seed=63), 1)
+    write_tifffile_pyramid(root / "flat.tiff", flat, "zlib", mpp=0.5)
     _manifest(root / "shallow.csv", [rows[0], {"path": "flat.tiff", "label": "b", "mpp": ""}])
-    config = make_config(root, datasets=(DatasetConfig("raw", root / "raw.csv"), DatasetConfig("fixed", root / "fixed.csv"),
-                                         DatasetConfig("shallow", root / "shallow.csv")),
+    datasets = (DatasetConfig("raw", root / "raw.csv"), DatasetConfig("fixed", root / "fixed.csv"),
+                DatasetConfig("shallow", root / "shallow.csv"))
+    config = make_config(root, datasets=datasets,
                          tissue_cache_dir=None, tissue_max_size=256)
     with LoaderServer(config) as server:
         yield server

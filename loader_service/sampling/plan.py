@@ -345,8 +345,8 @@ def _unservable_text(name: str, records: list[SlideRecord], spec: SamplingSpec) 
             served = f"mpp from {finest:.4f} to {coarsest:.4g} µm/px is served by every slide with metadata"
         else:
             served = (f"no single mpp is served by every slide with metadata (full resolutions up to {finest:.4f}, "
-                      f"reach down to {coarsest:.4g} µm/px); pick an mpp within one slide's range (unservable=skip leaves "
-                      "the others out)")
+                      f"reach down to {coarsest:.4g} µm/px); pick an mpp within one slide's range "
+                      "(unservable=skip leaves the others out)")
         return (f"no slide of dataset {name} can serve {spec.mpp} µm/px (finer than the slides' full resolution, "
                 f"coarser than the server decodes within {MAX_READ_FACTOR:g}× (MAX_READ_FACTOR) of their "
                 f"coarsest level, or no mpp metadata); {served}, or ask unservable=fallback to upsample a too-fine mpp")
