@@ -18,8 +18,8 @@ import torch
 
 from loader_service.augment import AugmentParams, augment_batch, to_nchw, to_output
 from loader_service.augment.stain import StainConfig, normalise_batch
-from loader_service.errors import InvalidRequest
-from loader_service.sampling import Sample
+from loader_service.errors import InvalidRequest, OutOfRange
+from loader_service.sampling import Sample, sample_scale
 
 __all__ = ["ContextScale", "context_sample", "check_context", "build_context", "resampled_mpp", "MAX_CONTEXT_SCALES"]
 
@@ -41,11 +41,11 @@ class ContextScale:
 
 def context_sample(sample: Sample, scale: ContextScale, by_mpp: bool) -> Sample:
     """The context patch of ``sample`` at ``scale`` as a Sample (its level/mpp/x/y say where it is read).
-    ``by_mpp``: the session samples at an mpp (else at a level). Raises InvalidRequest when the slide has neither
-    a level nor mpp metadata for that resolution."""
+    ``by_mpp`` is unused: the grid is the sample's own (:func:`sample_scale`). Raises InvalidRequest when the
+    slide has neither a level nor mpp metadata for that resolution."""
     info = sample.record.info
     assert info is not None
-    grid_ds = sample.mpp / info.mpp if by_mpp and info.mpp else info.levels[sample.level].downsample
+    grid_ds = sample_scale(sample)  # the sample's own grid: resampled for fallback samples, as the Labeller's
     want = grid_ds * scale.factor
     x = math.floor((2 * sample.x + sample.width) / (2 * scale.factor) - scale.size / 2)
     y = math.floor((2 * sample.y + sample.height) / (2 * scale.factor) - scale.size / 2)
@@ -67,11 +67,21 @@ def resampled_mpp(context: Sample) -> float:
     return 0.0 if context.mpp == (info.mpp or 0.0) * info.levels[context.level].downsample else context.mpp
 
 
-def check_context(samples: Sequence[Sample], scales: Sequence[ContextScale], by_mpp: bool) -> None:
-    """Fail at session open (not mid-stream) when a slide cannot serve a scale: one probe sample per slide."""
+def check_context(samples: Sequence[Sample], scales: Sequence[ContextScale], by_mpp: bool,
+                  plan_read: Callable[[Sample], object] | None = None) -> None:
+    """Fail at session open (not mid-stream) when a slide cannot serve a scale: one probe sample per slide.
+    ``plan_read`` (``Slide.read_plan`` of the sample's slide at its mpp) raises ValueError (MppOutOfRange) when
+    a resampled context read would reach past MAX_READ_FACTOR: OUT_OF_RANGE at open."""
     for sample in samples:
         for scale in scales:
-            context_sample(sample, scale, by_mpp)
+            ctx = context_sample(sample, scale, by_mpp)
+            if plan_read is None or not resampled_mpp(ctx):
+                continue
+            try:
+                plan_read(ctx)
+            except ValueError as err:
+                raise OutOfRange(f"context scale {scale.factor:g}× of slide {sample.record.slide_id}: {err}; choose "
+                                 "a smaller context factor (or one that is a pyramid level's downsample)") from err
 
 
 def build_context(samples: Sequence[Sample], params: Sequence[AugmentParams], scales: Sequence[ContextScale],

@@ -17,7 +17,9 @@ __all__ = ["JobRegistry"]
 
 
 def _fingerprint(request: SessionRequest) -> tuple[object, ...]:
-    return (request.dataset, request.spec, request.world_size, request.batch_size, request.augment, request.output)
+    a = request.annotations
+    return (request.dataset, request.spec, request.world_size, request.batch_size, request.augment, request.output,
+            request.unservable, (a.region, a.classes, a.exclude, a.proportions), request.stain, request.context)
 
 
 class JobRegistry:
@@ -33,7 +35,8 @@ class JobRegistry:
         with self._lock:
             theirs = self._jobs.setdefault(key, mine)
             if theirs != mine:
-                fields = ("dataset", "sampling", "world_size", "batch_size", "augment", "output")
+                fields = ("dataset", "sampling", "world_size", "batch_size", "augment", "output", "unservable",
+                          "annotations", "stain", "context")
                 differ = [f for f, a, b in zip(fields, mine, theirs) if a != b]
                 raise InvalidRequest(
                     f"rank {request.rank} of job {request.job_id!r} disagrees with the job's other ranks on "

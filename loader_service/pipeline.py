@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from loader_service.augment.stain import StainConfig, normalise_batch
-from loader_service.context import ContextScale, build_context
+from loader_service.context import ContextScale, build_context, context_sample
 from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, render_piece,
                                     resample_rect, to_nchw, to_output)
 from loader_service.dataset import SlideHandles
@@ -202,6 +202,44 @@ class BatchBuilder:
         raise SlideFailure(f"sample {sample.index}: {failures.max_attempts} substitutes in a row failed to read "
                            f"(last: {last}); too much of the dataset is unreadable, see the server log")
 
+    def _read_context(self, samples: list[Sample], params: list[AugmentParams], array: np.ndarray,
+                      scales: tuple[ContextScale, ...], by_mpp: bool, failures: FailureBudget | None
+                      ) -> tuple[list[torch.Tensor], list[Sample]]:
+        """The raw context patches (uint8 NHWC, one tensor per scale) and the samples they belong to. With
+        ``failures``, a sample one of whose context patches fails to read is counted against its slide and
+        replaced by its substitute draw, image (re-read into ``array``) and context alike."""
+        samples = list(samples)
+        for _ in range((failures.max_attempts if failures is not None else 0) + 1):
+            try:
+                return [self.read([context_sample(s, scale, by_mpp) for s in samples]) for scale in scales], samples
+            except SampleFailed:
+                if failures is None:
+                    raise
+            bad = self._context_failures(samples, scales, by_mpp)
+            if not bad:
+                raise SlideFailure("a context read failed, then read when retried one by one; see the server log")
+            for i, failure in sorted(bad.items()):
+                p = params[i] if params else AugmentParams()
+                replacement, _ = self._substitute(samples[i], p, array[i], failure, failures)
+                samples[i] = replacement if samples[i].substituted == "" else \
+                    replace(replacement, substituted=samples[i].substituted)
+        raise SlideFailure(f"{failures.max_attempts if failures else 0} substitutes in a row failed to read their "
+                           "context patches; too much of the dataset is unreadable, see the server log")
+
+    def _context_failures(self, samples: list[Sample], scales: tuple[ContextScale, ...], by_mpp: bool
+                          ) -> dict[int, SampleFailed]:
+        """The samples whose context patches fail to read, each with its first failure."""
+        failed: dict[int, SampleFailed] = {}
+        for i, sample in enumerate(samples):
+            for scale in scales:
+                ctx = context_sample(sample, scale, by_mpp)
+                try:
+                    self._read_one(ctx, np.empty((ctx.height, ctx.width, 3), np.uint8))
+                except SampleFailed as err:
+                    failed[i] = err
+                    break
+        return failed
+
     def _read_resampled(self, sample: Sample, params: AugmentParams, out: np.ndarray) -> None:
         whole = Rect(0, 0, sample.height, sample.width)
         out[...] = resample_rect(params, (sample.height, sample.width), whole,
@@ -244,6 +282,9 @@ class BatchBuilder:
         t0 = time.perf_counter()
         params = [draw_params(augment, seed, epoch, s.global_index) for s in samples] if augment is not None else []
         pixels, read = self.read_substituting(samples, params, failures)
+        raw_context: list[torch.Tensor] = []
+        if context:  # a sample whose context fails to read is substituted whole, as a failed image read is
+            raw_context, read = self._read_context(read, params, pixels.numpy(), context, context_by_mpp, failures)
         if failures is not None:
             labels = [failures.label_of(s.record) if s.substituted else label for s, label in zip(read, labels)]
         samples = read
@@ -266,8 +307,9 @@ class BatchBuilder:
         self.metrics.stage_seconds.labels(stage="augment").observe(t2 - t1)
         built = BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, {"read": t1 - t0, "augment": t2 - t1})
         if context:
-            built.context, built.context_samples = build_context(samples, params, context, context_by_mpp, self.read,
-                                                                 self.device, stain, output)
+            pending = iter(raw_context)  # read above, one tensor per scale in order
+            built.context, built.context_samples = build_context(samples, params, context, context_by_mpp,
+                                                                 lambda _ctx: next(pending), self.device, stain, output)
         return built
 
 

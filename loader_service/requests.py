@@ -62,6 +62,25 @@ class SessionRequest:
             return 3 * side * side * itemsize
         return self.batch_size * 3 * self.spec.patch_size * self.spec.height * itemsize
 
+    def inline_bytes(self) -> int:
+        """Bytes one message carries inline besides its images, whatever the transport: the context patches
+        (N·3·size² per scale, in the output dtype) and the annotation masks (uint8 N·H·W) when asked."""
+        itemsize = {"uint8": 1, "float16": 2, "float32": 4}[self.output.dtype]
+        n = 1 if self.view.view == "tiles" else self.batch_size
+        context = sum(n * 3 * c.size * c.size * itemsize for c in self.context)
+        if not self.annotations.masks or self.spec.whole_slide:
+            return context
+        if self.view.view == "tiles":
+            side = self.view.tile_size + 2 * self.view.overlap
+            return context + side * side
+        return context + n * self.spec.patch_size * self.spec.height
+
+    def message_bytes(self) -> int | None:
+        """The largest message of this session: its images (:meth:`tensor_bytes`) plus what travels inline with
+        them (:meth:`inline_bytes`); None when the images' size depends on the slide."""
+        nbytes = self.tensor_bytes()
+        return None if nbytes is None else nbytes + self.inline_bytes()
+
 
 def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int) -> SessionRequest:
     if not msg.dataset:
@@ -131,6 +150,14 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
         raise InvalidRequest(
             f"a batch of {batch}×3×{spec.patch_size}² {output.dtype} is {nbytes / 2**20:.0f} MiB, over the server's "
             f"limit of {max_batch_bytes / 2**20:.0f} MiB; lower batch_size or patch_size"
+        )
+    message = request.message_bytes()
+    if message is not None and nbytes is not None and message > max_batch_bytes and view.view != "shard":
+        raise TooLarge(
+            f"one message of this session (images {nbytes / 2**20:.0f} MiB, context patches and masks "
+            f"{request.inline_bytes() / 2**20:.0f} MiB) is {message / 2**20:.0f} MiB, over the server's limit of "
+            f"{max_batch_bytes / 2**20:.0f} MiB (max_batch_bytes; a message may not exceed max_message_bytes); "
+            "lower batch_size, or the context sizes or number of scales"
         )
     return request
 

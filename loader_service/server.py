@@ -296,37 +296,45 @@ class LoaderServer:
         build_piece = functools.partial(self.builder.build_piece, **common)
         if request.stain is not None:
             stain = self.stain_fitter.config(request.stain, ds, request.spec, self.candidates[ds.name],
-                                             self.builder.read)
+                                             self.builder.read, self.quarantine)
             build = functools.partial(build, stain=stain)
             build_piece = functools.partial(build_piece, stain=stain)  # the whole image normalised, then cut
             plan.stain_target = stain.target  # type: ignore[attr-defined]  # reported in SessionOpened
         if request.context:
             probes = [Sample(0, 0, r, c.geometry.level, c.geometry.mpp, 0, 0, request.spec.patch_size,
                              request.spec.height) for r, c in plan.slides]  # one per slide: fail at open
-            check_context(probes, request.context, request.spec.mpp > 0)
+            check_context(probes, request.context, request.spec.mpp > 0, self._plan_read)
             build = functools.partial(build, context=request.context, context_by_mpp=request.spec.mpp > 0)
         if annotations is not None:  # classes at patch centres, masks when asked (docs/annotations.md)
             labeller = Labeller(annotations, request.augment, request.spec.seed, request.epoch, self.read_pool)
             build, build_piece = labeller.wrap(build), labeller.wrap(build_piece)
         return plan, build, build_piece
 
+    def _plan_read(self, sample: Sample) -> None:
+        """How ``sample`` would be read at its mpp (MppOutOfRange past MAX_READ_FACTOR); a slide that does not
+        open is left to its reads (counted and substituted there)."""
+        try:
+            self.builder.handles.for_record(sample.record).read_plan(sample.mpp)
+        except SlideError:  # e.g. its mpp is the manifest's: the read itself checks
+            return
+
     def batch_cost(self, request: SessionRequest, plan: EpochPlan | SyntheticPlan) -> int:
         """Bytes one batch of this session holds in flight over gRPC: its tensor and its message (the tensor is
         dropped once the message holds the bytes, the message once gRPC took it), plus the raw region a piece
         is cut from. Refuses a session whose one batch would not fit the whole budget."""
         itemsize = {"uint8": 1, "float16": 2, "float32": 4}[request.output.dtype]
-        nbytes = request.tensor_bytes()
+        nbytes = request.message_bytes()  # images plus the context patches and masks beside them
         if nbytes is None:  # whole slides: the largest one
             pixels = max(c.geometry.width * c.geometry.height for _, c in plan.slides) if isinstance(plan, EpochPlan) \
                 else request.spec.patch_size * request.spec.height
-            nbytes = 3 * pixels * itemsize
+            nbytes = 3 * pixels * itemsize + (pixels if request.annotations.masks else 0)
         cost = 2 * nbytes
         if request.view.pieces_per_sample and not request.spec.whole_slide:
             cost += 3 * request.spec.patch_size * request.spec.height * 4
         if cost > self.budget.total:
             raise TooLarge(f"one batch of this session needs {cost / 2**20:.0f} MiB in flight (tensor and message), over "
                            f"the server's in-flight memory budget of {self.budget.total / 2**20:.0f} MiB "
-                           "(max_inflight_mb); lower batch_size or patch_size")
+                           "(max_inflight_mb); lower batch_size, patch_size or the context sizes")
         return cost
 
     def reserve_slots(self, request: SessionRequest, session: Session) -> tuple[bool, str]:
@@ -356,7 +364,9 @@ class LoaderServer:
         if pool is None:
             session.account.release(self._slot_count(request) * (request.tensor_bytes() or 0))  # type: ignore[union-attr]
         else:
-            session.gate.cost = request.tensor_bytes() or 0  # the built tensor, until it is copied into its slot
+            # the built tensor until it is copied into its slot; context and masks travel inline in the message
+            # (held by the built batch and the message until the batch drops them)
+            session.gate.cost = (request.tensor_bytes() or 0) + 2 * request.inline_bytes()
         return transport, reason, pool
 
     def _open_slots(self, request: SessionRequest, session: Session) -> tuple[int, str, SlotPool | CudaSlotPool | None]:

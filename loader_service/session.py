@@ -215,6 +215,7 @@ class Session:
         message = batch_response(built, sequence, cursor_after, self.plan.labels, tensor)
         built.timings["serialize"] = time.perf_counter() - t0
         built.images = _NO_PIXELS
+        built.context, built.masks = [], None  # in the message now: never held twice
         return built, message, nbytes
 
     def _build(self, samples: list[Sample], labels: list[int], piece: PieceSpec | None) -> BuiltBatch:

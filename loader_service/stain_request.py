@@ -11,6 +11,7 @@ import torch
 
 from loader_service.augment.stain import STAIN_METHODS, StainConfig, fit_target
 from loader_service.errors import InvalidRequest
+from loader_service.failures import FailureBudget, Quarantine
 from loader_service.sampling import EpochPlan, SamplingSpec
 from wsi_loader.v1 import loader_pb2 as pb
 
@@ -68,9 +69,11 @@ class StainFitter:
         self._cache: dict[tuple[object, ...], StainConfig] = {}
 
     def config(self, request: StainRequest, dataset: object, spec: SamplingSpec, candidates: object,
-               read: object) -> StainConfig:
+               read: object, quarantine: Quarantine | None = None) -> StainConfig:
         """The session's target: given, fitted to the reference, or fitted to ``fit_samples`` tissue patches of
-        the dataset (a random-mode plan of seed ``FIT_SEED``, read with ``read(samples) -> uint8 NHWC``)."""
+        the dataset (a random-mode plan of seed ``FIT_SEED``, read with ``read(samples, None, failures) -> uint8
+        NHWC``). With ``quarantine``, quarantined slides are avoided and a failed read is counted and replaced by
+        its substitute (on_error=skip), so a damaged tile cannot make every fitted session fail at open."""
         try:
             if request.target:
                 return StainConfig(request.method, request.target)
@@ -87,9 +90,13 @@ class StainFitter:
             fit_spec = SamplingSpec(patch_size=spec.patch_size, patch_height=spec.patch_height, level=spec.level,
                                     mpp=spec.mpp, mode="random", tissue_threshold=spec.tissue_threshold,
                                     samples_per_epoch=request.fit_samples, split=spec.split, seed=FIT_SEED)
-            plan = EpochPlan(dataset, fit_spec, 0, 0, 1, candidates)  # type: ignore[arg-type]
+            avoid = quarantine.snapshot() if quarantine is not None else ()
+            plan = EpochPlan(dataset, fit_spec, 0, 0, 1, candidates, avoid=avoid)  # type: ignore[arg-type]
+            failures = (FailureBudget("skip", quarantine, plan.substitute, plan.label_index)
+                        if quarantine is not None else None)
             samples = [plan.sample(i) for i in range(plan.shard_length)]
-            pixels = torch.cat([read(samples[i:i + 16]) for i in range(0, len(samples), 16)])  # type: ignore[operator]
+            pixels = torch.cat([read(samples[i:i + 16], None, failures)  # type: ignore[operator]
+                                for i in range(0, len(samples), 16)])
             try:
                 config = fit_target(request.method, pixels)
             except ValueError as err:

@@ -78,3 +78,49 @@ def test_context_on_a_shared_memory_session_equals_grpc(client: Any) -> None:
     via_shm = _batches(client, n=1, context=((4.0, 32),), augment=True, seed=5, transport="shm")[0]
     assert torch.equal(via_grpc["images"], via_shm["images"])
     assert torch.equal(via_grpc["context"][0], via_shm["context"][0])
+
+
+@pytest.mark.parametrize("other", [dict(context=((2.0, 64),)), dict(unservable="fallback"),
+                                   dict(stain="reinhard")])
+def test_ranks_of_one_job_must_agree_on_context_stain_unservable(client: Any, other: dict) -> None:
+    base = dict(dataset="train", patch_size=64, batch_size=4, samples_per_epoch=4000, augment=False, transport="grpc",
+                job_id=f"job-{sorted(other)[0]}", context=((4.0, 64),))
+    with client.stream(StreamConfig(**base), rank=0, world_size=2) as a, \
+            client.stream(StreamConfig(**{**base, **other}), rank=1, world_size=2) as b:
+        first = iter(a)  # keep rank 0's session open
+        next(first)
+        with pytest.raises(InvalidRequestError, match="disagrees"):
+            next(iter(b))
+
+
+def test_context_counts_in_the_message_size_limit_at_open(client: Any) -> None:
+    from trainer_client import ResourceExhaustedError
+
+    with pytest.raises(ResourceExhaustedError, match="max_batch_bytes") as info:  # 3 GiB of context, 0.4 MiB images
+        _batches(client, n=1, batch_size=32, context=((2.0, 4096), (4.0, 4096)))
+    assert "context" in str(info.value)
+
+
+def test_context_counts_in_the_memory_budget(dataset_dir: Any) -> None:
+    from loader_service.server import LoaderServer
+    from tests.conftest import make_config
+    from trainer_client import LoaderClient
+
+    with LoaderServer(make_config(dataset_dir, max_inflight_mb=4)) as srv, \
+            LoaderClient(f"127.0.0.1:{srv.port}", timeout_s=30) as small:
+        with pytest.raises(Exception, match="max_inflight_mb"):  # 6 MiB of context per batch, 0.1 MiB of images
+            _batches(small, n=1, batch_size=8, context=((2.0, 512),))
+        assert srv.budget.used == 0
+        batch = _batches(small, n=1, batch_size=8, context=((2.0, 64),))[0]  # what fits is served
+        assert batch["context"][0].shape == (8, 3, 64, 64)
+
+
+def test_message_bytes_count_images_context_and_masks() -> None:
+    from loader_service.requests import parse_open
+    from wsi_loader.v1 import loader_pb2 as pb
+
+    config = StreamConfig(dataset="train", batch_size=4, patch_size=64, context=((2.0, 32), (4.0, 16)),
+                          dtype="float16", masks=True)
+    request = parse_open(config.open_message(0, 0, 1, 0, pb.GRPC), 2**30, 2**26)  # type: ignore[arg-type]
+    images, context, masks = 4 * 3 * 64 * 64 * 2, 4 * 3 * (32 * 32 + 16 * 16) * 2, 4 * 64 * 64
+    assert request.tensor_bytes() == images and request.message_bytes() == images + context + masks

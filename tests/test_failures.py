@@ -235,3 +235,51 @@ def test_resumed_epoch_equals_the_uninterrupted_one(damaged_dir: Path) -> None:
         rest = [m for batch in resumed for m in zip(batch["index"].tolist(), batch["slide_id"], batch["x"].tolist(),
                                                       batch["y"].tolist(), batch["labels"].tolist())]
     assert first + rest == whole
+
+
+@pytest.fixture(scope="module")
+def context_damaged_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two good slides and one whose level 1 (where 2× context patches are read) is damaged; level 0 is whole."""
+    root = tmp_path_factory.mktemp("context_damaged")
+    for i in range(2):
+        write_synthetic_slide(root / f"good{i}.tiff", SIZE, SIZE, seed=60 + i, quality=80, mpp=0.5)
+    clean = write_synthetic_slide(root / "clean_copy.tiff", SIZE, SIZE, seed=62, quality=80, mpp=0.5)
+    damage_tiles(clean, root / BAD, {0: "zero", 1: "truncate", 2: "zero", 3: "truncate"}, level=1)
+    clean.unlink()
+    with open(root / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label"])
+        writer.writeheader()
+        writer.writerows([{"path": "good0.tiff", "label": "normal"}, {"path": "good1.tiff", "label": "tumor"},
+                          {"path": BAD, "label": "tumor"}])
+    return root
+
+
+def test_a_failed_context_read_substitutes_the_whole_sample(context_damaged_dir: Path) -> None:
+    cfg = _cfg(batch_size=8, patch_size=64, samples_per_epoch=48, context=((2.0, 64),))
+    with _server(context_damaged_dir) as server:
+        before = _failed(server, "known_bad_tile") + _failed(server, "read")
+        with LoaderClient(f"127.0.0.1:{server.port}", timeout_s=60) as client:
+            n, substituted = 0, 0
+            for batch in client.stream(cfg):
+                assert batch["images"].shape[0] == 8 and batch["context"][0].shape == (8, 3, 64, 64)
+                assert BAD not in batch["slide_id"], "a sample whose context cannot be read is replaced whole"
+                n += 8
+                substituted += int(batch["substituted"].sum())
+            assert n == 48 and substituted > 0
+        assert _failed(server, "known_bad_tile") + _failed(server, "read") > before  # counted against the slide
+        with LoaderClient(f"127.0.0.1:{server.port}", timeout_s=60) as client:
+            with pytest.raises(DataLossError, match=BAD):  # on_error=fail still ends the session
+                for _ in client.stream(_cfg(batch_size=8, patch_size=64, samples_per_epoch=48, seed=4,
+                                            context=((2.0, 64),), on_error="fail")):
+                    pass
+
+
+def test_a_stain_fit_to_the_dataset_survives_a_damaged_tile(damaged_dir: Path) -> None:
+    cfg = _cfg(batch_size=8, samples_per_epoch=16, stain="reinhard", stain_fit_samples=96)
+    with _server(damaged_dir) as server:
+        before = _failed(server, "known_bad_tile") + _failed(server, "read")
+        with LoaderClient(f"127.0.0.1:{server.port}", timeout_s=60) as client:
+            stream = client.stream(cfg)
+            assert sum(b["images"].shape[0] for b in stream) == 16
+            assert len(stream.stain_target) > 0
+        assert _failed(server, "known_bad_tile") + _failed(server, "read") > before, "the fit met the damage"

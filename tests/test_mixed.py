@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from loader_service.config import DatasetConfig
 from loader_service.dataset import ManifestError, read_manifest
@@ -49,7 +50,13 @@ def mixed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoaderSer
     rows = [{"path": "big.tiff", "label": "a", "mpp": ""}, {"path": "small.tiff", "label": "b", "mpp": ""}]
     _manifest(root / "raw.csv", rows + [{"path": "nompp.tiff", "label": "a", "mpp": ""}])
     _manifest(root / "fixed.csv", rows + [{"path": "nompp.tiff", "label": "a", "mpp": "0.5"}])
-    config = make_config(root, datasets=(DatasetConfig("raw", root / "raw.csv"), DatasetConfig("fixed", root / "fixed.csv")),
+    # shallow: a one-level (zlib) slide next to big: it serves mpp up to 4× its full resolution only
+    flat = pyramid_levels(render_synthetic(1024, 1024, seed=63), 1)
+    write_tifffile_pyramid(root / "flat.tiff", flat, "zlib", mpp=0.5)
+    _manifest(root / "shallow.csv", [rows[0], {"path": "flat.tiff", "label": "b", "mpp": ""}])
+    datasets = (DatasetConfig("raw", root / "raw.csv"), DatasetConfig("fixed", root / "fixed.csv"),
+                DatasetConfig("shallow", root / "shallow.csv"))
+    config = make_config(root, datasets=datasets,
                          tissue_cache_dir=None, tissue_max_size=256)
     with LoaderServer(config) as server:
         yield server
@@ -90,6 +97,25 @@ def test_no_level_anywhere_suggests_only_what_every_slide_serves(mixed_server: L
     assert count == 96 and not skipped and slides == {"big.tiff", "small.tiff", "nompp.tiff"}
 
 
+def test_a_shallow_pyramid_is_skipped_not_the_session(mixed_server: LoaderServer) -> None:
+    before = mixed_server.metrics.sample("wsi_loader_slides_skipped_total", {"reason": "mpp_too_coarse"}) or 0
+    slides, skipped, count = _stream(mixed_server, dataset="shallow", mpp=4.0, tissue_threshold=0.0)
+    assert count == 96 and slides == {"big.tiff"}
+    assert any(s.startswith("flat.tiff:") and "MAX_READ_FACTOR" in s for s in skipped)
+    assert mixed_server.metrics.sample("wsi_loader_slides_skipped_total", {"reason": "mpp_too_coarse"}) == before + 1
+
+
+def test_an_mpp_no_slide_reaches_is_out_of_range_and_suggests_what_works(mixed_server: LoaderServer) -> None:
+    with pytest.raises(InvalidRequestError) as info:  # OUT_OF_RANGE: the client's InvalidRequestError family
+        _stream(mixed_server, dataset="shallow", mpp=500.0)
+    assert "OUT_OF_RANGE" in str(info.value), str(info.value)
+    found = re.search(r"mpp from ([\d.]+) to ([\d.]+) µm/px is served by every slide", str(info.value))
+    assert found, str(info.value)
+    for mpp in map(float, found.groups()):  # both ends of what it suggests work for every slide
+        slides, skipped, count = _stream(mixed_server, dataset="shallow", mpp=mpp, tissue_threshold=0.0)
+        assert count == 96 and not skipped and slides == {"big.tiff", "flat.tiff"}
+
+
 def test_mpp_needs_metadata_or_the_manifest_column(mixed_server: LoaderServer) -> None:
     slides, skipped, _ = _stream(mixed_server, mpp=1.0)
     assert "nompp.tiff" not in slides and any(s.startswith("nompp.tiff:") for s in skipped)
@@ -103,7 +129,7 @@ def test_mpp_needs_metadata_or_the_manifest_column(mixed_server: LoaderServer) -
 def test_too_fine_mpp_suggests_what_works_and_fallback_upsamples(mixed_server: LoaderServer) -> None:
     with pytest.raises(InvalidRequestError) as info:
         _stream(mixed_server, mpp=0.25)
-    found = re.search(r"mpp >= ([0-9.]+)", str(info.value))
+    found = re.search(r"mpp from ([0-9.]+) to", str(info.value))
     assert found, str(info.value)
     slides, _, count = _stream(mixed_server, mpp=float(found.group(1)))
     assert count == 96 and {"big.tiff", "small.tiff"} <= slides
@@ -205,3 +231,38 @@ def test_reduced_resolution_reads_are_area_averages(tmp_path: Path, mpp: float) 
     ref = np.asarray(Image.fromarray(full).resize((w, h), Image.Resampling.BOX, box=box))
     diff = np.abs(got.astype(int) - ref)
     assert diff.mean() < 0.7 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def test_context_of_a_fallback_sample_is_centred_in_its_resampled_grid(mixed_server: LoaderServer) -> None:
+    """small.tiff has no level 2: its samples are read at 4× (resampled); a 2× context is then 8× below level 0."""
+    with LoaderClient(f"127.0.0.1:{mixed_server.port}", timeout_s=60) as client:
+        stream = client.stream(StreamConfig(dataset="fixed", batch_size=8, patch_size=32, samples_per_epoch=48, seed=3,
+                                            balance="slide", augment=False, transport="grpc", tissue_threshold=0.0,
+                                            level=2, unservable="fallback", context=((2.0, 32),)))
+        checked = 0
+        for batch in stream:
+            for j, slide_id in enumerate(batch["slide_id"]):
+                if slide_id != "small.tiff":
+                    continue
+                level, mpp, x, y, size = batch["context_place"][0][j]
+                assert mpp == pytest.approx(0.5 * 4 * 2)  # the sample's 4× grid, times the factor
+                centre = int(batch["x"][j]) + 16
+                assert abs((x + size / 2) * 2.0 - centre) < 2.0
+                again = client.read_region("fixed", slide_id, x, y, size, size, level=level, mpp=mpp).permute(2, 0, 1)
+                assert torch.equal(batch["context"][0][j], again)
+                checked += 1
+        assert checked > 0
+
+
+def test_context_past_a_slides_read_reach_is_refused_at_open(mixed_server: LoaderServer) -> None:
+    """flat.tiff has one level: an 8× context would be read 8× below it, past MAX_READ_FACTOR."""
+    with LoaderClient(f"127.0.0.1:{mixed_server.port}", timeout_s=60) as client:
+        stream = client.stream(StreamConfig(dataset="shallow", batch_size=4, patch_size=64, samples_per_epoch=8,
+                                            context=((8.0, 64),), augment=False, transport="grpc",
+                                            tissue_threshold=0.0))
+        with pytest.raises(InvalidRequestError, match="MAX_READ_FACTOR") as info:  # before SessionOpened
+            next(iter(stream))
+        assert "OUT_OF_RANGE" in str(info.value) and "flat.tiff" in str(info.value) and stream.shard_length == 0
+        ok = client.stream(StreamConfig(dataset="shallow", batch_size=4, patch_size=64, samples_per_epoch=8,
+                                        context=((2.0, 64),), augment=False, transport="grpc", tissue_threshold=0.0))
+        assert sum(b["context"][0].shape[0] for b in ok) == 8

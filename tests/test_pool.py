@@ -178,3 +178,13 @@ def test_a_pool_with_no_live_member_gives_up_by_name() -> None:
     with pytest.raises(UnavailableError, match="answered for 1s"):
         next(iter(PoolStream(StreamConfig(**{**CONFIG, "reconnect": policy}), dead[:1], rank=0, world_size=1)))
     assert time.monotonic() - started < 30
+
+
+def test_a_refused_start_closes_the_pools_channels(services: list[Service]) -> None:
+    from trainer_client import LoaderError
+
+    config = StreamConfig(**{**CONFIG, "dataset": "no-such-dataset"})
+    stream = PoolStream(config, [s.endpoint for s in services], rank=0, world_size=1)
+    with pytest.raises(LoaderError, match="no-such-dataset"):
+        next(iter(stream))
+    assert stream._pool is not None and not stream._pool.clients, "a failed start must close every channel it opened"

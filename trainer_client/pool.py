@@ -269,12 +269,16 @@ class PoolStream(IterableDataset):  # type: ignore[type-arg]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         pool = self._pool = _Pool(self.pool_config, self._connection)
-        if not pool.endpoints:
-            raise UnavailableError(f"the pool {list(self.pool_config.endpoints)} resolves to no address")
-        if not self.cursors:
-            self.sub_shards = self.sub_shards or len(pool.endpoints)
-            self.cursors = [0] * self.sub_shards
-        shard_length = self._shard_length(pool) if self.sub_shards > 1 else 0
+        try:
+            if not pool.endpoints:
+                raise UnavailableError(f"the pool {list(self.pool_config.endpoints)} resolves to no address")
+            if not self.cursors:
+                self.sub_shards = self.sub_shards or len(pool.endpoints)
+                self.cursors = [0] * self.sub_shards
+            shard_length = self._shard_length(pool) if self.sub_shards > 1 else 0
+        except BaseException:
+            pool.close()  # the pool's channels must not outlive a failed start
+            raise
         out: queue.Queue[tuple[int, int, Any]] = queue.Queue(self.sub_shards * self.pool_config.queue_batches)
         stop = threading.Event()
         streams = [self._sub_stream(pool, j, shard_length) for j in range(self.sub_shards)]

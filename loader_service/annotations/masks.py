@@ -21,19 +21,9 @@ from loader_service.augment import AugmentConfig, AugmentParams, Rect, draw_para
 from loader_service.augment.geometry import apply_geometry, aug_rect_to_raw
 from loader_service.errors import InvalidRequest
 from loader_service.pipeline import BuiltBatch
-from loader_service.sampling import Sample
+from loader_service.sampling import Sample, sample_scale
 
 __all__ = ["sample_scale", "raw_positions", "sample_mask", "sample_class", "Labeller"]
-
-
-def sample_scale(sample: Sample) -> float:
-    """Level-0 pixels per sample pixel."""
-    info = sample.record.info
-    assert info is not None
-    level = info.levels[min(sample.level, len(info.levels) - 1)]
-    if sample.mpp > 0 and info.mpp and abs(sample.mpp - info.mpp * level.downsample) > 1e-9 * sample.mpp:
-        return sample.mpp / info.mpp
-    return level.downsample
 
 
 def raw_positions(params: AugmentParams, start: int, stop: int, size: int, axis: int) -> np.ndarray:

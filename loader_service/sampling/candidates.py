@@ -8,13 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from loader_service.dataset import SlideRecord
-from loader_service.errors import InvalidRequest, OutOfRange
+from loader_service.errors import InvalidRequest
 from loader_service.slides import MAX_READ_FACTOR
 from loader_service.slides.base import MPP_TOLERANCE
 
 _DCT_REACH = 8  # JPEG tiles decode at down to 1/8 scale
 
-__all__ = ["SlideGeometry", "Candidates", "Unservable", "slide_geometry", "tissue_cells", "CandidateCache"]
+__all__ = ["SlideGeometry", "Candidates", "Unservable", "mpp_reach", "slide_geometry", "tissue_cells", "CandidateCache"]
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,20 @@ class Candidates:
 
 
 class Unservable(InvalidRequest):
-    """A slide cannot serve a session's level or mpp. ``reason``: level_missing, no_mpp or mpp_too_fine."""
+    """A slide cannot serve a session's level or mpp. ``reason``: level_missing, no_mpp, mpp_too_fine
+    or mpp_too_coarse (beyond MAX_READ_FACTOR of the coarsest level)."""
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def mpp_reach(record: SlideRecord) -> float:
+    """The coarsest mpp the slide serves within MAX_READ_FACTOR (0 without mpp metadata)."""
+    info = record.info
+    assert info is not None
+    last = info.levels[-1]
+    return (info.mpp or 0.0) * last.downsample * (_DCT_REACH if last.compression == "jpeg" else 1) * MAX_READ_FACTOR
 
 
 def slide_geometry(record: SlideRecord, level: int, mpp: float, fallback_downsample: float | None = None
@@ -70,12 +79,10 @@ def slide_geometry(record: SlideRecord, level: int, mpp: float, fallback_downsam
         extra = scale / info.levels[level_read].downsample
         dct = _DCT_REACH if info.levels[level_read].compression == "jpeg" else 1  # the read checks the exact reach
         if extra > MAX_READ_FACTOR * dct * (1.0 + MPP_TOLERANCE):
-            last = info.levels[-1]
-            reach = base_mpp * last.downsample * (_DCT_REACH if last.compression == "jpeg" else 1) * MAX_READ_FACTOR
-            raise OutOfRange(
+            raise Unservable(
                 f"{mpp} µm/px would decode {extra / dct:.1f}× the patch's size per side from slide "
                 f"{record.slide_id}'s level {level_read}; the server decodes at most {MAX_READ_FACTOR:g}× "
-                f"(MAX_READ_FACTOR), so this slide serves mpp up to {reach:.4g} µm/px; ask for a finer mpp"
+                f"(MAX_READ_FACTOR), so this slide serves mpp up to {mpp_reach(record):.4g} µm/px", "mpp_too_coarse"
             )
         return SlideGeometry(level_read, mpp, scale, int(width0 / scale), int(height0 / scale))
     if level >= len(info.levels):

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loader_service.dataset import DatasetIndex, SlideRecord
-from loader_service.errors import InvalidRequest, SlideFailure
-from loader_service.sampling.candidates import CandidateCache, Candidates, Unservable, slide_geometry
+from loader_service.errors import InvalidRequest, OutOfRange, SlideFailure
+from loader_service.sampling.candidates import CandidateCache, Candidates, Unservable, mpp_reach, slide_geometry
 from loader_service.sampling.elastic import ResumeStages, ShardMap
+from loader_service.slides import MAX_READ_FACTOR
 from loader_service.sampling.spec import SamplingSpec
 
 if TYPE_CHECKING:
@@ -66,6 +67,16 @@ class Sample:
     attempt: int = 0  # 0: the index's own draw; n: its n-th substitute draw (EpochPlan.substitute)
 
 
+def sample_scale(sample: Sample) -> float:
+    """Level-0 pixels per sample pixel."""
+    info = sample.record.info
+    assert info is not None
+    level = info.levels[min(sample.level, len(info.levels) - 1)]
+    if sample.mpp > 0 and info.mpp and abs(sample.mpp - info.mpp * level.downsample) > 1e-9 * sample.mpp:
+        return sample.mpp / info.mpp
+    return level.downsample
+
+
 class EpochPlan:
     """Samples of one (spec, epoch) over a dataset, and one rank's shard of them."""
 
@@ -97,7 +108,8 @@ class EpochPlan:
         if not self._slides and self.annotations is not None and self.annotations.options.restricts:
             raise InvalidRequest(self.annotations.nothing_to_sample(index.name, patch, self.skipped))
         if not self._slides and self.skipped_reasons:
-            raise InvalidRequest(_unservable_text(index.name, records, spec))
+            error = OutOfRange if "mpp_too_coarse" in self.skipped_reasons else InvalidRequest
+            raise error(_unservable_text(index.name, records, spec))
         if self._slides and all(r.path in self.avoid for r, _ in self._slides):
             raise SlideFailure(f"every slide of dataset {index.name} this session samples is quarantined after failed "
                                "reads (see the server log); repair the slides and restart the service")
@@ -327,9 +339,17 @@ def _unservable_text(name: str, records: list[SlideRecord], spec: SamplingSpec) 
         if not with_mpp:
             return (f"no slide of dataset {name} has microns-per-pixel metadata, so none can be read at {spec.mpp} "
                     "µm/px; ask by level (mpp=0), or give the slides' resolution in a manifest column `mpp`")
+        finest = max(with_mpp)
+        coarsest = min(mpp_reach(r) for r in records if r.info is not None and r.info.mpp)
+        if finest <= coarsest:
+            served = f"mpp from {finest:.4f} to {coarsest:.4g} µm/px is served by every slide with metadata"
+        else:
+            served = (f"no single mpp is served by every slide with metadata (full resolutions up to {finest:.4f}, "
+                      f"reach down to {coarsest:.4g} µm/px); pick an mpp within one slide's range "
+                      "(unservable=skip leaves the others out)")
         return (f"no slide of dataset {name} can serve {spec.mpp} µm/px (finer than the slides' full resolution, "
-                f"or no mpp metadata); mpp >= {max(with_mpp):.4f} is served by every slide with metadata, or ask "
-                "unservable=fallback to upsample")
+                f"coarser than the server decodes within {MAX_READ_FACTOR:g}× (MAX_READ_FACTOR) of their "
+                f"coarsest level, or no mpp metadata); {served}, or ask unservable=fallback to upsample a too-fine mpp")
     common = min(len(i.levels) for i in infos) - 1
     return (f"level {spec.level} does not exist in any slide of dataset {name}; levels 0..{common} exist in every "
             "slide, or ask unservable=fallback to resample the nearest level")
