@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .feed import RowFeed
 from .geometry import AxisGeometry, TileSpan, geometry_of, plan_axis
+from .inplace import mutates_input
 from .memory import choose_tile_size, frozen_eval
 
 __all__ = ["StreamingConfig", "StreamingModule", "StepResult", "streaming_step", "resnet_front"]
@@ -83,6 +84,11 @@ class _Stage:
         self.in_stride = in_stride
         self.geom: tuple[AxisGeometry, AxisGeometry] = (geometry_of(module, 0), geometry_of(module, 1))
         self.tile: int | None = None
+        # A stage that may write into its input gets a copy of each tile, never a view of the stored map.
+        self.copy_tiles = mutates_input(module)
+
+    def _tile(self, x: Tensor, r: TileSpan, c: TileSpan) -> Tensor:
+        return x[..., r.in_lo : r.in_hi, c.in_lo : c.in_hi].detach()
 
     def plan(self, height: int, width: int) -> list[tuple[TileSpan, TileSpan]]:
         assert self.tile is not None
@@ -101,8 +107,9 @@ class _Stage:
         for r, c in plan:
             if feed is not None:
                 feed.wait(r.in_hi)  # the input rows this tile reads are final
+            xt = self._tile(x, r, c)
             with amp():
-                y = self.module(x[..., r.in_lo : r.in_hi, c.in_lo : c.in_hi])
+                y = self.module(xt.clone() if self.copy_tiles else xt)
             cr, cc = self._crops(r, c)
             y = y[..., cr, cc]
             if y.shape[-2:] != (r.out_hi - r.out_lo, c.out_hi - c.out_lo):  # pragma: no cover - geometry bug
@@ -122,11 +129,12 @@ class _Stage:
             return None
         gx = torch.zeros_like(x) if input_grad else None
         for r, c in self.plan(x.shape[-2], x.shape[-1]):
-            xt = x[..., r.in_lo : r.in_hi, c.in_lo : c.in_hi].detach()
+            xt = self._tile(x, r, c)
             if input_grad:
                 xt.requires_grad_(True)
             with torch.enable_grad(), amp():
-                y = self.module(xt)
+                # the copy is not a leaf: in-place layers may write into it, the gradient reaches xt
+                y = self.module(xt.clone() if self.copy_tiles else xt)
             cr, cc = self._crops(r, c)
             g = grad[..., r.out_lo : r.out_hi, c.out_lo : c.out_hi]
             torch.autograd.backward(y[..., cr, cc], g.to(y.dtype))
@@ -192,6 +200,11 @@ class StreamingModule(nn.Module):
     def tile_sizes(self) -> list[int | None]:
         """Tile side of every stage in its own input pixels (``None`` until chosen)."""
         return [stage.tile for stage in self._stages]
+
+    @property
+    def tile_copies(self) -> list[bool]:
+        """Per stage: whether its tiles are copied because the stage may write into its input (else views)."""
+        return [stage.copy_tiles for stage in self._stages]
 
     def _amp(self, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[None]]:
         if not self.config.amp:
