@@ -71,3 +71,20 @@ def test_plan_per_input_shape() -> None:
     assert small is not None and small.time_factor <= 1.5
     streamer(torch.randn(1, 3, 480, 480, dtype=torch.float64))
     assert streamer.plan is not None and small is not None and streamer.plan != small
+
+
+def test_train_streaming_arguments_choose_the_plan() -> None:
+    import argparse
+
+    from trainer_client.train_streaming import _streaming_config, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    auto = _streaming_config(parser.parse_args([]), amp=False)
+    assert auto.automatic and auto.step_memory_budget_bytes is None
+    budget = _streaming_config(parser.parse_args(["--memory-budget-mb", "900", "--max-time-factor", "2"]), amp=False)
+    assert budget.step_memory_budget_bytes == 900 * MiB and budget.max_time_factor == 2.0
+    fixed = _streaming_config(parser.parse_args(["--tile-size", "448"]), amp=False)
+    assert not fixed.automatic and fixed.tile_size == 448
+    with pytest.raises(ValueError, match="give one kind"):
+        _streaming_config(parser.parse_args(["--tile-size", "448", "--memory-budget-mb", "900"]), amp=False)
