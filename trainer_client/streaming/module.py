@@ -10,6 +10,8 @@ conventional full-image back-propagation up to floating-point summation order.
 The front may be split into stages (``split_at``): the output map of each stage
 is stored (no graph) and the next stage streams over it. Each stage then needs a
 much smaller halo than the whole front, which cuts the recomputation overhead.
+By default the split points and tiles are planned per input shape (:mod:`.planner`).
+A stage that may write into its input runs on copies of its tiles (:mod:`.inplace`).
 
 The streamed front always runs in eval mode: batch norm normalises with its
 frozen running statistics (which are not updated) while its affine weight and
