@@ -205,9 +205,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows: list[dict[str, object]] = []
     for size in args.sizes:
-        results = {mode: _measure(args, size, mode) for mode in args.modes}
-        for result in results.values():
-            print(json.dumps(result), flush=True)
+        results = {}
+        for mode in args.modes:
+            results[mode] = _measure(args, size, mode)
+            print(json.dumps(results[mode]), flush=True)  # as soon as measured
         if {"conventional", "streaming"} <= results.keys():
             conv, stream = results["conventional"], results["streaming"]
             ratio = {
