@@ -18,6 +18,10 @@ as ``peak_bytes_default_malloc``.
 Both modes run the front in eval mode (frozen batch-norm statistics), which is
 what streaming computes, so the comparison is of the same mathematics.
 
+Streaming chooses its stages and tiles itself (``plan_streaming``: the smallest estimated step
+memory within 1.5x the estimated conventional time; ``--step-budget-mb`` / ``--max-time-factor``
+change the goal; ``--split`` with ``--tile`` or ``--budget-mb`` hand-picks them instead).
+
     python3 bench/bench_streaming.py --device cpu --sizes 2048 4096
     python3 bench/bench_streaming.py --device cuda --amp --sizes 4096 8192
 """
@@ -73,13 +77,14 @@ def _worker(args: argparse.Namespace) -> dict[str, object]:
     loss_fn = nn.CrossEntropyLoss()
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     split = tuple(int(s) for s in args.split.split(",")) if args.split else ()
-    streamer = StreamingModule(
-        front,
-        tile_size=args.tile or None,
-        memory_budget_bytes=None if args.tile else args.budget_mb * MiB,
-        split_at=split,
-        amp=args.amp,
-    )
+    if args.tile or args.budget_mb:  # hand-picked: fixed tile or per-tile budget, stages from --split
+        streamer = StreamingModule(front, tile_size=args.tile or None,
+                                   memory_budget_bytes=None if args.tile else args.budget_mb * MiB,
+                                   split_at=split, amp=args.amp)
+    else:  # automatic stages and tiles (the default)
+        streamer = StreamingModule(front, split_at=split, amp=args.amp,
+                                   step_memory_budget_bytes=args.step_budget_mb * MiB if args.step_budget_mb else None,
+                                   max_time_factor=args.max_time_factor)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -105,7 +110,9 @@ def _worker(args: argparse.Namespace) -> dict[str, object]:
         baseline = torch.cuda.memory_allocated()
     else:
         baseline = _rss_now()
-    step(x, y)  # warm-up at the measured size (kernel selection, tile choice), not timed
+    t0 = time.perf_counter()
+    step(x, y)  # warm-up at the measured size (kernel selection, planning), not timed
+    warmup_s = time.perf_counter() - t0
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -129,8 +136,10 @@ def _worker(args: argparse.Namespace) -> dict[str, object]:
         "runtime_bytes": runtime if device.type == "cpu" else 0,
         "step_bytes": peak - (runtime if device.type == "cpu" else 0),
         "activation_bytes": peak - baseline,
+        "warmup_s": round(warmup_s, 2),
         "tile_sizes": streamer.tile_sizes if args.mode == "streaming" else None,
-        "split_at": list(split),
+        "split_at": list(streamer.plan.split_at) if args.mode == "streaming" and streamer.plan else list(split),
+        "plan": streamer.plan.describe() if args.mode == "streaming" and streamer.plan else None,
     }
 
 
@@ -139,7 +148,10 @@ def _run_child(args: argparse.Namespace, size: int, mode: str, memory_pass: bool
         sys.executable, __file__, "--worker", "--mode", mode, "--size", str(size), "--device", args.device,
         "--steps", str(1 if memory_pass else args.steps), "--batch", str(args.batch), "--budget-mb", str(args.budget_mb),
         "--tile", str(args.tile), "--split", args.split, "--threads", str(args.threads),
+        "--step-budget-mb", str(args.step_budget_mb),
     ]  # fmt: skip
+    if args.max_time_factor:
+        cmd += ["--max-time-factor", str(args.max_time_factor)]
     if args.amp:
         cmd.append("--amp")
     env = dict(os.environ)
@@ -172,9 +184,13 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps; the median is reported")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--budget-mb", type=int, default=256, help="streaming per-tile memory budget")
-    parser.add_argument("--tile", type=int, default=0, help="fixed tile size in image pixels (overrides budget)")
-    parser.add_argument("--split", default="8,12,18", help="stage split indices into the flattened front")
+    parser.add_argument("--step-budget-mb", type=int, default=0,
+                        help="automatic plan: fastest stages/tiles within this step memory (0: smallest within "
+                             "--max-time-factor)")
+    parser.add_argument("--max-time-factor", type=float, default=None, help="automatic plan: time limit (default 1.5)")
+    parser.add_argument("--budget-mb", type=int, default=0, help="hand-picked: per-tile memory budget (with --split)")
+    parser.add_argument("--tile", type=int, default=0, help="hand-picked: fixed tile size in image pixels")
+    parser.add_argument("--split", default="", help="stage split indices into the flattened front (default: planned)")
     parser.add_argument("--modes", nargs="+", default=["conventional", "streaming"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--mmap-threshold", type=int, default=1 << 20,
@@ -189,9 +205,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows: list[dict[str, object]] = []
     for size in args.sizes:
-        results = {mode: _measure(args, size, mode) for mode in args.modes}
-        for result in results.values():
-            print(json.dumps(result), flush=True)
+        results = {}
+        for mode in args.modes:
+            results[mode] = _measure(args, size, mode)
+            print(json.dumps(results[mode]), flush=True)  # as soon as measured
         if {"conventional", "streaming"} <= results.keys():
             conv, stream = results["conventional"], results["streaming"]
             ratio = {
@@ -203,6 +220,8 @@ def main() -> None:
             }
             print(json.dumps(ratio), flush=True)
             rows.append({**ratio, "conv": conv, "stream": stream})
+    for row in rows:
+        print(f"plan at {row['size']}: {row['stream']['plan']}")  # type: ignore[index]
     print("\n| size | mode | step s (median) | step memory MiB | peak RSS MiB | activation MiB | tiles |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:

@@ -22,7 +22,7 @@ from torch import nn
 
 from trainer_client.client import LoaderClient
 from trainer_client.config import StreamConfig
-from trainer_client.streaming import StreamingModule, resnet_front, streaming_step
+from trainer_client.streaming import StreamingConfig, StreamingModule, StreamingPlan, resnet_front, streaming_step
 from trainer_client.views import TileFeeder
 
 __all__ = ["add_arguments", "run"]
@@ -35,8 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=sorted(ARCHS), default="resnet34")
     p.add_argument("--region", type=int, default=2048, help="side of the square region at --level (pixels)")
     p.add_argument("--level", type=int, default=0)
-    p.add_argument("--tile-size", type=int, default=None, help="streaming tile side (default: from --memory-budget-mb)")
-    p.add_argument("--memory-budget-mb", type=float, default=None)
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="fixed streaming tile side, one stage (default: stages and tiles chosen automatically)")
+    p.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="automatic plan: the fastest stages and tiles whose estimated step memory fits this budget")
+    p.add_argument("--max-time-factor", type=float, default=None,
+                   help="automatic plan: at most this times conventional step time (estimated); without "
+                        "--memory-budget-mb the smallest plan within it (default 1.5)")
+    p.add_argument("--tile-budget-mb", type=float, default=None,
+                   help="instead of a plan: one stage, tile chosen from this per-tile working-memory budget")
     p.add_argument("--service-tile", type=int, default=512, help="tile side the service sends (tiles view)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--samples-per-epoch", type=int, default=64)
@@ -55,17 +62,30 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _streaming_config(args: argparse.Namespace, amp: bool) -> StreamingConfig:
+    mib = 2**20
+    fixed = args.tile_size is not None or args.tile_budget_mb is not None
+    if fixed and (args.memory_budget_mb is not None or args.max_time_factor is not None):
+        raise ValueError("--tile-size/--tile-budget-mb fix the tiles; --memory-budget-mb/--max-time-factor plan "
+                         "them: give one kind")
+    return StreamingConfig(
+        tile_size=args.tile_size,
+        memory_budget_bytes=int(args.tile_budget_mb * mib) if args.tile_budget_mb else None,
+        amp=amp,
+        step_memory_budget_bytes=int(args.memory_budget_mb * mib) if args.memory_budget_mb else None,
+        max_time_factor=args.max_time_factor,
+    )
+
+
 def run(args: argparse.Namespace, client: LoaderClient, dataset: str, labels: list[str]) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import torchvision  # here, not at import: `trainer-client bench` runs without it (client-only install)
 
     model = getattr(torchvision.models, args.arch)(weights=None, num_classes=max(2, len(labels))).to(device)
-    front = resnet_front(model)
+    front = resnet_front(model, flatten_blocks=True)  # every block a child: the plan may split anywhere
     head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
-    budget = int(args.memory_budget_mb * 2**20) if args.memory_budget_mb else None
-    streamer = StreamingModule(front, tile_size=args.tile_size, memory_budget_bytes=budget,
-                               amp=args.amp and device.type == "cuda")
+    streamer = StreamingModule(front, config=_streaming_config(args, amp=args.amp and device.type == "cuda"))
     optimiser = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     config = StreamConfig(dataset=dataset, batch_size=1, view="tiles", region_width=args.region,
                           region_height=args.region, tile_size=args.service_tile, level=args.level,
@@ -96,6 +116,7 @@ def run(args: argparse.Namespace, client: LoaderClient, dataset: str, labels: li
     start, images, last_loss = time.perf_counter(), 0, float("nan")
     target = step + args.steps
     feeder: TileFeeder | None = None
+    shown: StreamingPlan | None = None
     try:
         while step < target:
             feeder = TileFeeder(stream, device, state=stream.state_dict)
@@ -105,6 +126,9 @@ def run(args: argparse.Namespace, client: LoaderClient, dataset: str, labels: li
                 result = streaming_step(streamer, head, nn.functional.cross_entropy, arriving.images, y,
                                         feed=arriving.feed)
                 optimiser.step()
+                if streamer.plan is not None and streamer.plan != shown:
+                    shown = streamer.plan
+                    print(f"plan for {tuple(arriving.images.shape)}: {shown.describe()}", flush=True)
                 assert arriving.loader_state is not None  # the whole image was read
                 loader_state = arriving.loader_state
                 step += 1
@@ -126,6 +150,7 @@ def run(args: argparse.Namespace, client: LoaderClient, dataset: str, labels: li
     elapsed = time.perf_counter() - start
     return {"steps": step, "images": images, "images_per_s": images / elapsed, "loss": last_loss,
             "peak_memory_mib": _peak_memory_mib(device), "device": str(device),
+            "split_at": list(streamer.plan.split_at) if streamer.plan else [], "tile_sizes": streamer.tile_sizes,
             "epoch": loader_state["epoch"], "cursor": loader_state["cursor"]}
 
 

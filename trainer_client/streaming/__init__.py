@@ -6,6 +6,7 @@ See ``docs/streaming.md``.
 from .feed import FeedStalledError, RowFeed
 from .geometry import AxisGeometry, TileSpan, geometry_of, min_tile_size, plan_axis
 from .memory import TileMemoryEstimate, choose_tile_size, estimate_tile_memory, frozen_eval
+from .planner import StreamingPlan, plan_streaming
 from .module import StepResult, StreamingConfig, StreamingModule, resnet_front, streaming_step
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "StepResult",
     "StreamingConfig",
     "StreamingModule",
+    "StreamingPlan",
     "TileMemoryEstimate",
     "TileSpan",
     "choose_tile_size",
@@ -22,6 +24,7 @@ __all__ = [
     "frozen_eval",
     "geometry_of",
     "min_tile_size",
+    "plan_streaming",
     "plan_axis",
     "resnet_front",
     "streaming_step",

@@ -7,12 +7,13 @@ gives ``A`` = activation bytes per input pixel, and ``M`` = bytes per input pixe
 of the largest single activation. The working memory of one tile of side ``T``
 during the gradient-enabled recompute is estimated as::
 
-    T*T * (A + 2*M + 2*input_bytes_per_pixel)
+    T*T * (A + 2*M + c*input_bytes_per_pixel)
 
 ``A`` over-counts what autograd really saves (an in-place ReLU output is counted
 twice, eval-mode batch norm saves only its input), the ``2*M`` term covers the
 gradient buffers alive while back-propagating through the largest layer, and the
-input term covers the tile and its gradient. Memory that does not scale with the
+input term covers the tile and its gradient (``c = 2``), plus the tile's copy
+(``c = 3``) when the module may write into its input (:mod:`.inplace`). Memory that does not scale with the
 tile (weights, their gradients, the full input, the stitched feature map and
 stage-boundary maps) is NOT part of the budget.
 """
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from .geometry import geometry_of, min_tile_size
+from .inplace import mutates_input
 
 __all__ = ["TileMemoryEstimate", "estimate_tile_memory", "choose_tile_size", "frozen_eval"]
 
@@ -42,10 +44,12 @@ class TileMemoryEstimate:
     largest_bytes_per_pixel: float
     input_bytes_per_pixel: float
     min_tile: int
+    input_copies: int = 2
 
     def tile_bytes(self, tile: int) -> float:
         """Estimated working memory (bytes) of one square tile of side ``tile``."""
-        per_pixel = self.activation_bytes_per_pixel + 2 * self.largest_bytes_per_pixel + 2 * self.input_bytes_per_pixel
+        per_pixel = (self.activation_bytes_per_pixel + 2 * self.largest_bytes_per_pixel
+                     + self.input_copies * self.input_bytes_per_pixel)
         return tile * tile * per_pixel
 
 
@@ -101,6 +105,7 @@ def estimate_tile_memory(
         largest_bytes_per_pixel=totals["max"] / pixels,
         input_bytes_per_pixel=in_channels * probe.element_size(),
         min_tile=side,
+        input_copies=3 if mutates_input(module) else 2,
     )
 
 

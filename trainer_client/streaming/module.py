@@ -10,6 +10,8 @@ conventional full-image back-propagation up to floating-point summation order.
 The front may be split into stages (``split_at``): the output map of each stage
 is stored (no graph) and the next stage streams over it. Each stage then needs a
 much smaller halo than the whole front, which cuts the recomputation overhead.
+By default the split points and tiles are planned per input shape (:mod:`.planner`).
+A stage that may write into its input runs on copies of its tiles (:mod:`.inplace`).
 
 The streamed front always runs in eval mode: batch norm normalises with its
 frozen running statistics (which are not updated) while its affine weight and
@@ -28,13 +30,13 @@ from torch import Tensor, nn
 
 from .feed import RowFeed
 from .geometry import AxisGeometry, TileSpan, geometry_of, plan_axis
+from .inplace import mutates_input
 from .memory import choose_tile_size, frozen_eval
+from .planner import StreamingPlan, plan_streaming
 
 __all__ = ["StreamingConfig", "StreamingModule", "StepResult", "streaming_step", "resnet_front"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,17 @@ class StreamingConfig:
 
     ``tile_size``: side of every processed input crop, in image pixels (stage ``k``
     uses ``tile_size // stride_before_stage_k`` of its own input), or one value per
-    stage in that stage's own input pixels. ``None``: chosen per stage from
-    ``memory_budget_bytes`` (default 1 GiB) by :func:`choose_tile_size`.
-    ``split_at``: indices into the ``nn.Sequential`` front where a new stage starts.
+    stage in that stage's own input pixels. ``memory_budget_bytes``: instead, a
+    per-tile working-memory budget from which each stage's tile is chosen by
+    :func:`choose_tile_size`. ``split_at``: indices into the ``nn.Sequential`` front
+    where a new stage starts.
+
+    With neither ``tile_size`` nor ``memory_budget_bytes`` the stages (unless
+    ``split_at`` is given) and tiles are chosen automatically for each input shape by
+    :func:`~.planner.plan_streaming`: the fastest plan whose estimated step memory fits
+    ``step_memory_budget_bytes``, or else the plan with the smallest estimated step
+    memory within ``max_time_factor`` (default 1.5) times conventional step time.
+    ``max_stages`` bounds the automatic split.
     ``amp``: run tiles under ``torch.autocast`` with ``amp_dtype`` (default
     float16 on CUDA, bfloat16 elsewhere).
     """
@@ -55,6 +65,14 @@ class StreamingConfig:
     split_at: tuple[int, ...] = ()
     amp: bool = False
     amp_dtype: torch.dtype | None = None
+    step_memory_budget_bytes: int | None = None
+    max_time_factor: float | None = None
+    max_stages: int = 5
+
+    @property
+    def automatic(self) -> bool:
+        """Stages and tiles are planned per input shape (no ``tile_size``, no per-tile budget)."""
+        return self.tile_size is None and self.memory_budget_bytes is None
 
     def __post_init__(self) -> None:
         sizes = (self.tile_size,) if isinstance(self.tile_size, int) else self.tile_size or ()
@@ -71,6 +89,15 @@ class StreamingConfig:
             raise ValueError(f"memory_budget_bytes must be positive, got {self.memory_budget_bytes}")
         if list(self.split_at) != sorted(set(self.split_at)) or any(i <= 0 for i in self.split_at):
             raise ValueError(f"split_at must be strictly increasing positive indices, got {self.split_at!r}")
+        if not self.automatic and (self.step_memory_budget_bytes is not None or self.max_time_factor is not None):
+            raise ValueError("step_memory_budget_bytes / max_time_factor plan tiles automatically; "
+                             "do not give tile_size or memory_budget_bytes with them")
+        if self.step_memory_budget_bytes is not None and self.step_memory_budget_bytes <= 0:
+            raise ValueError(f"step_memory_budget_bytes must be positive, got {self.step_memory_budget_bytes}")
+        if self.max_time_factor is not None and not self.max_time_factor > 1:
+            raise ValueError(f"max_time_factor must be > 1 (streaming recomputes the forward), got {self.max_time_factor}")
+        if self.max_stages < 1:
+            raise ValueError(f"max_stages must be >= 1, got {self.max_stages}")
         if self.amp_dtype is not None and self.amp_dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"amp_dtype must be torch.float16 or torch.bfloat16, got {self.amp_dtype}")
 
@@ -83,6 +110,11 @@ class _Stage:
         self.in_stride = in_stride
         self.geom: tuple[AxisGeometry, AxisGeometry] = (geometry_of(module, 0), geometry_of(module, 1))
         self.tile: int | None = None
+        # A stage that may write into its input gets a copy of each tile, never a view of the stored map.
+        self.copy_tiles = mutates_input(module)
+
+    def _tile(self, x: Tensor, r: TileSpan, c: TileSpan) -> Tensor:
+        return x[..., r.in_lo : r.in_hi, c.in_lo : c.in_hi].detach()
 
     def plan(self, height: int, width: int) -> list[tuple[TileSpan, TileSpan]]:
         assert self.tile is not None
@@ -101,8 +133,9 @@ class _Stage:
         for r, c in plan:
             if feed is not None:
                 feed.wait(r.in_hi)  # the input rows this tile reads are final
+            xt = self._tile(x, r, c)
             with amp():
-                y = self.module(x[..., r.in_lo : r.in_hi, c.in_lo : c.in_hi])
+                y = self.module(xt.clone() if self.copy_tiles else xt)
             cr, cc = self._crops(r, c)
             y = y[..., cr, cc]
             if y.shape[-2:] != (r.out_hi - r.out_lo, c.out_hi - c.out_lo):  # pragma: no cover - geometry bug
@@ -122,11 +155,12 @@ class _Stage:
             return None
         gx = torch.zeros_like(x) if input_grad else None
         for r, c in self.plan(x.shape[-2], x.shape[-1]):
-            xt = x[..., r.in_lo : r.in_hi, c.in_lo : c.in_hi].detach()
+            xt = self._tile(x, r, c)
             if input_grad:
                 xt.requires_grad_(True)
             with torch.enable_grad(), amp():
-                y = self.module(xt)
+                # the copy is not a leaf: in-place layers may write into it, the gradient reaches xt
+                y = self.module(xt.clone() if self.copy_tiles else xt)
             cr, cc = self._crops(r, c)
             g = grad[..., r.out_lo : r.out_hi, c.out_lo : c.out_hi]
             torch.autograd.backward(y[..., cr, cc], g.to(y.dtype))
@@ -160,11 +194,14 @@ class StreamingModule(nn.Module):
         split_at: Sequence[int] = (),
         amp: bool = False,
         amp_dtype: torch.dtype | None = None,
+        step_memory_budget_bytes: int | None = None,
+        max_time_factor: float | None = None,
         config: StreamingConfig | None = None,
     ) -> None:
         super().__init__()
         if config is None:
-            config = StreamingConfig(tile_size, memory_budget_bytes, tuple(split_at), amp, amp_dtype)
+            config = StreamingConfig(tile_size, memory_budget_bytes, tuple(split_at), amp, amp_dtype,
+                                     step_memory_budget_bytes, max_time_factor)
         self.config = config
         self.front = front
         if config.split_at:
@@ -172,43 +209,83 @@ class StreamingModule(nn.Module):
                 raise TypeError("split_at needs an nn.Sequential front")
             if config.split_at[-1] >= len(front):
                 raise ValueError(f"split_at {config.split_at} must index inside the front (length {len(front)})")
-            bounds = [0, *config.split_at, len(front)]
+        self._stages = self._build_stages(config.split_at)
+        if not config.automatic:
+            in_stride = 1
+            for i, stage in enumerate(self._stages):
+                if isinstance(config.tile_size, tuple):
+                    stage.tile = config.tile_size[i]
+                elif isinstance(config.tile_size, int):
+                    stage.tile = max(1, config.tile_size // in_stride)
+                in_stride *= stage.geom[0].stride
+        self._plans: dict[tuple[object, ...], tuple[StreamingPlan, list[_Stage]]] = {}
+        self._plan: StreamingPlan | None = None
+        self._saved: tuple[Tensor, list[Tensor]] | None = None
+
+    def _build_stages(self, split_at: Sequence[int]) -> list[_Stage]:
+        front = self.front
+        if split_at:
+            bounds = [0, *split_at, len(front)]
             pieces: list[nn.Module] = [front[a:b] for a, b in zip(bounds, bounds[1:])]
         else:
             pieces = [front]
-        self._stages: list[_Stage] = []
+        stages: list[_Stage] = []
         in_stride = 1
-        for i, piece in enumerate(pieces):
-            stage = _Stage(piece, in_stride)
-            if isinstance(config.tile_size, tuple):
-                stage.tile = config.tile_size[i]
-            elif isinstance(config.tile_size, int):
-                stage.tile = max(1, config.tile_size // in_stride)
-            self._stages.append(stage)
-            in_stride *= stage.geom[0].stride
-        self._saved: tuple[Tensor, list[Tensor]] | None = None
+        for piece in pieces:
+            stages.append(_Stage(piece, in_stride))
+            in_stride *= stages[-1].geom[0].stride
+        return stages
+
+    def _prepare(self, x: Tensor) -> None:
+        """Automatic mode: the stages and tiles planned for ``x``'s shape (planned once per shape)."""
+        if not self.config.automatic:
+            return
+        key = (tuple(x.shape), x.dtype, x.device, self.config.amp)
+        if key not in self._plans:
+            plan = plan_streaming(
+                self.front, tuple(x.shape), step_memory_budget_bytes=self.config.step_memory_budget_bytes,
+                max_time_factor=self.config.max_time_factor, split_at=self.config.split_at or None,
+                max_stages=self.config.max_stages, dtype=x.dtype, device=x.device,
+                autocast_dtype=self._autocast_dtype(x.device))
+            stages = self._build_stages(plan.split_at)
+            for stage, tile in zip(stages, plan.tile_sizes):
+                stage.tile = tile
+            self._plans[key] = (plan, stages)
+            logger.info("streaming plan for input %s: %s", tuple(x.shape), plan.describe())
+        self._plan, self._stages = self._plans[key]
+
+    @property
+    def plan(self) -> StreamingPlan | None:
+        """What the automatic mode chose for the last input shape (``None`` before or without it)."""
+        return self._plan
 
     @property
     def tile_sizes(self) -> list[int | None]:
         """Tile side of every stage in its own input pixels (``None`` until chosen)."""
         return [stage.tile for stage in self._stages]
 
-    def _amp(self, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    @property
+    def tile_copies(self) -> list[bool]:
+        """Per stage: whether its tiles are copied because the stage may write into its input (else views)."""
+        return [stage.copy_tiles for stage in self._stages]
+
+    def _autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         if not self.config.amp:
+            return None
+        return self.config.amp_dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+    def _amp(self, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[None]]:
+        dtype = self._autocast_dtype(device)
+        if dtype is None:
             return contextlib.nullcontext
-        dtype = self.config.amp_dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
         return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
     def _ensure_tile(self, stage: _Stage, x: Tensor) -> None:
         if stage.tile is not None:
             return
-        budget = self.config.memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES
-        amp_dtype = None
-        if self.config.amp:
-            amp_dtype = self.config.amp_dtype or (torch.float16 if x.device.type == "cuda" else torch.bfloat16)
-        stage.tile = choose_tile_size(
-            stage.module, budget, x.shape[1], x.dtype, x.device, amp_dtype, batch_size=x.shape[0]
-        )
+        assert self.config.memory_budget_bytes is not None  # otherwise tile_size, or planned
+        stage.tile = choose_tile_size(stage.module, self.config.memory_budget_bytes, x.shape[1], x.dtype, x.device,
+                                      self._autocast_dtype(x.device), batch_size=x.shape[0])
 
     @staticmethod
     def _check_input(x: Tensor) -> None:
@@ -216,6 +293,7 @@ class StreamingModule(nn.Module):
             raise ValueError(f"expected an NCHW tensor, got shape {tuple(x.shape)}")
 
     def _stage_inputs(self, x: Tensor, feed: RowFeed | None = None) -> list[Tensor]:
+        self._prepare(x)
         amp = self._amp(x.device)
         inputs = [x]
         with torch.no_grad(), frozen_eval(self.front):
@@ -241,6 +319,7 @@ class StreamingModule(nn.Module):
     ) -> Tensor | None:
         """Back-propagate ``feature_map_grad`` through the front; returns d(loss)/dx when ``input_grad``."""
         self._check_input(x)
+        self._prepare(x)
         if self._saved is not None and self._saved[0] is x:
             inputs = [x, *self._saved[1]]
         else:
