@@ -52,6 +52,16 @@ def distributed_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """The given (rank, world_size), each defaulting to :func:`distributed_rank`'s; checked."""
+    auto_rank, auto_world = distributed_rank()
+    rank = auto_rank if rank is None else rank
+    world_size = auto_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} must be in 0..world_size-1 (world_size {world_size})")
+    return rank, world_size
+
+
 def _piece(meta: pb.SampleMeta) -> dict[str, Any]:
     p = meta.piece
     return {"image_hw": (p.image_height, p.image_width), "rect": (p.y, p.x, p.height, p.width),
@@ -219,11 +229,7 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
         self.config = config
         self._owns_client = client is None
         self.client = client or LoaderClient(endpoint, **connection)  # type: ignore[arg-type]
-        auto_rank, auto_world = distributed_rank()
-        self.rank = auto_rank if rank is None else rank
-        self.world_size = auto_world if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} must be in 0..world_size-1 (world_size {self.world_size})")
+        self.rank, self.world_size = resolve_rank(rank, world_size)
         self.epoch = epoch
         self.cursor = 0
         self.labels: list[str] = []

@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 from torch.utils.data import IterableDataset
 
-from trainer_client.client import LoaderClient, WSIStream, distributed_rank
+from trainer_client.client import LoaderClient, WSIStream, resolve_rank
 from trainer_client.config import StreamConfig
 from trainer_client.errors import StalledError, UnavailableError
 
@@ -200,11 +200,7 @@ class PoolStream(IterableDataset):  # type: ignore[type-arg]
                  rank: int | None = None, world_size: int | None = None, epoch: int = 0, **connection: Any) -> None:
         self.config = config
         self.pool_config = pool if isinstance(pool, PoolConfig) else PoolConfig(tuple(pool))
-        auto_rank, auto_world = distributed_rank()
-        self.rank = auto_rank if rank is None else rank
-        self.world_size = auto_world if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} must be in 0..world_size-1 (world_size {self.world_size})")
+        self.rank, self.world_size = resolve_rank(rank, world_size)
         self.epoch = epoch
         self.sub_shards = self.pool_config.sub_shards
         self.cursors: list[int] = []  # per sub-shard: samples yielded (empty: the epoch not started)
