@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -32,8 +33,10 @@ def main() -> None:
     for batch in stream:
         keys += [[s, x, y] for s, x, y in zip(batch["slide_id"], batch["x"].tolist(), batch["y"].tolist())]
         indices += batch["global_index"].tolist()
-        print(f"BATCH rank={rank} sub={batch['sub_shard']} served={json.dumps(stream.stats.batches_by_endpoint)}",
-              flush=True)
+        # one write per line: both ranks share torchrun's stdout, and print() writes the text and its newline apart
+        sys.stdout.write(f"BATCH rank={rank} sub={batch['sub_shard']} "
+                         f"served={json.dumps(stream.stats.batches_by_endpoint)}\n")
+        sys.stdout.flush()
         pace.wait(args.pace_s)
     everyone: list[object] = [None] * world
     dist.all_gather_object(everyone, len(indices))  # the ranks are one gloo job
