@@ -1,0 +1,110 @@
+"""Scaling (#12): GIL-held time per patch of one service process, and the ceiling it implies.
+
+For the patch path with and without the pathology augmentation preset, over shared memory and gRPC:
+start a real service on synthetic pyramidal JPEG slides, pull with `trainer-client bench` for N seconds,
+sample the service with `py-spy record --gil --nonblocking -r RATE -d N --format raw` and read its CPU time
+with psutil. GIL-held share = samples recorded with --gil / (rate x duration); GIL-held us/patch =
+share / patches/s x 1e6; projected ceiling of one process = 1e6 / (GIL-held us/patch). If py-spy is missing
+or cannot attach (ptrace), only patches/s and CPU-ms/patch are reported.
+
+    python -m bench.bench_scaling [--seconds 10] [--workers 1 2 4 8 16] [--py-spy PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.common import python_cmd, run_json, service
+
+CASES = (("none", "shm"), ("pathology", "shm"), ("none", "grpc"), ("pathology", "grpc"))
+
+
+def gil_samples(py_spy: str, pid: int, rate: int, seconds: float, out: Path) -> tuple[int | None, str]:
+    """Run py-spy against ``pid``; return (sample count or None, error text)."""
+    cmd = [py_spy, "record", "--gil", "--nonblocking", "-r", str(rate), "-d", str(int(seconds)),
+           "--format", "raw", "-o", str(out), "-p", str(pid)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    if res.returncode != 0 or not out.exists():
+        return None, (res.stderr or res.stdout)[-400:]
+    total = 0
+    for line in out.read_text().splitlines():  # raw (collapsed) format: "stack count"
+        head, _, count = line.rpartition(" ")
+        if head and count.isdigit():
+            total += int(count)
+    return total, ""
+
+
+def measure(port: int, pid: int, augment: str, transport: str, seconds: float, rate: int,
+            py_spy: str | None, tmp: Path) -> dict[str, Any]:
+    cmd = python_cmd("trainer_client.cli", "bench", "--endpoint", f"127.0.0.1:{port}", "--dataset", "bench",
+                     "--transport", transport, "--batch-size", "64", "--patch-size", "256",
+                     "--seconds", str(seconds + 4), "--consume", "none", "--credits", "4")
+    if augment == "none":
+        cmd.append("--no-augment")
+    result: dict[str, Any] = {}
+    client = threading.Thread(target=lambda: result.update(run_json(cmd)))
+    client.start()
+    proc = psutil.Process(pid)
+    threading.Event().wait(2.0)  # warm-up: let the client connect and the pipeline fill
+    cpu0 = proc.cpu_times()
+    samples, err = (None, "py-spy not found") if py_spy is None else \
+        gil_samples(py_spy, pid, rate, seconds, tmp / f"{augment}-{transport}.txt")
+    if py_spy is None:
+        threading.Event().wait(seconds)
+    cpu1 = proc.cpu_times()
+    client.join()
+    patches_s = float(result["tiles_per_s"])
+    cpu_s = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    row = {"augment": augment, "transport": transport, "patches_s": patches_s,
+           "cpu_ms_per_patch": cpu_s / seconds / patches_s * 1e3}
+    if samples is not None:
+        share = samples / (rate * seconds)
+        us = share / patches_s * 1e6
+        row.update(gil_share=share, gil_us_per_patch=us, ceiling_patches_s=1e6 / us)
+    else:
+        row["py_spy_error"] = err
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rate", type=int, default=200)
+    parser.add_argument("--workers", type=int, nargs="+", default=[2])
+    parser.add_argument("--py-spy", default=shutil.which("py-spy"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from loader_service.synthetic import write_synthetic_dataset
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        manifest = write_synthetic_dataset(tmp, n_slides=4, size=8192, seed=0)
+        for workers in args.workers:
+            svc = ("--manifest", f"bench={manifest}", "--metrics-port", "-1", "--device", "cpu",
+                   "--workers", str(workers))
+            with service(*svc) as (port, proc):
+                for augment, transport in CASES:
+                    row = {"workers": workers, **measure(port, proc.pid, augment, transport, args.seconds,
+                                                         args.rate, args.py_spy, tmp)}
+                    rows.append(row)
+                    gil = (f"GIL {row['gil_share']:5.1%}  {row['gil_us_per_patch']:6.0f} us/patch  "
+                           f"ceiling {row['ceiling_patches_s']:7.0f}/s" if "gil_share" in row
+                           else f"py-spy failed: {row['py_spy_error'].strip()[:120]}")
+                    print(f"workers {workers:2d}  {augment:9s} {transport:4s}  {row['patches_s']:7.1f} patches/s  "
+                          f"CPU {row['cpu_ms_per_patch']:5.2f} ms/patch  {gil}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
