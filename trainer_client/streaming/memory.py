@@ -31,7 +31,7 @@ from torch import nn
 from .geometry import geometry_of, min_tile_size
 from .inplace import mutates_input
 
-__all__ = ["TileMemoryEstimate", "estimate_tile_memory", "choose_tile_size", "frozen_eval"]
+__all__ = ["TileMemoryEstimate", "estimate_tile_memory", "choose_tile_size", "frozen_eval", "probe_forward"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,22 @@ def frozen_eval(module: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+def probe_forward(module: nn.Module, handles: list[torch.utils.hooks.RemovableHandle], channels: int, side: int,
+                  dtype: torch.dtype, device: torch.device, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """One forward of a zero ``side``² probe through ``module`` (eval mode, no grad, autocast when asked) for the
+    forward hooks in ``handles`` to measure; the hooks are removed afterwards. Returns the probe."""
+    probe = torch.zeros(1, channels, side, side, dtype=dtype, device=device)
+    amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    try:
+        with torch.no_grad(), frozen_eval(module), amp:
+            module(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return probe
+
+
 def estimate_tile_memory(
     module: nn.Module,
     in_channels: int,
@@ -87,18 +103,7 @@ def estimate_tile_memory(
 
     leaves = [m for m in module.modules() if next(m.children(), None) is None]
     handles = [m.register_forward_hook(hook) for m in leaves]
-    probe = torch.zeros(1, in_channels, side, side, dtype=dtype, device=device)
-    amp = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    try:
-        with torch.no_grad(), frozen_eval(module), amp:
-            module(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
+    probe = probe_forward(module, handles, in_channels, side, dtype, device, autocast_dtype)
     pixels = float(side * side)
     return TileMemoryEstimate(
         activation_bytes_per_pixel=totals["sum"] / pixels,

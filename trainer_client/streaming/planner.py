@@ -27,7 +27,6 @@ plan within a step-memory budget or the smallest plan within a time factor.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from torch import nn
 
 from .geometry import geometry_of, min_tile_size, plan_axis
 from .inplace import mutates_input
-from .memory import frozen_eval
+from .memory import probe_forward
 
 __all__ = ["StreamingPlan", "plan_streaming", "LAYER_CALL_MACS"]
 
@@ -107,15 +106,7 @@ def _profile(front: nn.Sequential, channels: int, dtype: torch.dtype, device: to
         leaves = [m for m in child.modules() if next(m.children(), None) is None]
         handles += [leaf.register_forward_hook(leaf_hook) for leaf in leaves]
         handles.append(child.register_forward_hook(child_hook))
-    probe = torch.zeros(1, channels, side, side, dtype=dtype, device=device)
-    amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
-    try:
-        with torch.no_grad(), frozen_eval(front), amp:
-            front(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
+    probe = probe_forward(front, handles, channels, side, dtype, device, autocast_dtype)
     pixels = float(side * side)
     children = [_Child(s["act"] / pixels, s["largest"] / pixels, s["macs"] / pixels, s["out"] / pixels,
                        int(s["layers"])) for s in stats]
