@@ -650,8 +650,9 @@ class _Servicer(pb_grpc.LoaderServicer):
                 context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
         finally:
             if session is not None:
-                s.metrics.sessions_ended.labels(reason=_end_reason(session, errored)).inc()
-                if _end_reason(session, errored) == "client_gone":  # cancelled or vanished without half-closing
+                reason = _end_reason(session, errored, cancelled=not context.is_active())
+                s.metrics.sessions_ended.labels(reason=reason).inc()
+                if reason == "client_gone":  # cancelled or vanished without half-closing
                     s.metrics.errors.labels(kind="client_gone").inc()
                 s.metrics.active_sessions.dec()
             if joined and request is not None:
@@ -662,12 +663,14 @@ class _Servicer(pb_grpc.LoaderServicer):
                 session.close()
 
 
-def _end_reason(session: Session, errored: bool) -> str:
+def _end_reason(session: Session, errored: bool, cancelled: bool) -> str:
+    """How a session ended. A client that cancels its call may also end its request stream first (gRPC can
+    deliver either to the request thread): the cancelled RPC, not the half-close, decides that it is gone."""
     if errored:
         return "error"
     if session.completed:
         return "completed"
-    return "client_closed" if session.client_closed.is_set() else "client_gone"
+    return "client_closed" if session.client_closed.is_set() and not cancelled else "client_gone"
 
 
 def _mpp_read_factor(slide: Any, record: Any, mpp: float) -> float:
