@@ -75,6 +75,20 @@ def test_shards_with_halo_are_crops_of_the_image_view(client: LoaderClient) -> N
 
 
 
+def stitch_shards(client: LoaderClient, whole: list[torch.Tensor], configs: list[StreamConfig]) -> list[torch.Tensor]:
+    """The images rebuilt from the cores of the shards ``configs`` stream; each piece (with its halo) is
+    checked to be a crop of ``whole``."""
+    canvas = [torch.zeros_like(w) for w in whole]
+    for config in configs:
+        with client.stream(config) as stream:
+            for i, batch in enumerate(stream):
+                y, x, h, w = batch["piece"]["rect"]
+                assert torch.equal(batch["images"], whole[i][..., y:y + h, x:x + w])
+                cy, cx, ch, cw = batch["piece"]["core"]
+                canvas[i][..., cy:cy + ch, cx:cx + cw] = crop_core(batch)
+    return canvas
+
+
 @pytest.mark.parametrize("method", ["reinhard", "macenko"])
 def test_stain_normalised_tiles_and_shards_stitch_to_the_image_view(client: LoaderClient, method: str) -> None:
     """Stain normalisation is fitted to the whole image before it is cut: stitched tiles and shards (with
@@ -90,14 +104,8 @@ def test_stain_normalised_tiles_and_shards_stitch_to_the_image_view(client: Load
             stitched = [b["images"] for b in stitch_tiles(list(stream))]
             assert stream.transport == transport
         assert len(stitched) == 2 and all(torch.equal(a, b) for a, b in zip(whole, stitched))
-    canvas = [torch.zeros_like(w) for w in whole]
-    for r in range(2):
-        with client.stream(cfg(view="shard", grid=(2, 1), shard=(r, 0), halo=5, **stained)) as stream:
-            for i, batch in enumerate(stream):
-                y, x, h, w = batch["piece"]["rect"]
-                assert torch.equal(batch["images"], whole[i][..., y:y + h, x:x + w])
-                cy, cx, ch, cw = batch["piece"]["core"]
-                canvas[i][..., cy:cy + ch, cx:cx + cw] = crop_core(batch)
+    canvas = stitch_shards(client, whole, [cfg(view="shard", grid=(2, 1), shard=(r, 0), halo=5, **stained)
+                                           for r in range(2)])
     assert all(torch.equal(a, b) for a, b in zip(whole, canvas))
 
 
@@ -111,14 +119,8 @@ def test_image_level_scale_and_crop_in_every_view(client: LoaderClient) -> None:
     with client.stream(cfg(augment_config=scaled, view="tiles", tile_size=80, overlap=5)) as stream:
         stitched = [b["images"] for b in stitch_tiles(stream)]
     assert all(torch.equal(a, b) for a, b in zip(whole, stitched))
-    canvas = [torch.zeros_like(w) for w in whole]
-    for c in range(2):
-        with client.stream(cfg(augment_config=scaled, view="shard", grid=(1, 2), shard=(0, c), halo=6)) as stream:
-            for i, batch in enumerate(stream):
-                y, x, h, w = batch["piece"]["rect"]
-                assert torch.equal(batch["images"], whole[i][..., y:y + h, x:x + w])
-                cy, cx, ch, cw = batch["piece"]["core"]
-                canvas[i][..., cy:cy + ch, cx:cx + cw] = crop_core(batch)
+    canvas = stitch_shards(client, whole, [cfg(augment_config=scaled, view="shard", grid=(1, 2), shard=(0, c),
+                                               halo=6) for c in range(2)])
     assert all(torch.equal(a, b) for a, b in zip(whole, canvas))
 
 
