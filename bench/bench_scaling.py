@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,23 @@ def gil_samples(py_spy: str, pid: int, rate: int, seconds: float, out: Path) -> 
         if head and count.isdigit():
             total += int(count)
     return total, ""
+
+
+def top_frames(raw: Path, n: int) -> list[tuple[str, int, int]]:
+    """The ``n`` functions most often on a GIL-holding stack: (function, self samples, inclusive samples)."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        head, _, count = line.rpartition(" ")
+        if not (head and count.isdigit()):
+            continue
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
+                  if " (" in f else f for f in head.split(";")[1:]]  # drop the thread's name
+        if frames:
+            own[frames[-1]] += int(count)
+        for f in set(frames):
+            inclusive[f] += int(count)
+    return [(f, own[f], inclusive[f]) for f, _ in own.most_common(n)]
 
 
 def measure(port: int, pid: int, augment: str, transport: str, seconds: float, rate: int,
@@ -82,6 +100,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[2])
     parser.add_argument("--py-spy", default=shutil.which("py-spy"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cases", nargs="+", choices=[f"{a}+{t}" for a, t in CASES],
+                        help="only these cases (augment+transport); default all four")
+    parser.add_argument("--top", type=int, default=0,
+                        help="also print the N functions most often holding the GIL (self samples)")
     args = parser.parse_args()
     from loader_service.synthetic import write_synthetic_dataset
 
@@ -94,6 +116,8 @@ def main() -> None:
                    "--workers", str(workers))
             with service(*svc) as (port, proc):
                 for augment, transport in CASES:
+                    if args.cases and f"{augment}+{transport}" not in args.cases:
+                        continue
                     row = {"workers": workers, **measure(port, proc.pid, augment, transport, args.seconds,
                                                          args.rate, args.py_spy, tmp)}
                     rows.append(row)
@@ -102,6 +126,11 @@ def main() -> None:
                            else f"py-spy failed: {row['py_spy_error'].strip()[:120]}")
                     print(f"workers {workers:2d}  {augment:9s} {transport:4s}  {row['patches_s']:7.1f} patches/s  "
                           f"CPU {row['cpu_ms_per_patch']:5.2f} ms/patch  {gil}", flush=True)
+                    raw = tmp / f"{augment}-{transport}.txt"
+                    if args.top and raw.exists():
+                        scale = 1e6 / (args.rate * args.seconds * row["patches_s"])  # samples -> us per patch
+                        for name, own, incl in top_frames(raw, args.top):
+                            print(f"    {own * scale:6.1f} us self {incl * scale:6.1f} us incl  {name}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
