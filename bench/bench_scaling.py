@@ -104,12 +104,15 @@ def main() -> None:
                         help="only these cases (augment+transport); default all four")
     parser.add_argument("--top", type=int, default=0,
                         help="also print the N functions most often holding the GIL (self samples)")
+    parser.add_argument("--raw-dir", type=Path, help="keep py-spy's raw (collapsed) profiles here")
     args = parser.parse_args()
     from loader_service.synthetic import write_synthetic_dataset
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
+        raw_dir = args.raw_dir or tmp
+        raw_dir.mkdir(parents=True, exist_ok=True)
         manifest = write_synthetic_dataset(tmp, n_slides=4, size=8192, seed=0)
         for workers in args.workers:
             svc = ("--manifest", f"bench={manifest}", "--metrics-port", "-1", "--device", "cpu",
@@ -119,14 +122,14 @@ def main() -> None:
                     if args.cases and f"{augment}+{transport}" not in args.cases:
                         continue
                     row = {"workers": workers, **measure(port, proc.pid, augment, transport, args.seconds,
-                                                         args.rate, args.py_spy, tmp)}
+                                                         args.rate, args.py_spy, raw_dir)}
                     rows.append(row)
                     gil = (f"GIL {row['gil_share']:5.1%}  {row['gil_us_per_patch']:6.0f} us/patch  "
                            f"ceiling {row['ceiling_patches_s']:7.0f}/s" if "gil_share" in row
                            else f"py-spy failed: {row['py_spy_error'].strip()[:120]}")
                     print(f"workers {workers:2d}  {augment:9s} {transport:4s}  {row['patches_s']:7.1f} patches/s  "
                           f"CPU {row['cpu_ms_per_patch']:5.2f} ms/patch  {gil}", flush=True)
-                    raw = tmp / f"{augment}-{transport}.txt"
+                    raw = raw_dir / f"{augment}-{transport}.txt"
                     if args.top and raw.exists():
                         scale = 1e6 / (args.rate * args.seconds * row["patches_s"])  # samples -> us per patch
                         for name, own, incl in top_frames(raw, args.top):

@@ -126,7 +126,7 @@ class LoaderServer:
         self.quarantine = Quarantine(cfg.quarantine_after, self.metrics)
         self.read_pool = ThreadPoolExecutor(max_workers=2 * cfg.workers, thread_name_prefix="read")
         self.batch_pool = ThreadPoolExecutor(max_workers=max(2, cfg.workers), thread_name_prefix="batch")
-        self.builder = BatchBuilder(self.handles, self.read_pool, self.device, self.metrics)
+        self.builder = BatchBuilder(self.handles, self.read_pool, self.device, self.metrics, workers=cfg.workers)
         log.info("listening on %s (port %d)%s; preparing datasets", cfg.listen, self.port,
                  f", metrics at {self.metrics_endpoint.url}" if self.metrics_endpoint else "")
         if self.device.type == "cpu" and not cfg.synthetic:
