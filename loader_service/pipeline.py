@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,13 +94,19 @@ class BatchBuilder:
         self.device = device
         self.metrics = metrics
 
-    def _read_one(self, sample: Sample, out: np.ndarray, rect: Rect | None = None) -> None:
-        """Read the sample's region (or ``rect`` of it, in region coordinates) into ``out``."""
+    def _read_one(self, sample: Sample, out: np.ndarray, rect: Rect | None = None,
+                  opened: dict[Path, Slide] | None = None) -> None:
+        """Read the sample's region (or ``rect`` of it, in region coordinates) into ``out``. ``opened``: the
+        slides this batch has opened already (the data roots are checked once per slide and batch)."""
         x, y, w, h = sample.x, sample.y, sample.width, sample.height
         if rect is not None:
             x, y, w, h = x + rect.x, y + rect.y, rect.width, rect.height
         try:
-            slide = self.handles.for_record(sample.record)  # re-checks the data roots at every open
+            slide = opened.get(sample.record.path) if opened is not None else None
+            if slide is None:
+                slide = self.handles.for_record(sample.record)  # re-checks the data roots at every open
+                if opened is not None:
+                    opened[sample.record.path] = slide
             if sample.record.info is not None and sample.mpp > 0 and sample.mpp != _level_mpp(sample):
                 if sample.mpp < (slide.info.mpp or 0.0) * (1.0 - MPP_TOLERANCE):  # mixed datasets, fallback
                     _read_upsampled(slide, sample.mpp / (slide.info.mpp or 1.0), x, y, w, h, out)
@@ -139,10 +146,11 @@ class BatchBuilder:
             ([i], partial(self._read_resampled, samples[i], params[i], array[i]))
             for i, r in enumerate(resampled) if r]
         plain = [i for i, r in enumerate(resampled) if not r]
+        opened: dict[Path, Slide] = {}
         for group in _region_groups([samples[i] for i in plain]):
             idx = [plain[g] for g in group]
             if len(idx) == 1:
-                tasks.append((idx, partial(self._read_one, samples[idx[0]], array[idx[0]])))
+                tasks.append((idx, partial(self._read_one, samples[idx[0]], array[idx[0]], None, opened)))
             else:
                 tasks.append((idx, partial(self._read_cut, [samples[i] for i in idx], [array[i] for i in idx])))
         failed: dict[int, SampleFailed] = {}
