@@ -11,11 +11,12 @@ import math
 import threading
 import time
 from contextlib import nullcontext
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_
                                     resample_rect, to_nchw, to_output)
 from loader_service.dataset import SlideHandles
 from loader_service.errors import OutOfRange, SlideFailure
+from loader_service.handoff import Wakeup
 from loader_service.failures import FailureBudget, SampleFailed, sample_failed
 from loader_service.metrics import Metrics
 from loader_service.sampling import Sample
@@ -37,6 +39,9 @@ from loader_service.slides.base import MPP_TOLERANCE
 from loader_service.views import PieceSpec
 
 __all__ = ["OutputSpec", "BuiltBatch", "BatchBuilder", "resolve_device"]
+
+T = TypeVar("T")
+_READ_WAIT_S = 60.0
 
 _DTYPES = ("uint8", "float16", "float32")
 
@@ -84,13 +89,14 @@ class BuiltBatch:
 class BatchBuilder:
     """Reads, decodes and augments batches; shared by every session of the server."""
 
-    def __init__(self, handles: SlideHandles, read_pool: ThreadPoolExecutor, device: torch.device, metrics: Metrics,
+    def __init__(self, handles: SlideHandles, read_pool: Executor, device: torch.device, metrics: Metrics,
                  workers: int = 2) -> None:
         self.handles = handles
         self.read_pool = read_pool
         self.workers = max(1, workers)  # the cores the service decodes on
         self._building = 0  # batches being built now (all sessions): they share the cores
         self._building_lock = threading.Lock()
+        self._local = threading.local()
         self.device = device
         self.metrics = metrics
 
@@ -186,9 +192,13 @@ class BatchBuilder:
         bounds = [len(tasks) * k // n for k in range(n + 1)]
         chunks = [tasks[bounds[k]:bounds[k + 1]] for k in range(n)]
         futures = [self.read_pool.submit(_read_chunk, chunk, inline) for chunk in chunks[1:]]
+        if futures:
+            wake = self._wakeup()
+            for future in futures:
+                future.add_done_callback(lambda _f: wake.set())
         results: list[tuple[list[int], SampleFailed]] = []
         error: BaseException | None = None
-        for outcome in [partial(_read_chunk, chunks[0], inline), *(f.result for f in futures)]:
+        for outcome in [partial(_read_chunk, chunks[0], inline), *(partial(_after, f, wake) for f in futures)]:
             try:
                 results.extend(outcome())
             except BaseException as err:  # noqa: BLE001 - raised once every chunk has ended
@@ -196,6 +206,13 @@ class BatchBuilder:
         if error is not None:
             raise error
         return results
+
+    def _wakeup(self) -> Wakeup:
+        """This thread's Wakeup for the read chunks it waits for (one per thread, reused)."""
+        wake = getattr(self._local, "wakeup", None)
+        if wake is None:
+            wake = self._local.wakeup = Wakeup()
+        return wake
 
     def _count_building(self, step: int) -> None:
         with self._building_lock:
@@ -443,6 +460,13 @@ class BatchBuilder:
         raise SlideFailure(f"sample {first.index} of slide {first.record.slide_id} failed ({failure.detail}) and no "
                            "substitute of the same size could be read; the slide is now quarantined: resume from the "
                            "last cursor and the sample is replaced")
+
+
+def _after(future: Future[T], wake: Wakeup) -> T:
+    """The future's result, waiting on ``wake`` (set by its done-callback) rather than in ``future.result``."""
+    while not future.done():
+        wake.wait(_READ_WAIT_S)  # a read has no deadline of its own; the session's batch timeout covers it
+    return future.result()
 
 
 def _read_chunk(tasks: list[tuple[list[int], Callable[[], None]]], inline: bool

@@ -34,6 +34,7 @@ from loader_service.context import check_context
 from loader_service.stain_request import StainFitter
 from loader_service.sampling import CandidateCache, EpochPlan, Sample
 from loader_service.session import Session, SessionLimits, check_open
+from loader_service.handoff import HandoffPool
 from loader_service.slides import DecodePool, MppOutOfRange, SlideError, TileCache
 from loader_service.tissue import TissueMaskCache
 from loader_service.transport import encode_tensor
@@ -124,8 +125,8 @@ class LoaderServer:
         self.decode_pool = DecodePool(cfg.workers, jpeg_backend=cfg.jpeg_backend, jpeg_device=cfg.device)
         self.handles = SlideHandles(cfg.max_open_slides, self.tile_cache, self.decode_pool)
         self.quarantine = Quarantine(cfg.quarantine_after, self.metrics)
-        self.read_pool = ThreadPoolExecutor(max_workers=2 * cfg.workers, thread_name_prefix="read")
-        self.batch_pool = ThreadPoolExecutor(max_workers=max(2, cfg.workers), thread_name_prefix="batch")
+        self.read_pool = HandoffPool(2 * cfg.workers, thread_name_prefix="read")
+        self.batch_pool = HandoffPool(max(2, cfg.workers), thread_name_prefix="batch")
         self.builder = BatchBuilder(self.handles, self.read_pool, self.device, self.metrics, workers=cfg.workers)
         log.info("listening on %s (port %d)%s; preparing datasets", cfg.listen, self.port,
                  f", metrics at {self.metrics_endpoint.url}" if self.metrics_endpoint else "")
