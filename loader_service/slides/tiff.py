@@ -381,26 +381,24 @@ class TiffSlide(Slide):
             return
         if iy0 > y or iy1 < y + height or ix0 > x or ix1 < x + width:
             _white_outside(out, x, y, width, height, ix0, iy0, ix1, iy1)
-        ty0, ty1, tx0, tx1 = iy0 // th, (iy1 - 1) // th + 1, ix0 // tw, (ix1 - 1) // tw + 1
         ident = self._identity
-        keys = [(ident, level, ty * across + tx, scale) for ty in range(ty0, ty1) for tx in range(tx0, tx1)]
+        rows = [(ty, ty * th, max(iy0, ty * th), min(iy1, ty * th + th)) for ty in range(iy0 // th, (iy1 - 1) // th + 1)]
+        cols = [(tx, tx * tw, max(ix0, tx * tw), min(ix1, tx * tw + tw)) for tx in range(ix0 // tw, (ix1 - 1) // tw + 1)]
+        keys = [(ident, level, ty * across + tx, scale) for ty, _, _, _ in rows for tx, _, _, _ in cols]
         cache = self._cache
         tiles = cache.get_many(keys) if cache is not None else [None] * len(keys)
         misses: list[tuple[int, np.ndarray, tuple[slice, slice]]] = []
         k = 0
-        for ty in range(ty0, ty1):
-            py = ty * th
-            sy0, sy1 = max(iy0, py), min(iy1, py + th)
-            for tx in range(tx0, tx1):
-                px = tx * tw
-                sx0, sx1 = max(ix0, px), min(ix1, px + tw)
+        for ty, py, sy0, sy1 in rows:
+            dst_rows, src_rows = slice(sy0 - y, sy1 - y), slice(sy0 - py, sy1 - py)
+            for tx, px, sx0, sx1 in cols:
                 tile = tiles[k]
                 k += 1
                 if tile is not None:
-                    out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - py : sy1 - py, sx0 - px : sx1 - px]
+                    out[dst_rows, sx0 - x : sx1 - x] = tile[src_rows, sx0 - px : sx1 - px]
                 else:
-                    misses.append((ty * across + tx, out[sy0 - y : sy1 - y, sx0 - x : sx1 - x],
-                                   (slice(sy0 - py, sy1 - py), slice(sx0 - px, sx1 - px))))
+                    misses.append((ty * across + tx, out[dst_rows, sx0 - x : sx1 - x],
+                                   (src_rows, slice(sx0 - px, sx1 - px))))
         if not misses:
             return
         batched = self._pool.batched_jpeg if self._pool is not None else None
