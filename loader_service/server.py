@@ -20,6 +20,7 @@ from loader_service.annotations import COLUMN, AnnotationStore, SessionAnnotatio
 from loader_service.annotations.masks import Labeller
 from loader_service.admission import OpenTimeout, Refused, StreamAdmission, first_message
 from loader_service.augment import warm_up_cpu_kernels
+from loader_service.sampling.streams import warm_up as warm_up_streams
 from loader_service.budget import MemoryBudget, default_inflight_bytes
 from loader_service.config import ServiceConfig
 from loader_service.dataset import DatasetIndex, SlideHandles, SlideOutsideRoots
@@ -130,11 +131,13 @@ class LoaderServer:
         self.builder = BatchBuilder(self.handles, self.read_pool, self.device, self.metrics, workers=cfg.workers)
         log.info("listening on %s (port %d)%s; preparing datasets", cfg.listen, self.port,
                  f", metrics at {self.metrics_endpoint.url}" if self.metrics_endpoint else "")
-        if self.device.type == "cpu" and not cfg.synthetic:
-            self.readiness.not_ready("starting: compiling the CPU augmentation kernels")
+        if not cfg.synthetic:
+            self.readiness.not_ready("starting: compiling the sampling and CPU augmentation kernels")
             started = time.perf_counter()
-            warm_up_cpu_kernels()  # compile or load them now, not on the first batch
-            log.info("CPU augmentation kernels ready in %.1f s", time.perf_counter() - started)
+            warm_up_streams()  # the batch draws run on every device
+            if self.device.type == "cpu":
+                warm_up_cpu_kernels()  # compile or load them now, not on the first batch
+            log.info("numba kernels ready in %.1f s", time.perf_counter() - started)
         self._index_datasets(progress)
         self._started.set()
 
