@@ -19,7 +19,7 @@ import pytest
 from loader_service.augment import AugmentConfig, AugmentParams, ParamsBatch, draw_params, draw_params_batch
 from loader_service.augment.blur import gaussian_kernel
 from loader_service.augment.colour import _colour_matrix, _hed_matrix, colour_coefficients, hed_coefficients
-from loader_service.augment.cpu_kernels import _kernels_of, geometry_maps
+from loader_service.augment.cpu_kernels import _kernels_of, coefficients, geometry_maps
 from loader_service.augment.geometry import aug_to_raw_point
 from loader_service.augment.params import TABLE_COLUMNS, halos, params_table
 from loader_service.dataset import DatasetIndex
@@ -160,6 +160,8 @@ def test_coefficients_equal_the_per_sample_matrices(config: AugmentConfig) -> No
     want_hed = np.stack([_hed_matrix(p) for p in params]).astype(np.float32)
     assert np.array_equal(colour_coefficients(params), want_colour)
     assert np.array_equal(hed_coefficients(params), want_hed)
+    kernel_colour, kernel_hed = coefficients(params_table(params))  # the CPU path's GIL-free kernel
+    assert np.array_equal(kernel_colour, want_colour) and np.array_equal(kernel_hed, want_hed)
     assert colour_coefficients([]).shape == hed_coefficients([]).shape == (0, 3, 4)
 
 

@@ -30,11 +30,12 @@ import numpy as np
 import torch
 
 from .blur import gaussian_kernel
-from .colour import colour_coefficients, hed_coefficients
+from .colour import (_LOG2_ADJUST, _MID_GREY, _RGB_TO_YIQ, _YIQ_TO_RGB, GREY_WEIGHTS, HED_FROM_RGB,
+                     RGB_FROM_HED)
 from .geometry import aug_to_raw_point, reflect_indices
 from .params import AugmentParams, halos, params_table
 
-__all__ = ["pointwise", "blur", "blur_reflected_into", "to_planar", "geometry_maps", "warm_up"]
+__all__ = ["pointwise", "coefficients", "blur", "blur_reflected_into", "to_planar", "geometry_maps", "warm_up"]
 
 def geometry_maps(params: Sequence[AugmentParams], image_hw: tuple[int, int]) -> np.ndarray:
     """(N, 6) int64 ``(a, b, c, d, e, f)``: augmented pixel ``(i, j)`` of sample n shows raw pixel
@@ -90,8 +91,7 @@ def pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams], layout: str, 
     geo = geometry_maps(params if geometry else [AugmentParams()] * n, hw)
     do_colour = bool((table[:, 3:6] != 1.0).any() or (table[:, 6] != 0.0).any())
     do_hed = bool((table[:, 7:10] != 1.0).any() or (table[:, 10:13] != 0.0).any())
-    colour = np.ascontiguousarray(colour_coefficients(params) if do_colour else np.zeros((n, 3, 4), np.float32))
-    hed = np.ascontiguousarray(hed_coefficients(params) if do_hed else np.zeros((n, 3, 4), np.float32))
+    colour, hed = coefficients(table) if do_colour or do_hed else (np.zeros((n, 3, 4), np.float32),) * 2
     fidx = np.cumsum(float_for, dtype=np.int64) - 1
     fidx[~np.asarray(float_for, dtype=bool)] = -1
     k = int(np.count_nonzero(float_for))
@@ -100,6 +100,16 @@ def pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams], layout: str, 
     out_f = f.numpy() if f is not None else np.empty((1, 3, 1, 1), np.float32)
     _compiled().pointwise_kernel(src, geo, colour, hed, do_colour, do_hed, fidx, u8.numpy(), out_f)
     return u8, f
+
+
+def coefficients(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(colour_coefficients, hed_coefficients)`` of a parameter table, in one GIL-free kernel: the same
+    float32 values as the numpy functions of ``colour`` (tested)."""
+    n = len(table)
+    colour, hed = np.empty((n, 3, 4), np.float32), np.empty((n, 3, 4), np.float32)
+    _compiled().coefficients_kernel(np.ascontiguousarray(table, np.float64), GREY_WEIGHTS, _YIQ_TO_RGB, _RGB_TO_YIQ,
+                                    HED_FROM_RGB, RGB_FROM_HED, _LOG2_ADJUST, _MID_GREY, colour, hed)
+    return colour, hed
 
 
 def _kernels_of(params: Sequence[AugmentParams]) -> np.ndarray:
