@@ -160,8 +160,9 @@ def test_coefficients_equal_the_per_sample_matrices(config: AugmentConfig) -> No
     want_hed = np.stack([_hed_matrix(p) for p in params]).astype(np.float32)
     assert np.array_equal(colour_coefficients(params), want_colour)
     assert np.array_equal(hed_coefficients(params), want_hed)
-    kernel_colour, kernel_hed = coefficients(params_table(params))  # the CPU path's GIL-free kernel
-    assert np.array_equal(kernel_colour, want_colour) and np.array_equal(kernel_hed, want_hed)
+    for table in (params_table(params), ParamsBatch(params_table(params)).table):  # the CPU path's kernel
+        kernel_colour, kernel_hed = coefficients(table)
+        assert np.array_equal(kernel_colour, want_colour) and np.array_equal(kernel_hed, want_hed)
     assert colour_coefficients([]).shape == hed_coefficients([]).shape == (0, 3, 4)
 
 

@@ -105,9 +105,9 @@ def pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams], layout: str, 
 def coefficients(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(colour_coefficients, hed_coefficients)`` of a parameter table, in one GIL-free kernel: the same
     float32 values as the numpy functions of ``colour`` (tested)."""
-    n = len(table)
+    n = len(table)  # copied below: a ParamsBatch's table is read-only, which the kernel's signature is not
     colour, hed = np.empty((n, 3, 4), np.float32), np.empty((n, 3, 4), np.float32)
-    _compiled().coefficients_kernel(np.ascontiguousarray(table, np.float64), GREY_WEIGHTS, _YIQ_TO_RGB, _RGB_TO_YIQ,
+    _compiled().coefficients_kernel(np.array(table, np.float64, order="C"), GREY_WEIGHTS, _YIQ_TO_RGB, _RGB_TO_YIQ,
                                     HED_FROM_RGB, RGB_FROM_HED, _LOG2_ADJUST, _MID_GREY, colour, hed)
     return colour, hed
 
