@@ -177,3 +177,36 @@ def test_whole_slides_refuse_context_and_say_why(client: LoaderClient) -> None:
     assert "region_width" in str(info.value)
     with pytest.raises(InvalidRequestError, match="at most 4 scales"):
         stream(client, cfg(context=SCALES + ((8.0, 16), (16.0, 16))), n=1)
+
+
+def test_on_the_wire_a_tiles_sample_sends_its_context_once(server: Any) -> None:
+    """Only the first tile of a sample carries the context bytes (and their places); the others carry none."""
+    import threading
+    from collections.abc import Iterator
+
+    import grpc
+
+    from wsi_loader.v1 import loader_pb2 as pb
+    from wsi_loader.v1 import loader_pb2_grpc as pb_grpc
+
+    done = threading.Event()
+    message = cfg(view="tiles", tile_size=32, samples_per_epoch=2).open_message(0, 0, 1, 0, pb.GRPC)
+
+    def requests() -> Iterator[pb.StreamRequest]:
+        yield pb.StreamRequest(open=message)
+        yield pb.StreamRequest(credit=pb.Credit(batches=64))
+        done.wait(60)
+
+    seen = []
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        try:
+            for response in pb_grpc.LoaderStub(channel).Stream(requests(), timeout=60):
+                if response.WhichOneof("kind") == "end":
+                    break
+                if response.WhichOneof("kind") == "batch":
+                    b = response.batch
+                    seen.append((b.samples[0].piece.index, len(b.context), len(b.samples[0].context)))
+        finally:
+            done.set()
+    assert len(seen) == 12  # two samples of 3×2 tiles
+    assert all((n, m) == ((3, 3) if index == 0 else (0, 0)) for index, n, m in seen)
