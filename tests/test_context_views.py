@@ -60,7 +60,8 @@ def check_context_is_read_at_its_level(client: LoaderClient, batch: dict[str, An
             level, mpp, x, y, _ = place
             assert (level, mpp > 0) == ({4.0: 2, 2.0: 1}.get(factor, 0), factor == 3.0)
             centre = (int(batch["x"][j]) + 48, int(batch["y"][j]) + 32)  # the region's centre at level 0
-            assert abs((x + size / 2) * factor - centre[0]) < factor and abs((y + size / 2) * factor - centre[1]) < factor
+            assert abs((x + size / 2) * factor - centre[0]) < factor
+            assert abs((y + size / 2) * factor - centre[1]) < factor
             assert torch.equal(tensor[j], reread(client, batch["slide_id"][j], place))
 
 
