@@ -44,6 +44,7 @@ T = TypeVar("T")
 _READ_WAIT_S = 60.0
 
 _DTYPES = ("uint8", "float16", "float32")
+_Rendered = tuple[torch.Tensor, list[torch.Tensor]]  # a piece (CHW) and its raw context patches (may be none)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -387,32 +388,42 @@ class BatchBuilder:
 
     def build_piece(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int,
                     epoch: int, output: OutputSpec, piece: PieceSpec, on_device: bool = False,
-                    failures: FailureBudget | None = None, stain: StainConfig | None = None) -> BuiltBatch:
+                    failures: FailureBudget | None = None, stain: StainConfig | None = None,
+                    context: tuple[ContextScale, ...] = (), context_by_mpp: bool = False) -> BuiltBatch:
         """One piece (tile or shard) of one sample's augmented image, reading only the raw pixels it needs.
 
         With ``stain`` the normalisation is fitted to the whole image, so the whole raw image is read, normalised
         and augmented as :meth:`build` does, and the piece cut from it: stitched pieces equal the image view.
 
-        On the service's device with ``on_device``, else on the CPU. A failed read is substituted only when the
-        piece is the sample's only one in this stream (shard view): pieces already sent cannot be taken back, so
-        otherwise the slide is quarantined at once and the session ends (its resume substitutes the sample).
+        With ``context``, the sample's first piece in this stream (a tile of index 0, or the shard: the only
+        piece of a shard stream) also carries the sample's whole context patches, one tensor per scale, built
+        as :meth:`build` builds them; the sample's later tiles carry none.
+
+        On the service's device with ``on_device``, else on the CPU. A failed read (image or context) is
+        substituted only when the piece is the sample's only one in this stream (shard view): pieces already
+        sent cannot be taken back, so otherwise the slide is quarantined at once and the session ends (its
+        resume substitutes the sample).
         """
         sample = samples[0]
         t0 = time.perf_counter()
         params = draw_params(augment, seed, epoch, sample.global_index) if augment is not None else AugmentParams()
+        with_context = bool(context) and (piece.index == 0 or piece.count == 1)
 
-        def render(s: Sample) -> torch.Tensor:
+        def render(s: Sample) -> tuple[torch.Tensor, list[torch.Tensor]]:
             if stain is not None:
-                return self._stained_piece(s, params, augment is not None, piece, stain)
-            return render_piece(params, (s.height, s.width), piece.rect, lambda rect: self._read_rect(s, rect),
-                                self.device)
+                chw = self._stained_piece(s, params, augment is not None, piece, stain)
+            else:
+                chw = render_piece(params, (s.height, s.width), piece.rect, lambda rect: self._read_rect(s, rect),
+                                   self.device)
+            raw = [self.read([context_sample(s, scale, context_by_mpp)]) for scale in context] if with_context else []
+            return chw, raw
 
         try:
-            chw = render(sample)
+            chw, raw_context = render(sample)
         except SampleFailed as err:
             if failures is None:
                 raise
-            sample, chw = self._substitute_piece(sample, piece, err, render, failures)
+            sample, (chw, raw_context) = self._substitute_piece(sample, piece, err, render, failures)
             samples, labels = [sample], [failures.label_of(sample.record)]
         if sample.substituted == "quarantined" and piece.index == 0:
             self.metrics.samples_failed.labels(reason="quarantined").inc()
@@ -422,7 +433,13 @@ class BatchBuilder:
         images = _placed(images, on_device)
         self.metrics.samples_decoded.inc(1 if piece.index == 0 else 0)
         self.metrics.stage_seconds.labels(stage="read").observe(time.perf_counter() - t0)
-        return BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, piece=piece)
+        built = BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, piece=piece)
+        if raw_context:
+            pending = iter(raw_context)  # read with the piece, one tensor per scale in order
+            built.context, built.context_samples = build_context(
+                samples, [params] if augment is not None else [], context, context_by_mpp,
+                lambda _ctx: next(pending), self.device, stain, output)
+        return built
 
     def _stained_piece(self, sample: Sample, params: AugmentParams, augmented: bool, piece: PieceSpec,
                        stain: StainConfig) -> torch.Tensor:
@@ -434,8 +451,8 @@ class BatchBuilder:
         return image[:, rect.y:rect.y1, rect.x:rect.x1].contiguous()
 
     def _substitute_piece(self, sample: Sample, piece: PieceSpec, failure: SampleFailed,
-                          render: Callable[[Sample], torch.Tensor], failures: FailureBudget
-                          ) -> tuple[Sample, torch.Tensor]:
+                          render: Callable[[Sample], _Rendered], failures: FailureBudget
+                          ) -> tuple[Sample, _Rendered]:
         first = sample
         last = failure
         for _ in range(failures.max_attempts):
@@ -443,10 +460,11 @@ class BatchBuilder:
             if failures.on_error == "fail":
                 raise last
             if piece.count != 1:
+                why = "its earlier pieces were sent" if piece.index else "its later pieces are cut from this sample"
                 failures.quarantine.set_aside(first.record, f"failed in piece {piece.index} of {piece.count} "
-                                              f"after earlier pieces were sent: {failure.detail}")
+                                              f"({why}): {failure.detail}")
                 raise SlideFailure(f"sample {first.index} of slide {first.record.slide_id} failed in piece "
-                                   f"{piece.index} of {piece.count} ({failure.detail}); its earlier pieces were sent, "
+                                   f"{piece.index} of {piece.count} ({failure.detail}); {why}, "
                                    "so it cannot be replaced in this stream. The slide is now quarantined: resume "
                                    "from the last cursor and the sample is replaced")
             candidate = failures.draw(sample, sample.attempt + 1, last.reason)

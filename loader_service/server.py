@@ -309,6 +309,8 @@ class LoaderServer:
                              request.spec.height) for r, c in plan.slides]  # one per slide: fail at open
             check_context(probes, request.context, request.spec.mpp > 0, self._plan_read)
             build = functools.partial(build, context=request.context, context_by_mpp=request.spec.mpp > 0)
+            build_piece = functools.partial(build_piece, context=request.context,  # with each sample's first piece
+                                            context_by_mpp=request.spec.mpp > 0)
         if annotations is not None:  # classes at patch centres, masks when asked (docs/annotations.md)
             labeller = Labeller(annotations, request.augment, request.spec.seed, request.epoch, self.read_pool)
             build, build_piece = labeller.wrap(build), labeller.wrap(build_piece)
