@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -32,19 +33,25 @@ T = TypeVar("T")
 _IDLE_WAIT_S = 5.0  # an idle worker re-checks the shutdown flag this often (it is woken at shutdown anyway)
 
 
+def _close_pair(r: int, w: int) -> None:
+    os.close(r)
+    os.close(w)
+
+
 class _Pipe:
-    """A non-blocking pipe used only for wake-ups: one byte per wake, any byte drains one."""
+    """A non-blocking pipe used only for wake-ups: one byte per wake, any byte drains one. Its descriptors are
+    closed by :meth:`close` or, failing that, when the object is collected (``weakref.finalize``)."""
 
     def __init__(self) -> None:
         self.r, self.w = os.pipe()
         os.set_blocking(self.r, False)
         os.set_blocking(self.w, False)
-        self._closed = False
         self._lock = threading.Lock()
+        self._close = weakref.finalize(self, _close_pair, self.r, self.w)
 
     def poke(self) -> None:
         with self._lock:  # never write to a closed descriptor: its number may name another file by now
-            if self._closed:
+            if not self._close.alive:
                 return
             try:
                 os.write(self.w, b"\0")  # the GIL is released around the system call
@@ -53,7 +60,7 @@ class _Pipe:
 
     def wait(self, timeout: float | None, drain: int) -> bool:
         """Wait until a wake-up is pending (True) or ``timeout`` passed (False); consume up to ``drain``."""
-        if self._closed:
+        if not self._close.alive:
             return False
         try:
             ready, _, _ = select.select([self.r], [], [], timeout)
@@ -67,10 +74,7 @@ class _Pipe:
 
     def close(self) -> None:
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                os.close(self.r)
-                os.close(self.w)
+            self._close()
 
 
 class Wakeup:
