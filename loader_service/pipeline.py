@@ -8,11 +8,15 @@ to the CPU, except with ``on_device=True`` (CUDA IPC sessions: the batch stays o
 from __future__ import annotations
 
 import math
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from concurrent.futures import Executor, Future
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -20,18 +24,24 @@ from PIL import Image
 
 from loader_service.augment.stain import StainConfig, normalise_batch
 from loader_service.context import ContextScale, build_context, context_sample
-from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, render_piece,
+from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, draw_params_batch,
+                                    params_table,
+                                    render_piece,
                                     resample_rect, to_nchw, to_output)
 from loader_service.dataset import SlideHandles
 from loader_service.errors import OutOfRange, SlideFailure
+from loader_service.handoff import Wakeup
 from loader_service.failures import FailureBudget, SampleFailed, sample_failed
 from loader_service.metrics import Metrics
 from loader_service.sampling import Sample
-from loader_service.slides import MppOutOfRange, Slide, SlideError
+from loader_service.slides import DecodePool, MppOutOfRange, Slide, SlideError
 from loader_service.slides.base import MPP_TOLERANCE
 from loader_service.views import PieceSpec
 
 __all__ = ["OutputSpec", "BuiltBatch", "BatchBuilder", "resolve_device"]
+
+T = TypeVar("T")
+_READ_WAIT_S = 60.0
 
 _DTYPES = ("uint8", "float16", "float32")
 _Rendered = tuple[torch.Tensor, list[torch.Tensor]]  # a piece (CHW) and its raw context patches (may be none)
@@ -80,19 +90,30 @@ class BuiltBatch:
 class BatchBuilder:
     """Reads, decodes and augments batches; shared by every session of the server."""
 
-    def __init__(self, handles: SlideHandles, read_pool: ThreadPoolExecutor, device: torch.device, metrics: Metrics) -> None:
+    def __init__(self, handles: SlideHandles, read_pool: Executor, device: torch.device, metrics: Metrics,
+                 workers: int = 2) -> None:
         self.handles = handles
         self.read_pool = read_pool
+        self.workers = max(1, workers)  # the cores the service decodes on
+        self._building = 0  # batches being built now (all sessions): they share the cores
+        self._building_lock = threading.Lock()
+        self._local = threading.local()
         self.device = device
         self.metrics = metrics
 
-    def _read_one(self, sample: Sample, out: np.ndarray, rect: Rect | None = None) -> None:
-        """Read the sample's region (or ``rect`` of it, in region coordinates) into ``out``."""
+    def _read_one(self, sample: Sample, out: np.ndarray, rect: Rect | None = None,
+                  opened: dict[Path, Slide] | None = None) -> None:
+        """Read the sample's region (or ``rect`` of it, in region coordinates) into ``out``. ``opened``: the
+        slides this batch has opened already (the data roots are checked once per slide and batch)."""
         x, y, w, h = sample.x, sample.y, sample.width, sample.height
         if rect is not None:
             x, y, w, h = x + rect.x, y + rect.y, rect.width, rect.height
         try:
-            slide = self.handles.for_record(sample.record)  # re-checks the data roots at every open
+            slide = opened.get(sample.record.path) if opened is not None else None
+            if slide is None:
+                slide = self.handles.for_record(sample.record)  # re-checks the data roots at every open
+                if opened is not None:
+                    opened[sample.record.path] = slide
             if sample.record.info is not None and sample.mpp > 0 and sample.mpp != _level_mpp(sample):
                 if sample.mpp < (slide.info.mpp or 0.0) * (1.0 - MPP_TOLERANCE):  # mixed datasets, fallback
                     _read_upsampled(slide, sample.mpp / (slide.info.mpp or 1.0), x, y, w, h, out)
@@ -126,24 +147,24 @@ class BatchBuilder:
         buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         array = buffer.numpy()
         params = params or [AugmentParams()] * len(samples)
+        table = params_table(params)
+        resampled = ((table[:, 14] != 1.0) | (table[:, 15] != 0.0) | (table[:, 16] != 0.0)).tolist()
         tasks: list[tuple[list[int], Callable[[], None]]] = [
-            ([i], partial(self._read_resampled, s, p, array[i]))
-            for i, (s, p) in enumerate(zip(samples, params)) if not p.resample_is_identity]
-        plain = [i for i, p in enumerate(params) if p.resample_is_identity]
+            ([i], partial(self._read_resampled, samples[i], params[i], array[i]))
+            for i, r in enumerate(resampled) if r]
+        plain = [i for i, r in enumerate(resampled) if not r]
+        opened: dict[Path, Slide] = {}
         for group in _region_groups([samples[i] for i in plain]):
             idx = [plain[g] for g in group]
             if len(idx) == 1:
-                tasks.append((idx, partial(self._read_one, samples[idx[0]], array[idx[0]])))
+                tasks.append((idx, partial(self._read_one, samples[idx[0]], array[idx[0]], None, opened)))
             else:
                 tasks.append((idx, partial(self._read_cut, [samples[i] for i in idx], [array[i] for i in idx])))
         failed: dict[int, SampleFailed] = {}
-        for idx, future in [(idx, self.read_pool.submit(task)) for idx, task in tasks]:
-            try:
-                future.result()
-            except SampleFailed as err:
-                if failures is None:
-                    raise
-                failed.update(self._which_failed(samples, params, array, idx, err))
+        for idx, err in self._run_reads(tasks):
+            if failures is None:
+                raise err
+            failed.update(self._which_failed(samples, params, array, idx, err))
         samples = list(samples)
         for i in sorted(failed):  # index order: the same substitutes whatever the thread timing
             assert failures is not None
@@ -156,6 +177,47 @@ class BatchBuilder:
             self.metrics.samples_failed.labels(reason="quarantined").inc(quarantined)
         self.metrics.samples_decoded.inc(len(samples))
         return buffer, samples
+
+    def _run_reads(self, tasks: list[tuple[list[int], Callable[[], None]]]) -> list[tuple[list[int], SampleFailed]]:
+        """Run the read tasks with one hand-off per chunk of the batch, not per sample or tile.
+
+        The batches being read at once share the cores: this one takes ``workers / batches being read``
+        contiguous chunks, the first read on this thread, the others on the read pool. With more reads than
+        cores each read decodes its own tiles (the chunks and the other batches keep the cores busy);
+        with fewer (a few large regions) the tiles of each read go to the decode pool. Returns the tasks
+        that failed, in task order; any other error is raised once every chunk has finished."""
+        if not tasks:
+            return []
+        n = min(len(tasks), max(1, -(-self.workers // max(1, self._building))))
+        inline = len(tasks) > self.workers
+        bounds = [len(tasks) * k // n for k in range(n + 1)]
+        chunks = [tasks[bounds[k]:bounds[k + 1]] for k in range(n)]
+        futures = [self.read_pool.submit(_read_chunk, chunk, inline) for chunk in chunks[1:]]
+        if futures:
+            wake = self._wakeup()
+            for future in futures:
+                future.add_done_callback(lambda _f: wake.set())
+        results: list[tuple[list[int], SampleFailed]] = []
+        error: BaseException | None = None
+        for outcome in [partial(_read_chunk, chunks[0], inline), *(partial(_after, f, wake) for f in futures)]:
+            try:
+                results.extend(outcome())
+            except BaseException as err:  # noqa: BLE001 - raised once every chunk has ended
+                error = error or err
+        if error is not None:
+            raise error
+        return results
+
+    def _wakeup(self) -> Wakeup:
+        """This thread's Wakeup for the read chunks it waits for (one per thread, reused)."""
+        wake = getattr(self._local, "wakeup", None)
+        if wake is None:
+            wake = self._local.wakeup = Wakeup()
+        return wake
+
+    def _count_building(self, step: int) -> None:
+        with self._building_lock:
+            self._building += step
 
     def _which_failed(self, samples: list[Sample], params: list[AugmentParams], array: np.ndarray, idx: list[int],
                       err: SampleFailed) -> dict[int, SampleFailed]:
@@ -280,8 +342,18 @@ class BatchBuilder:
               context_by_mpp: bool = False) -> BuiltBatch:
         """One batch of augmented images (stain-normalised first with ``stain``); on the service's device with
         ``on_device``, else on the CPU."""
+        self._count_building(1)
+        try:
+            return self._build(samples, labels, augment, seed, epoch, output, on_device, failures, stain, context,
+                               context_by_mpp)
+        finally:
+            self._count_building(-1)
+
+    def _build(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int, epoch: int,
+               output: OutputSpec, on_device: bool, failures: FailureBudget | None, stain: StainConfig | None,
+               context: tuple[ContextScale, ...], context_by_mpp: bool) -> BuiltBatch:
         t0 = time.perf_counter()
-        params = [draw_params(augment, seed, epoch, s.global_index) for s in samples] if augment is not None else []
+        params = draw_params_batch(augment, seed, epoch, [s.global_index for s in samples]) if augment is not None else []
         pixels, read = self.read_substituting(samples, params, failures)
         raw_context: list[torch.Tensor] = []
         if context:  # a sample whose context fails to read is substituted whole, as a failed image read is
@@ -406,6 +478,27 @@ class BatchBuilder:
         raise SlideFailure(f"sample {first.index} of slide {first.record.slide_id} failed ({failure.detail}) and no "
                            "substitute of the same size could be read; the slide is now quarantined: resume from the "
                            "last cursor and the sample is replaced")
+
+
+def _after(future: Future[T], wake: Wakeup) -> T:
+    """The future's result, waiting on ``wake`` (set by its done-callback) rather than in ``future.result``."""
+    while not future.done():
+        wake.wait(_READ_WAIT_S)  # a read has no deadline of its own; the session's batch timeout covers it
+    return future.result()
+
+
+def _read_chunk(tasks: list[tuple[list[int], Callable[[], None]]], inline: bool
+                ) -> list[tuple[list[int], SampleFailed]]:
+    """Run read tasks one after the other; the failed ones with their errors. With ``inline`` (the batch is
+    spread over several threads already) each read decodes its own tiles instead of handing them on."""
+    failed: list[tuple[list[int], SampleFailed]] = []
+    with DecodePool.inline() if inline else nullcontext():
+        for idx, task in tasks:
+            try:
+                task()
+            except SampleFailed as err:
+                failed.append((idx, err))
+    return failed
 
 
 def _placed(images: torch.Tensor, on_device: bool) -> torch.Tensor:
