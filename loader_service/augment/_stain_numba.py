@@ -1,0 +1,211 @@
+"""The numba kernels behind ``stain_kernels`` (imported on first use: importing numba costs ~0.5 s).
+
+See ``stain_kernels`` for what they compute and how close they stay to the torch ops of ``stain``.
+Every number that could change (thresholds, percentiles, the background, colour matrices) is passed in
+as an argument, so numba's on-disk cache (which only checks this file's stamp) can never keep a stale
+constant. Explicit signatures: compiled (or loaded from the cache) once, at import.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import numba
+import numpy as np
+
+__all__ = ["macenko_cov_kernel", "macenko_angle_kernel", "macenko_high_kernel", "macenko_render_kernel",
+           "reinhard_kernel"]
+
+log = logging.getLogger(__name__)
+
+f32 = np.float32
+U8_4D = "uint8[:, :, :, :]"  # (N, H, W, 3), any strides: NHWC tensors and NCHW ones seen channels last
+
+
+def _jit(signature: str) -> Callable[[Any], Any]:
+    """Compile eagerly for ``signature``, cached on disk when numba can, in memory when it cannot."""
+    def compile_(fn: Any) -> Any:
+        try:
+            return numba.njit(signature, nogil=True, error_model="numpy", cache=True)(fn)
+        except (RuntimeError, OSError) as err:  # no usable cache directory, or writing to it failed
+            log.info("numba cannot cache %s (%s); compiling it in memory", fn.__name__, err)
+            return numba.njit(signature, nogil=True, error_model="numpy")(fn)
+    return compile_
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _quantile(buf: Any, n: int, q: float) -> float:
+    """torch.quantile's linear interpolation (rank q*(n-1) in float32, lerp as torch's) of buf[:n];
+    reorders buf[:n]. n >= 1."""
+    rank = f32(q) * f32(n - 1)
+    below = int(rank)
+    weight = rank - f32(below)
+    part = np.partition(buf[:n], below)
+    lo = part[below]
+    hi = lo if below + 1 >= n or weight == f32(0.0) else part[below + 1:].min()
+    if abs(weight) < f32(0.5):
+        return lo + weight * (hi - lo)
+    return hi - (hi - lo) * (f32(1.0) - weight)
+
+
+@_jit(f"void({U8_4D}, int64, float32[::1], float32, float64[:, :, ::1], int64[::1])")
+def macenko_cov_kernel(x: Any, step: int, od_lut: Any, threshold: float, cov: Any, count: Any) -> None:
+    """Per image: OD covariance (float64 sums) and count of the tissue pixels among every step-th pixel."""
+    n, h, w, _ = x.shape
+    for i in range(n):
+        s0 = s1 = s2 = 0.0
+        c = 0
+        for p in range(0, h * w, step):
+            y, xx = p // w, p % w
+            o0, o1, o2 = od_lut[x[i, y, xx, 0]], od_lut[x[i, y, xx, 1]], od_lut[x[i, y, xx, 2]]
+            if o0 > threshold and o1 > threshold and o2 > threshold:
+                s0 += o0
+                s1 += o1
+                s2 += o2
+                c += 1
+        count[i] = c
+        d = float(max(c, 1))
+        m0, m1, m2 = f32(s0 / d), f32(s1 / d), f32(s2 / d)
+        acc = np.zeros(6)
+        for p in range(0, h * w, step):
+            y, xx = p // w, p % w
+            o0, o1, o2 = od_lut[x[i, y, xx, 0]], od_lut[x[i, y, xx, 1]], od_lut[x[i, y, xx, 2]]
+            if o0 > threshold and o1 > threshold and o2 > threshold:
+                a0, a1, a2 = float(o0 - m0), float(o1 - m1), float(o2 - m2)
+                acc[0] += a0 * a0
+                acc[1] += a0 * a1
+                acc[2] += a0 * a2
+                acc[3] += a1 * a1
+                acc[4] += a1 * a2
+                acc[5] += a2 * a2
+        for k, (r, col) in enumerate(((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))):
+            cov[i, r, col] = cov[i, col, r] = acc[k] / d
+
+
+@_jit(f"void({U8_4D}, int64, float32[::1], float32, float32[:, :, ::1], float32, float32[:, ::1])")
+def macenko_angle_kernel(x: Any, step: int, od_lut: Any, threshold: float, plane: Any, q: float,
+                         out: Any) -> None:
+    """Per image: the q and 1-q quantiles of the tissue pixels' angles in ``plane`` (N, 3, 2); 0 without tissue."""
+    n, h, w, _ = x.shape
+    buf = np.empty((h * w + step - 1) // step, np.float32)
+    for i in range(n):
+        c = 0
+        for p in range(0, h * w, step):
+            y, xx = p // w, p % w
+            o0, o1, o2 = od_lut[x[i, y, xx, 0]], od_lut[x[i, y, xx, 1]], od_lut[x[i, y, xx, 2]]
+            if o0 > threshold and o1 > threshold and o2 > threshold:
+                u = o0 * plane[i, 0, 0] + o1 * plane[i, 1, 0] + o2 * plane[i, 2, 0]
+                v = o0 * plane[i, 0, 1] + o1 * plane[i, 1, 1] + o2 * plane[i, 2, 1]
+                buf[c] = np.arctan2(v, u)
+                c += 1
+        if c == 0:
+            out[i, 0] = out[i, 1] = f32(0.0)
+        else:
+            out[i, 0] = _quantile(buf, c, q)
+            out[i, 1] = _quantile(buf, c, f32(1.0) - q)
+
+
+@_jit(f"void({U8_4D}, int64, float32[::1], float32, float32[:, :, ::1], float32, float32[:, ::1])")
+def macenko_high_kernel(x: Any, step: int, od_lut: Any, threshold: float, pinv_t: Any, q: float,
+                        out: Any) -> None:
+    """Per image: the q quantile of each stain's concentration (OD @ ``pinv_t`` (N, 3, 2)) over the tissue
+    pixels among every step-th pixel; NaN without tissue."""
+    n, h, w, _ = x.shape
+    size = (h * w + step - 1) // step
+    b0, b1 = np.empty(size, np.float32), np.empty(size, np.float32)
+    for i in range(n):
+        c = 0
+        for p in range(0, h * w, step):
+            y, xx = p // w, p % w
+            o0, o1, o2 = od_lut[x[i, y, xx, 0]], od_lut[x[i, y, xx, 1]], od_lut[x[i, y, xx, 2]]
+            if o0 > threshold and o1 > threshold and o2 > threshold:
+                b0[c] = o0 * pinv_t[i, 0, 0] + o1 * pinv_t[i, 1, 0] + o2 * pinv_t[i, 2, 0]
+                b1[c] = o0 * pinv_t[i, 0, 1] + o1 * pinv_t[i, 1, 1] + o2 * pinv_t[i, 2, 1]
+                c += 1
+        if c == 0:
+            out[i, 0] = out[i, 1] = np.float32(np.nan)
+        else:
+            out[i, 0] = _quantile(b0, c, q)
+            out[i, 1] = _quantile(b1, c, q)
+
+
+@_jit(f"void({U8_4D}, float32[::1], float32[:, :, ::1], float32[:, ::1], float32[:, ::1], boolean[::1], "
+      f"float32, {U8_4D})")
+def macenko_render_kernel(x: Any, od_lut: Any, pinv_t: Any, scale: Any, stains: Any, keep: Any,
+                          background: float, out: Any) -> None:
+    """Per pixel: concentrations (OD @ pinv_t[i]) times scale[i], re-rendered with ``stains`` (3, 2) as
+    background * exp(-OD), rounded half to even; images with keep[i] are copied."""
+    n, h, w, _ = x.shape
+    for i in range(n):
+        if keep[i]:
+            for y in range(h):
+                for xx in range(w):
+                    for ch in range(3):
+                        out[i, y, xx, ch] = x[i, y, xx, ch]
+            continue
+        m00, m10, m20 = pinv_t[i, 0, 0], pinv_t[i, 1, 0], pinv_t[i, 2, 0]
+        m01, m11, m21 = pinv_t[i, 0, 1], pinv_t[i, 1, 1], pinv_t[i, 2, 1]
+        k0, k1 = scale[i, 0], scale[i, 1]
+        for y in range(h):
+            for xx in range(w):
+                o0, o1, o2 = od_lut[x[i, y, xx, 0]], od_lut[x[i, y, xx, 1]], od_lut[x[i, y, xx, 2]]
+                c0 = (o0 * m00 + o1 * m10 + o2 * m20) * k0
+                c1 = (o0 * m01 + o1 * m11 + o2 * m21) * k1
+                for ch in range(3):
+                    v = background * np.exp(-(c0 * stains[ch, 0] + c1 * stains[ch, 1]))
+                    out[i, y, xx, ch] = np.uint8(min(max(np.rint(v), f32(0.0)), f32(255.0)))
+
+
+@numba.njit(nogil=True, error_model="numpy", inline="always")
+def _lab_f(t: float, eps: float) -> float:
+    return t ** f32(1.0 / 3.0) if t > eps else f32(7.787) * t + f32(16.0 / 116.0)
+
+
+@_jit(f"void({U8_4D}, float32[::1], float32[:, ::1], float32[::1], float32[:, ::1], float32[::1], "
+      f"float32[::1], float32[::1], {U8_4D})")
+def reinhard_kernel(x: Any, lin_lut: Any, to_xyz: Any, white: Any, to_rgb: Any, lab_consts: Any,
+                    target_mean: Any, target_std: Any, out: Any) -> None:
+    """Per image: CIE L*a*b* of every pixel (sRGB linearised by ``lin_lut``), shifted and scaled to the
+    target mean and std (whole image, float64 statistics), back to sRGB and rounded half to even.
+    lab_consts: (xyz threshold, f threshold, gamma threshold, 1/2.4)."""
+    n, h, w, _ = x.shape
+    lab = np.empty((h * w, 3), np.float32)
+    eps, f_eps, g_eps, inv_gamma = lab_consts[0], lab_consts[1], lab_consts[2], lab_consts[3]
+    for i in range(n):
+        s = np.zeros(3)
+        for p in range(h * w):
+            y, xx = p // w, p % w
+            r, g, b = lin_lut[x[i, y, xx, 0]], lin_lut[x[i, y, xx, 1]], lin_lut[x[i, y, xx, 2]]
+            fx = _lab_f((r * to_xyz[0, 0] + g * to_xyz[0, 1] + b * to_xyz[0, 2]) / white[0], eps)
+            fy = _lab_f((r * to_xyz[1, 0] + g * to_xyz[1, 1] + b * to_xyz[1, 2]) / white[1], eps)
+            fz = _lab_f((r * to_xyz[2, 0] + g * to_xyz[2, 1] + b * to_xyz[2, 2]) / white[2], eps)
+            lab[p, 0] = f32(116.0) * fy - f32(16.0)
+            lab[p, 1] = f32(500.0) * (fx - fy)
+            lab[p, 2] = f32(200.0) * (fy - fz)
+            for c in range(3):
+                s[c] += lab[p, c]
+        mean = s / (h * w)
+        v = np.zeros(3)
+        for p in range(h * w):
+            for c in range(3):
+                d = lab[p, c] - mean[c]
+                v[c] += d * d
+        mean32 = mean.astype(np.float32)
+        std32 = np.empty(3, np.float32)
+        for c in range(3):
+            std32[c] = max(f32(np.sqrt(v[c] / (h * w))), f32(1e-6))
+        for p in range(h * w):
+            y, xx = p // w, p % w
+            l0 = (lab[p, 0] - mean32[0]) / std32[0] * target_std[0] + target_mean[0]
+            a0 = (lab[p, 1] - mean32[1]) / std32[1] * target_std[1] + target_mean[1]
+            b0 = (lab[p, 2] - mean32[2]) / std32[2] * target_std[2] + target_mean[2]
+            fy = (l0 + f32(16.0)) / f32(116.0)
+            f0, f1, f2 = fy + a0 / f32(500.0), fy, fy - b0 / f32(200.0)
+            x0 = (f0 * f0 * f0 if f0 > f_eps else (f0 - f32(16.0 / 116.0)) / f32(7.787)) * white[0]
+            x1 = (f1 * f1 * f1 if f1 > f_eps else (f1 - f32(16.0 / 116.0)) / f32(7.787)) * white[1]
+            x2 = (f2 * f2 * f2 if f2 > f_eps else (f2 - f32(16.0 / 116.0)) / f32(7.787)) * white[2]
+            for c in range(3):
+                lin = min(max(x0 * to_rgb[c, 0] + x1 * to_rgb[c, 1] + x2 * to_rgb[c, 2], f32(0.0)), f32(1.0))
+                srgb = f32(1.055) * lin ** inv_gamma - f32(0.055) if lin > g_eps else f32(12.92) * lin
+                out[i, y, xx, c] = np.uint8(min(max(np.rint(srgb * f32(255.0)), f32(0.0)), f32(255.0)))
