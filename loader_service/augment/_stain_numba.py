@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numba
 import numpy as np
 
-__all__ = ["macenko_cov_kernel", "macenko_angle_kernel", "macenko_high_kernel", "macenko_render_kernel",
+__all__ = ["macenko_gather_kernel", "macenko_cov_kernel", "macenko_angle_kernel", "macenko_high_kernel", "macenko_render_kernel",
            "reinhard_kernel"]
 
 log = logging.getLogger(__name__)
@@ -49,80 +49,97 @@ def _quantile(buf: Any, n: int, q: float) -> float:
     return hi - (hi - lo) * (f32(1.0) - weight)
 
 
-@_jit(f"void({U8_4D}, int64, float32[::1], float32, float64[:, :, ::1], int64[::1])")
-def macenko_cov_kernel(x: Any, step: int, od_lut: Any, threshold: float, cov: Any, count: Any) -> None:
-    """Per image: OD covariance (float64 sums) and count of the tissue pixels among every step-th pixel."""
+@numba.njit(nogil=True, error_model="numpy", inline="always")
+def _level(v: float, steps: Any, start: Any, lo: float, scale: float) -> int:
+    """How many of the sorted thresholds ``steps`` (255 of them, then +inf) are <= v: a monotone float ->
+    uint8 map given by where it steps. ``start[b]`` is a lower bound of that count in bucket b of
+    [lo, lo + len(start) / scale); the loop walks the (0, 1 or 2) steps left."""
+    u = (v - lo) * scale
+    b = min(int(u), start.shape[0] - 1) if u > f32(0.0) else 0
+    k = start[b]
+    while k < 255 and steps[k] <= v:
+        k += 1
+    return k
+
+
+@_jit(f"void({U8_4D}, int64, float32[::1], float32, float32[:, :, ::1], int64[::1])")
+def macenko_gather_kernel(x: Any, step: int, od_lut: Any, threshold: float, buf: Any, count: Any) -> None:
+    """Per image i: the OD of the tissue pixels (OD > threshold in every channel) among every step-th pixel
+    (flat order), packed into buf[i, :count[i]]."""
     n, h, w, _ = x.shape
     for i in range(n):
-        s0 = s1 = s2 = 0.0
         c = 0
-        for p in range(0, h * w, step):
-            y, xx = p // w, p % w
+        y = xx = 0
+        while y < h:
             o0, o1, o2 = od_lut[x[i, y, xx, 0]], od_lut[x[i, y, xx, 1]], od_lut[x[i, y, xx, 2]]
             if o0 > threshold and o1 > threshold and o2 > threshold:
-                s0 += o0
-                s1 += o1
-                s2 += o2
+                buf[i, c, 0] = o0
+                buf[i, c, 1] = o1
+                buf[i, c, 2] = o2
                 c += 1
+            xx += step
+            while xx >= w:
+                xx -= w
+                y += 1
         count[i] = c
+
+
+@_jit("void(float32[:, :, ::1], int64[::1], float64[:, :, ::1])")
+def macenko_cov_kernel(buf: Any, count: Any, cov: Any) -> None:
+    """Per image: covariance (float64 sums, mean rounded to float32 as the reference's) of buf[i, :count[i]]."""
+    for i in range(buf.shape[0]):
+        c = count[i]
+        s0 = s1 = s2 = 0.0
+        for p in range(c):
+            s0 += buf[i, p, 0]
+            s1 += buf[i, p, 1]
+            s2 += buf[i, p, 2]
         d = float(max(c, 1))
         m0, m1, m2 = f32(s0 / d), f32(s1 / d), f32(s2 / d)
-        acc = np.zeros(6)
-        for p in range(0, h * w, step):
-            y, xx = p // w, p % w
-            o0, o1, o2 = od_lut[x[i, y, xx, 0]], od_lut[x[i, y, xx, 1]], od_lut[x[i, y, xx, 2]]
-            if o0 > threshold and o1 > threshold and o2 > threshold:
-                a0, a1, a2 = float(o0 - m0), float(o1 - m1), float(o2 - m2)
-                acc[0] += a0 * a0
-                acc[1] += a0 * a1
-                acc[2] += a0 * a2
-                acc[3] += a1 * a1
-                acc[4] += a1 * a2
-                acc[5] += a2 * a2
-        for k, (r, col) in enumerate(((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))):
-            cov[i, r, col] = cov[i, col, r] = acc[k] / d
+        a00 = a01 = a02 = a11 = a12 = a22 = 0.0
+        for p in range(c):
+            a0, a1, a2 = float(buf[i, p, 0] - m0), float(buf[i, p, 1] - m1), float(buf[i, p, 2] - m2)
+            a00 += a0 * a0
+            a01 += a0 * a1
+            a02 += a0 * a2
+            a11 += a1 * a1
+            a12 += a1 * a2
+            a22 += a2 * a2
+        cov[i, 0, 0], cov[i, 1, 1], cov[i, 2, 2] = a00 / d, a11 / d, a22 / d
+        cov[i, 0, 1] = cov[i, 1, 0] = a01 / d
+        cov[i, 0, 2] = cov[i, 2, 0] = a02 / d
+        cov[i, 1, 2] = cov[i, 2, 1] = a12 / d
 
 
-@_jit(f"void({U8_4D}, int64, float32[::1], float32, float32[:, :, ::1], float32, float32[:, ::1])")
-def macenko_angle_kernel(x: Any, step: int, od_lut: Any, threshold: float, plane: Any, q: float,
-                         out: Any) -> None:
-    """Per image: the q and 1-q quantiles of the tissue pixels' angles in ``plane`` (N, 3, 2); 0 without tissue."""
-    n, h, w, _ = x.shape
-    buf = np.empty((h * w + step - 1) // step, np.float32)
-    for i in range(n):
-        c = 0
-        for p in range(0, h * w, step):
-            y, xx = p // w, p % w
-            o0, o1, o2 = od_lut[x[i, y, xx, 0]], od_lut[x[i, y, xx, 1]], od_lut[x[i, y, xx, 2]]
-            if o0 > threshold and o1 > threshold and o2 > threshold:
-                u = o0 * plane[i, 0, 0] + o1 * plane[i, 1, 0] + o2 * plane[i, 2, 0]
-                v = o0 * plane[i, 0, 1] + o1 * plane[i, 1, 1] + o2 * plane[i, 2, 1]
-                buf[c] = np.arctan2(v, u)
-                c += 1
+@_jit("void(float32[:, :, ::1], int64[::1], float32[:, :, ::1], float32, float32[:, ::1])")
+def macenko_angle_kernel(buf: Any, count: Any, plane: Any, q: float, out: Any) -> None:
+    """Per image: the q and 1-q quantiles of the angles of buf[i, :count[i]] in ``plane`` (N, 3, 2); 0 if empty."""
+    angle = np.empty(buf.shape[1], np.float32)
+    for i in range(buf.shape[0]):
+        c = count[i]
+        for p in range(c):
+            o0, o1, o2 = buf[i, p, 0], buf[i, p, 1], buf[i, p, 2]
+            u = o0 * plane[i, 0, 0] + o1 * plane[i, 1, 0] + o2 * plane[i, 2, 0]
+            v = o0 * plane[i, 0, 1] + o1 * plane[i, 1, 1] + o2 * plane[i, 2, 1]
+            angle[p] = np.arctan2(v, u)
         if c == 0:
             out[i, 0] = out[i, 1] = f32(0.0)
         else:
-            out[i, 0] = _quantile(buf, c, q)
-            out[i, 1] = _quantile(buf, c, f32(1.0) - q)
+            out[i, 0] = _quantile(angle, c, q)
+            out[i, 1] = _quantile(angle, c, f32(1.0) - q)
 
 
-@_jit(f"void({U8_4D}, int64, float32[::1], float32, float32[:, :, ::1], float32, float32[:, ::1])")
-def macenko_high_kernel(x: Any, step: int, od_lut: Any, threshold: float, pinv_t: Any, q: float,
-                        out: Any) -> None:
-    """Per image: the q quantile of each stain's concentration (OD @ ``pinv_t`` (N, 3, 2)) over the tissue
-    pixels among every step-th pixel; NaN without tissue."""
-    n, h, w, _ = x.shape
-    size = (h * w + step - 1) // step
-    b0, b1 = np.empty(size, np.float32), np.empty(size, np.float32)
-    for i in range(n):
-        c = 0
-        for p in range(0, h * w, step):
-            y, xx = p // w, p % w
-            o0, o1, o2 = od_lut[x[i, y, xx, 0]], od_lut[x[i, y, xx, 1]], od_lut[x[i, y, xx, 2]]
-            if o0 > threshold and o1 > threshold and o2 > threshold:
-                b0[c] = o0 * pinv_t[i, 0, 0] + o1 * pinv_t[i, 1, 0] + o2 * pinv_t[i, 2, 0]
-                b1[c] = o0 * pinv_t[i, 0, 1] + o1 * pinv_t[i, 1, 1] + o2 * pinv_t[i, 2, 1]
-                c += 1
+@_jit("void(float32[:, :, ::1], int64[::1], float32[:, :, ::1], float32, float32[:, ::1])")
+def macenko_high_kernel(buf: Any, count: Any, pinv_t: Any, q: float, out: Any) -> None:
+    """Per image: the q quantile of each stain's concentration (OD @ ``pinv_t`` (N, 3, 2)) over
+    buf[i, :count[i]]; NaN if empty."""
+    b0, b1 = np.empty(buf.shape[1], np.float32), np.empty(buf.shape[1], np.float32)
+    for i in range(buf.shape[0]):
+        c = count[i]
+        for p in range(c):
+            o0, o1, o2 = buf[i, p, 0], buf[i, p, 1], buf[i, p, 2]
+            b0[p] = o0 * pinv_t[i, 0, 0] + o1 * pinv_t[i, 1, 0] + o2 * pinv_t[i, 2, 0]
+            b1[p] = o0 * pinv_t[i, 0, 1] + o1 * pinv_t[i, 1, 1] + o2 * pinv_t[i, 2, 1]
         if c == 0:
             out[i, 0] = out[i, 1] = np.float32(np.nan)
         else:
@@ -131,11 +148,11 @@ def macenko_high_kernel(x: Any, step: int, od_lut: Any, threshold: float, pinv_t
 
 
 @_jit(f"void({U8_4D}, float32[::1], float32[:, :, ::1], float32[:, ::1], float32[:, ::1], boolean[::1], "
-      f"float32, {U8_4D})")
+      f"float32[::1], int32[::1], float32, float32, {U8_4D})")
 def macenko_render_kernel(x: Any, od_lut: Any, pinv_t: Any, scale: Any, stains: Any, keep: Any,
-                          background: float, out: Any) -> None:
-    """Per pixel: concentrations (OD @ pinv_t[i]) times scale[i], re-rendered with ``stains`` (3, 2) as
-    background * exp(-OD), rounded half to even; images with keep[i] are copied."""
+                          steps: Any, start: Any, lo: float, bucket_scale: float, out: Any) -> None:
+    """Per pixel: concentrations (OD @ pinv_t[i]) times scale[i], re-rendered with ``stains`` (3, 2) as the
+    grey level 255 - _level(OD) (the steps of round(background * exp(-OD))); images with keep[i] are copied."""
     n, h, w, _ = x.shape
     for i in range(n):
         if keep[i]:
@@ -153,8 +170,8 @@ def macenko_render_kernel(x: Any, od_lut: Any, pinv_t: Any, scale: Any, stains: 
                 c0 = (o0 * m00 + o1 * m10 + o2 * m20) * k0
                 c1 = (o0 * m01 + o1 * m11 + o2 * m21) * k1
                 for ch in range(3):
-                    v = background * np.exp(-(c0 * stains[ch, 0] + c1 * stains[ch, 1]))
-                    out[i, y, xx, ch] = np.uint8(min(max(np.rint(v), f32(0.0)), f32(255.0)))
+                    out[i, y, xx, ch] = np.uint8(255 - _level(c0 * stains[ch, 0] + c1 * stains[ch, 1], steps, start,
+                                                              lo, bucket_scale))
 
 
 @numba.njit(nogil=True, error_model="numpy", inline="always")
@@ -163,15 +180,16 @@ def _lab_f(t: float, eps: float) -> float:
 
 
 @_jit(f"void({U8_4D}, float32[::1], float32[:, ::1], float32[::1], float32[:, ::1], float32[::1], "
-      f"float32[::1], float32[::1], {U8_4D})")
+      f"float32[::1], float32[::1], float32[::1], int32[::1], float32, {U8_4D})")
 def reinhard_kernel(x: Any, lin_lut: Any, to_xyz: Any, white: Any, to_rgb: Any, lab_consts: Any,
-                    target_mean: Any, target_std: Any, out: Any) -> None:
+                    target_mean: Any, target_std: Any, steps: Any, start: Any, bucket_scale: float, out: Any) -> None:
     """Per image: CIE L*a*b* of every pixel (sRGB linearised by ``lin_lut``), shifted and scaled to the
     target mean and std (whole image, float64 statistics), back to sRGB and rounded half to even.
-    lab_consts: (xyz threshold, f threshold, gamma threshold, 1/2.4)."""
+    lab_consts: (xyz threshold, f threshold). Linear RGB (clipped to [0, 1]) -> grey level: _level (the steps
+    of the reference's sRGB gamma and rounding)."""
     n, h, w, _ = x.shape
     lab = np.empty((h * w, 3), np.float32)
-    eps, f_eps, g_eps, inv_gamma = lab_consts[0], lab_consts[1], lab_consts[2], lab_consts[3]
+    eps, f_eps = lab_consts[0], lab_consts[1]
     for i in range(n):
         s = np.zeros(3)
         for p in range(h * w):
@@ -207,5 +225,4 @@ def reinhard_kernel(x: Any, lin_lut: Any, to_xyz: Any, white: Any, to_rgb: Any, 
             x2 = (f2 * f2 * f2 if f2 > f_eps else (f2 - f32(16.0 / 116.0)) / f32(7.787)) * white[2]
             for c in range(3):
                 lin = min(max(x0 * to_rgb[c, 0] + x1 * to_rgb[c, 1] + x2 * to_rgb[c, 2], f32(0.0)), f32(1.0))
-                srgb = f32(1.055) * lin ** inv_gamma - f32(0.055) if lin > g_eps else f32(12.92) * lin
-                out[i, y, xx, c] = np.uint8(min(max(np.rint(srgb * f32(255.0)), f32(0.0)), f32(255.0)))
+                out[i, y, xx, c] = np.uint8(_level(lin, steps, start, f32(0.0), bucket_scale))

@@ -51,6 +51,42 @@ def _table(fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
     return np.ascontiguousarray(fn(values)[0, :, 0].numpy())
 
 
+def _ordered(x: np.ndarray) -> np.ndarray:
+    """float32 -> int64 keys in the floats' order (-0.0 and 0.0 alike)."""
+    bits = np.asarray(x, np.float32).view(np.int32).astype(np.int64)
+    return np.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
+
+
+def _unordered(keys: np.ndarray) -> np.ndarray:
+    bits = np.where(keys >= 0, keys, (-keys) | 0x80000000)
+    return (bits & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+
+
+def _steps(level: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float,
+           buckets: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """A non-decreasing map ``level`` (float32 tensor -> grey levels 0..255, 0 at ``lo``, the torch ops of the
+    reference) as where it steps: (steps, start, bucket scale) for ``_stain_numba._level``. steps[k-1] is the
+    smallest float32 x in [lo, hi] with level(x) >= k (bisection on the floats' order; +inf if none), so the
+    lookup gives the reference's level for every float32 input, exactly. start[b] counts the steps below
+    bucket b (of ``buckets`` over [lo, hi]), less a margin; the kernel walks the rest."""
+    wanted = np.arange(1, 256)
+    at = lambda keys: level(torch.from_numpy(_unordered(keys))).numpy()  # noqa: E731
+    below, above = np.full(255, _ordered(lo), np.int64), np.full(255, _ordered(hi), np.int64)
+    if at(below[:1])[0] != 0:
+        raise AssertionError(f"stain step table: level({lo}) must be 0")
+    reached = at(above) >= wanted
+    while np.any(above - below > 1):
+        mid = (below + above) // 2
+        ok = at(mid) >= wanted
+        above, below = np.where(ok, mid, above), np.where(ok, below, mid)
+    steps = np.append(_unordered(above), np.float32(np.inf))
+    steps[:255][~reached] = np.inf
+    scale = buckets / (hi - lo)
+    edges = lo + (np.arange(buckets) - 0.01) / scale  # a hundredth of a bucket early: start is a lower bound
+    start = np.searchsorted(steps[:255], edges.astype(np.float32), side="right").astype(np.int32)
+    return steps, start, float(np.float32(scale))
+
+
 _TABLES: dict[str, np.ndarray] = {}
 
 
@@ -63,7 +99,14 @@ def _tables() -> dict[str, np.ndarray]:
             to_xyz=ref._RGB_TO_XYZ.to(torch.float32).numpy().copy(),
             to_rgb=torch.linalg.inv(ref._RGB_TO_XYZ).to(torch.float32).numpy().copy(),
             white=np.asarray(ref._WHITE, np.float32),
-            lab=np.asarray([0.008856, 0.206893, 0.0031308, 1 / 2.4], np.float32))
+            lab=np.asarray([0.008856, 0.206893], np.float32))
+        exp_steps = _steps(lambda od: 255 - (ref.BACKGROUND * torch.exp(-od)).round_().clamp_(0.0, 255.0).to(torch.int64),
+                           -0.1, 10.0, 4096)  # as _macenko renders, from OD (as a step count: non-decreasing)
+        gamma_steps = _steps(lambda lin: (torch.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin)
+                                          * 255.0).round_().clamp_(0.0, 255.0).to(torch.int64),
+                             0.0, 1.0, 4096)  # as lab_to_rgb and _reinhard finish, from clipped linear RGB
+        _TABLES.update(exp_steps=exp_steps[0], exp_start=exp_steps[1], exp_scale=np.float32(exp_steps[2]),
+                       gamma_steps=gamma_steps[0], gamma_start=gamma_steps[1], gamma_scale=np.float32(gamma_steps[2]))
     return _TABLES
 
 
@@ -71,27 +114,30 @@ def _macenko(x: np.ndarray, target: torch.Tensor, out: np.ndarray) -> None:
     k, t = _compiled(), _tables()
     n, h, w, _ = x.shape
     step = max(1, (h * w) // ref.STATS_PIXELS)
-    threshold = np.float32(ref.OD_THRESHOLD)
-    cov, count = np.empty((n, 3, 3)), np.empty(n, np.int64)
-    k.macenko_cov_kernel(x, step, t["od"], threshold, cov, count)
+    buf, count = np.empty((n, (h * w + step - 1) // step, 3), np.float32), np.empty(n, np.int64)
+    k.macenko_gather_kernel(x, step, t["od"], np.float32(ref.OD_THRESHOLD), buf, count)
+    cov = np.empty((n, 3, 3))
+    k.macenko_cov_kernel(buf, count, cov)
     plane = ref.leading_plane(torch.from_numpy(cov)).contiguous()
     q = np.empty((n, 2), np.float32)
-    k.macenko_angle_kernel(x, step, t["od"], threshold, plane.numpy(), np.float32(ref.ANGLE_PERCENTILE), q)
+    k.macenko_angle_kernel(buf, count, plane.numpy(), np.float32(ref.ANGLE_PERCENTILE), q)
     stains = ref.stain_vectors(plane, torch.from_numpy(q).T)
     pinv_t = ref.unmixing(stains).contiguous()
     high = np.empty((n, 2), np.float32)
-    k.macenko_high_kernel(x, step, t["od"], threshold, pinv_t.numpy(), np.float32(ref.MAX_PERCENTILE), high)
+    k.macenko_high_kernel(buf, count, pinv_t.numpy(), np.float32(ref.MAX_PERCENTILE), high)
     scale = ref.concentration_scale(torch.from_numpy(high), target).contiguous().numpy()
     target_stains = np.ascontiguousarray(target[:6].view(2, 3).T.numpy())
     keep = count < ref.MIN_TISSUE_PIXELS
-    k.macenko_render_kernel(x, t["od"], pinv_t.numpy(), scale, target_stains, keep, np.float32(ref.BACKGROUND), out)
+    k.macenko_render_kernel(x, t["od"], pinv_t.numpy(), scale, target_stains, keep, t["exp_steps"], t["exp_start"],
+                            np.float32(-0.1), t["exp_scale"], out)
 
 
 def _reinhard(x: np.ndarray, target: torch.Tensor, out: np.ndarray) -> None:
     t = _tables()
     tgt = target.numpy()
     _compiled().reinhard_kernel(x, t["lin"], t["to_xyz"], t["white"], t["to_rgb"], t["lab"],
-                                np.ascontiguousarray(tgt[:3]), np.ascontiguousarray(tgt[3:]), out)
+                                np.ascontiguousarray(tgt[:3]), np.ascontiguousarray(tgt[3:]), t["gamma_steps"],
+                                t["gamma_start"], t["gamma_scale"], out)
 
 
 def normalise_cpu(images: torch.Tensor, method: str, target: torch.Tensor, layout: str) -> torch.Tensor:
