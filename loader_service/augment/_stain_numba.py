@@ -35,15 +35,51 @@ def _jit(signature: str) -> Callable[[Any], Any]:
 
 
 @numba.njit(nogil=True, error_model="numpy")
+def _select(a: Any, n: int, k: int) -> float:
+    """The k-th smallest of a[:n] (0-based), reordering a[:n] so that a[k] holds it, a[:k] <= it <= a[k+1:n]
+    (quickselect, median-of-three pivot: deterministic)."""
+    lo, hi = 0, n - 1
+    while hi > lo:
+        mid = (lo + hi) // 2
+        if a[mid] < a[lo]:
+            a[mid], a[lo] = a[lo], a[mid]
+        if a[hi] < a[lo]:
+            a[hi], a[lo] = a[lo], a[hi]
+        if a[hi] < a[mid]:
+            a[hi], a[mid] = a[mid], a[hi]
+        pivot = a[mid]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+    return a[k]
+
+
+@numba.njit(nogil=True, error_model="numpy")
 def _quantile(buf: Any, n: int, q: float) -> float:
     """torch.quantile's linear interpolation (rank q*(n-1) in float32, lerp as torch's) of buf[:n];
     reorders buf[:n]. n >= 1."""
     rank = f32(q) * f32(n - 1)
     below = int(rank)
     weight = rank - f32(below)
-    part = np.partition(buf[:n], below)
-    lo = part[below]
-    hi = lo if below + 1 >= n or weight == f32(0.0) else part[below + 1:].min()
+    lo = _select(buf, n, below)
+    hi = lo
+    if below + 1 < n and weight != f32(0.0):
+        hi = buf[below + 1]
+        for p in range(below + 2, n):
+            hi = min(hi, buf[p])
     if abs(weight) < f32(0.5):
         return lo + weight * (hi - lo)
     return hi - (hi - lo) * (f32(1.0) - weight)
@@ -51,14 +87,14 @@ def _quantile(buf: Any, n: int, q: float) -> float:
 
 @numba.njit(nogil=True, error_model="numpy", inline="always")
 def _level(v: float, steps: Any, start: Any, lo: float, scale: float) -> int:
-    """How many of the sorted thresholds ``steps`` (255 of them, then +inf) are <= v: a monotone float ->
-    uint8 map given by where it steps. ``start[b]`` is a lower bound of that count in bucket b of
-    [lo, lo + len(start) / scale); the loop walks the (0, 1 or 2) steps left."""
+    """How many of the sorted thresholds ``steps`` (255 of them, then +inf twice) are <= v: a monotone
+    float -> uint8 map given by where it steps. ``start[b]`` is a lower bound of that count in bucket b of
+    [lo, lo + len(start) / scale), short of it by at most 2 (checked when the table is built). Branch-free."""
     u = (v - lo) * scale
     b = min(int(u), start.shape[0] - 1) if u > f32(0.0) else 0
     k = start[b]
-    while k < 255 and steps[k] <= v:
-        k += 1
+    k += steps[k] <= v
+    k += steps[k] <= v
     return k
 
 

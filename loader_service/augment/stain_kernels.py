@@ -28,7 +28,7 @@ summation order), so it is deterministic whatever the service's thread count; th
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -79,18 +79,20 @@ def _steps(level: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float,
         mid = (below + above) // 2
         ok = at(mid) >= wanted
         above, below = np.where(ok, mid, above), np.where(ok, below, mid)
-    steps = np.append(_unordered(above), np.float32(np.inf))
+    steps = np.append(_unordered(above), np.full(2, np.inf, np.float32))
     steps[:255][~reached] = np.inf
     scale = buckets / (hi - lo)
-    edges = lo + (np.arange(buckets) - 0.01) / scale  # a hundredth of a bucket early: start is a lower bound
-    start = np.searchsorted(steps[:255], edges.astype(np.float32), side="right").astype(np.int32)
-    return steps, start, float(np.float32(scale))
+    edges = lo + (np.arange(buckets + 1) + np.array([[-0.01], [0.01]])) / scale  # a hundredth of a bucket wider
+    start, end = np.searchsorted(steps[:255], edges.astype(np.float32), side="right").astype(np.int32)
+    if int((end[1:] - start[:-1]).max()) > 2:  # the kernel walks at most 2 steps from start
+        raise AssertionError("stain step table: more than 2 steps in a bucket; use more buckets")
+    return steps, start[:-1].copy(), float(np.float32(scale))
 
 
-_TABLES: dict[str, np.ndarray] = {}
+_TABLES: dict[str, Any] = {}
 
 
-def _tables() -> dict[str, np.ndarray]:
+def _tables() -> dict[str, Any]:
     if not _TABLES:  # idempotent: a racing thread computes the same tables
         rgb = lambda v: v.to(torch.float32) / 255.0  # noqa: E731  (as _reinhard and rgb_to_lab do)
         _TABLES.update(
