@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numba
 import numpy as np
 
-__all__ = ["macenko_gather_kernel", "macenko_cov_kernel", "macenko_angle_kernel", "macenko_high_kernel", "macenko_render_kernel",
+__all__ = ["levels_kernel", "macenko_gather_kernel", "macenko_cov_kernel", "macenko_angle_kernel", "macenko_high_kernel", "macenko_render_kernel",
            "reinhard_kernel"]
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,13 @@ def _level(v: float, steps: Any, start: Any, lo: float, scale: float) -> int:
     k += steps[k] <= v
     k += steps[k] <= v
     return k
+
+
+@_jit("void(float32[::1], float32[::1], int32[::1], float32, float32, int64[::1])")
+def levels_kernel(v: Any, steps: Any, start: Any, lo: float, scale: float, out: Any) -> None:
+    """_level of each value (what the render kernels do per channel; for tests)."""
+    for p in range(v.shape[0]):
+        out[p] = _level(v[p], steps, start, lo, scale)
 
 
 @_jit(f"void({U8_4D}, int64, float32[::1], float32, float32[:, :, ::1], int64[::1])")

@@ -202,7 +202,7 @@ def _flat(images: torch.Tensor, layout: str) -> torch.Tensor:
     x = images if layout == "NHWC" else images.permute(0, 2, 3, 1)
     if x.shape[-1] != 3:
         raise ValueError(f"stain normalisation needs RGB images (3 channels), got shape {tuple(images.shape)}.")
-    return x.reshape(x.shape[0], -1, 3)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], 3)  # (not -1: empty batches too)
 
 
 def fit_target(method: str, images: torch.Tensor, layout: str = "NHWC") -> StainConfig:

@@ -90,6 +90,7 @@ def _steps(level: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float,
 
 
 _TABLES: dict[str, Any] = {}
+_EXP_LO = -0.1  # OD below this renders as 255 (240 exp(0.1) > 255.5)
 
 
 def _tables() -> dict[str, Any]:
@@ -103,11 +104,11 @@ def _tables() -> dict[str, Any]:
             white=np.asarray(ref._WHITE, np.float32),
             lab=np.asarray([0.008856, 0.206893], np.float32))
         exp_steps = _steps(lambda od: 255 - (ref.BACKGROUND * torch.exp(-od)).round_().clamp_(0.0, 255.0).to(torch.int64),
-                           -0.1, 10.0, 4096)  # as _macenko renders, from OD (as a step count: non-decreasing)
+                           _EXP_LO, 10.0, 4096)  # as _macenko renders, from OD (as a step count: non-decreasing)
         gamma_steps = _steps(lambda lin: (torch.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin)
                                           * 255.0).round_().clamp_(0.0, 255.0).to(torch.int64),
                              0.0, 1.0, 4096)  # as lab_to_rgb and _reinhard finish, from clipped linear RGB
-        _TABLES.update(exp_steps=exp_steps[0], exp_start=exp_steps[1], exp_scale=np.float32(exp_steps[2]),
+        _TABLES.update(exp_lo=np.float32(_EXP_LO), exp_steps=exp_steps[0], exp_start=exp_steps[1], exp_scale=np.float32(exp_steps[2]),
                        gamma_steps=gamma_steps[0], gamma_start=gamma_steps[1], gamma_scale=np.float32(gamma_steps[2]))
     return _TABLES
 
@@ -131,7 +132,7 @@ def _macenko(x: np.ndarray, target: torch.Tensor, out: np.ndarray) -> None:
     target_stains = np.ascontiguousarray(target[:6].view(2, 3).T.numpy())
     keep = count < ref.MIN_TISSUE_PIXELS
     k.macenko_render_kernel(x, t["od"], pinv_t.numpy(), scale, target_stains, keep, t["exp_steps"], t["exp_start"],
-                            np.float32(-0.1), t["exp_scale"], out)
+                            t["exp_lo"], t["exp_scale"], out)
 
 
 def _reinhard(x: np.ndarray, target: torch.Tensor, out: np.ndarray) -> None:
