@@ -233,39 +233,45 @@ def reinhard_kernel(x: Any, lin_lut: Any, to_xyz: Any, white: Any, to_rgb: Any, 
     n, h, w, _ = x.shape
     lab = np.empty((h * w, 3), np.float32)
     eps, f_eps = lab_consts[0], lab_consts[1]
+    k00, k01, k02, k10, k11, k12 = to_xyz[0, 0], to_xyz[0, 1], to_xyz[0, 2], to_xyz[1, 0], to_xyz[1, 1], to_xyz[1, 2]
+    k20, k21, k22, w0, w1, w2 = to_xyz[2, 0], to_xyz[2, 1], to_xyz[2, 2], white[0], white[1], white[2]
+    size = float(h * w)
     for i in range(n):
-        s = np.zeros(3)
+        s0 = s1 = s2 = 0.0
+        for y in range(h):
+            for xx in range(w):
+                p = y * w + xx
+                r, g, b = lin_lut[x[i, y, xx, 0]], lin_lut[x[i, y, xx, 1]], lin_lut[x[i, y, xx, 2]]
+                fx = _lab_f((r * k00 + g * k01 + b * k02) / w0, eps)
+                fy = _lab_f((r * k10 + g * k11 + b * k12) / w1, eps)
+                fz = _lab_f((r * k20 + g * k21 + b * k22) / w2, eps)
+                l_, a_, b_ = f32(116.0) * fy - f32(16.0), f32(500.0) * (fx - fy), f32(200.0) * (fy - fz)
+                lab[p, 0], lab[p, 1], lab[p, 2] = l_, a_, b_
+                s0 += l_
+                s1 += a_
+                s2 += b_
+        m0, m1, m2 = s0 / size, s1 / size, s2 / size
+        v0 = v1 = v2 = 0.0
         for p in range(h * w):
-            y, xx = p // w, p % w
-            r, g, b = lin_lut[x[i, y, xx, 0]], lin_lut[x[i, y, xx, 1]], lin_lut[x[i, y, xx, 2]]
-            fx = _lab_f((r * to_xyz[0, 0] + g * to_xyz[0, 1] + b * to_xyz[0, 2]) / white[0], eps)
-            fy = _lab_f((r * to_xyz[1, 0] + g * to_xyz[1, 1] + b * to_xyz[1, 2]) / white[1], eps)
-            fz = _lab_f((r * to_xyz[2, 0] + g * to_xyz[2, 1] + b * to_xyz[2, 2]) / white[2], eps)
-            lab[p, 0] = f32(116.0) * fy - f32(16.0)
-            lab[p, 1] = f32(500.0) * (fx - fy)
-            lab[p, 2] = f32(200.0) * (fy - fz)
-            for c in range(3):
-                s[c] += lab[p, c]
-        mean = s / (h * w)
-        v = np.zeros(3)
-        for p in range(h * w):
-            for c in range(3):
-                d = lab[p, c] - mean[c]
-                v[c] += d * d
-        mean32 = mean.astype(np.float32)
-        std32 = np.empty(3, np.float32)
-        for c in range(3):
-            std32[c] = max(f32(np.sqrt(v[c] / (h * w))), f32(1e-6))
-        for p in range(h * w):
-            y, xx = p // w, p % w
-            l0 = (lab[p, 0] - mean32[0]) / std32[0] * target_std[0] + target_mean[0]
-            a0 = (lab[p, 1] - mean32[1]) / std32[1] * target_std[1] + target_mean[1]
-            b0 = (lab[p, 2] - mean32[2]) / std32[2] * target_std[2] + target_mean[2]
-            fy = (l0 + f32(16.0)) / f32(116.0)
-            f0, f1, f2 = fy + a0 / f32(500.0), fy, fy - b0 / f32(200.0)
-            x0 = (f0 * f0 * f0 if f0 > f_eps else (f0 - f32(16.0 / 116.0)) / f32(7.787)) * white[0]
-            x1 = (f1 * f1 * f1 if f1 > f_eps else (f1 - f32(16.0 / 116.0)) / f32(7.787)) * white[1]
-            x2 = (f2 * f2 * f2 if f2 > f_eps else (f2 - f32(16.0 / 116.0)) / f32(7.787)) * white[2]
-            for c in range(3):
-                lin = min(max(x0 * to_rgb[c, 0] + x1 * to_rgb[c, 1] + x2 * to_rgb[c, 2], f32(0.0)), f32(1.0))
-                out[i, y, xx, c] = np.uint8(_level(lin, steps, start, f32(0.0), bucket_scale))
+            d0, d1, d2 = lab[p, 0] - m0, lab[p, 1] - m1, lab[p, 2] - m2
+            v0 += d0 * d0
+            v1 += d1 * d1
+            v2 += d2 * d2
+        mean0, mean1, mean2 = f32(m0), f32(m1), f32(m2)
+        sd0, sd1, sd2 = (max(f32(np.sqrt(v0 / size)), f32(1e-6)), max(f32(np.sqrt(v1 / size)), f32(1e-6)),
+                         max(f32(np.sqrt(v2 / size)), f32(1e-6)))
+        t0, t1, t2, u0, u1, u2 = target_std[0], target_std[1], target_std[2], target_mean[0], target_mean[1], target_mean[2]
+        for y in range(h):
+            for xx in range(w):
+                p = y * w + xx
+                l0 = (lab[p, 0] - mean0) / sd0 * t0 + u0
+                a0 = (lab[p, 1] - mean1) / sd1 * t1 + u1
+                b0 = (lab[p, 2] - mean2) / sd2 * t2 + u2
+                fy = (l0 + f32(16.0)) / f32(116.0)
+                f0, f1, f2 = fy + a0 / f32(500.0), fy, fy - b0 / f32(200.0)
+                x0 = (f0 * f0 * f0 if f0 > f_eps else (f0 - f32(16.0 / 116.0)) / f32(7.787)) * w0
+                x1 = (f1 * f1 * f1 if f1 > f_eps else (f1 - f32(16.0 / 116.0)) / f32(7.787)) * w1
+                x2 = (f2 * f2 * f2 if f2 > f_eps else (f2 - f32(16.0 / 116.0)) / f32(7.787)) * w2
+                for c in range(3):
+                    lin = min(max(x0 * to_rgb[c, 0] + x1 * to_rgb[c, 1] + x2 * to_rgb[c, 2], f32(0.0)), f32(1.0))
+                    out[i, y, xx, c] = np.uint8(_level(lin, steps, start, f32(0.0), bucket_scale))
