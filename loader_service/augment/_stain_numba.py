@@ -20,17 +20,23 @@ __all__ = ["levels_kernel", "macenko_gather_kernel", "macenko_cov_kernel", "mace
 log = logging.getLogger(__name__)
 
 f32 = np.float32
-U8_4D = "uint8[:, :, :, :]"  # (N, H, W, 3), any strides: NHWC tensors and NCHW ones seen channels last
+#: (N, H, W, 3) uint8 images: compiled twice, for C-contiguous NHWC batches (~10% faster) and for any strides
+#: (NCHW batches seen channels last, views); numba dispatches to the C-contiguous one when it applies.
+U8_4D = "{u8}"
+_U8_LAYOUTS = ("uint8[:, :, :, ::1]", "uint8[:, :, :, :]")
 
 
 def _jit(signature: str) -> Callable[[Any], Any]:
-    """Compile eagerly for ``signature``, cached on disk when numba can, in memory when it cannot."""
+    """Compile eagerly for ``signature`` (each image layout where it has ``U8_4D``), cached on disk when numba
+    can, in memory when it cannot."""
+    signatures = [signature.replace(U8_4D, u8) for u8 in _U8_LAYOUTS] if U8_4D in signature else [signature]
+
     def compile_(fn: Any) -> Any:
         try:
-            return numba.njit(signature, nogil=True, error_model="numpy", cache=True)(fn)
+            return numba.njit(signatures, nogil=True, error_model="numpy", cache=True)(fn)
         except (RuntimeError, OSError) as err:  # no usable cache directory, or writing to it failed
             log.info("numba cannot cache %s (%s); compiling it in memory", fn.__name__, err)
-            return numba.njit(signature, nogil=True, error_model="numpy")(fn)
+            return numba.njit(signatures, nogil=True, error_model="numpy")(fn)
     return compile_
 
 
