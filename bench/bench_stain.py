@@ -66,7 +66,8 @@ def main() -> None:
             for _ in range(args.repeats):
                 torch_runs.append(patches_per_s(batch, config, False, threads))
                 kernel_runs.append(patches_per_s(batch, config, True, threads))
-            diff = (normalise_batch(batch, config, cpu_kernels=False).int() - normalise_batch(batch, config).int()).abs()
+            reference = normalise_batch(batch, config, cpu_kernels=False)
+            diff = (reference.int() - normalise_batch(batch, config).int()).abs()
             t, k = median(torch_runs), median(kernel_runs)
             print(json.dumps({"method": method, "threads": threads, "batch": list(batch.shape),
                               "torch_patches_per_s": round(t, 1), "kernel_patches_per_s": round(k, 1),

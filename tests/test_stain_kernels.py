@@ -111,7 +111,8 @@ def test_step_tables_give_the_reference_grey_levels_exactly() -> None:
     np.testing.assert_array_equal(np.searchsorted(tables["gamma_steps"], lin, side="right"), want.numpy())
     # ... and the kernels' bucketed lookup (start of the bucket, at most 2 steps on) finds that count:
     levels = np.empty(lin.shape[0], np.int64)
-    kernels.levels_kernel(lin, tables["gamma_steps"], tables["gamma_start"], np.float32(0.0), tables["gamma_scale"], levels)
+    kernels.levels_kernel(lin, tables["gamma_steps"], tables["gamma_start"], np.float32(0.0), tables["gamma_scale"],
+                          levels)
     np.testing.assert_array_equal(levels, want.numpy())
     levels = np.empty(od.shape[0], np.int64)
     kernels.levels_kernel(od, tables["exp_steps"], tables["exp_start"], tables["exp_lo"], tables["exp_scale"], levels)

@@ -14,7 +14,9 @@ from typing import Any, Callable
 import numba
 import numpy as np
 
-__all__ = ["levels_kernel", "macenko_gather_kernel", "macenko_cov_kernel", "macenko_angle_kernel", "macenko_high_kernel", "macenko_render_kernel",
+__all__ = ["levels_kernel", "macenko_gather_kernel", "macenko_cov_kernel", "macenko_angle_kernel",
+           "macenko_high_kernel",
+           "macenko_render_kernel",
            "reinhard_kernel"]
 
 log = logging.getLogger(__name__)
@@ -266,7 +268,8 @@ def reinhard_kernel(x: Any, lin_lut: Any, to_xyz: Any, white: Any, to_rgb: Any, 
         mean0, mean1, mean2 = f32(m0), f32(m1), f32(m2)
         sd0, sd1, sd2 = (max(f32(np.sqrt(v0 / size)), f32(1e-6)), max(f32(np.sqrt(v1 / size)), f32(1e-6)),
                          max(f32(np.sqrt(v2 / size)), f32(1e-6)))
-        t0, t1, t2, u0, u1, u2 = target_std[0], target_std[1], target_std[2], target_mean[0], target_mean[1], target_mean[2]
+        t0, t1, t2 = target_std[0], target_std[1], target_std[2]
+        u0, u1, u2 = target_mean[0], target_mean[1], target_mean[2]
         for y in range(h):
             for xx in range(w):
                 p = y * w + xx

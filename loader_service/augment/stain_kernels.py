@@ -27,6 +27,7 @@ summation order), so it is deterministic whatever the service's thread count; th
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Any, Callable
 
@@ -89,28 +90,35 @@ def _steps(level: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float,
     return steps, start[:-1].copy(), float(np.float32(scale))
 
 
-_TABLES: dict[str, Any] = {}
 _EXP_LO = -0.1  # OD below this renders as 255 (240 exp(0.1) > 255.5)
 
 
+def _render_level(od: torch.Tensor) -> torch.Tensor:
+    """As _macenko renders OD, counted down from 255 (so non-decreasing)."""
+    return 255 - (ref.BACKGROUND * torch.exp(-od)).round_().clamp_(0.0, 255.0).to(torch.int64)
+
+
+def _gamma_level(lin: torch.Tensor) -> torch.Tensor:
+    """As lab_to_rgb and _reinhard finish, from linear RGB clipped to [0, 1]."""
+    srgb = torch.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin)
+    return (srgb * 255.0).round_().clamp_(0.0, 255.0).to(torch.int64)
+
+
+@functools.lru_cache(maxsize=None)
 def _tables() -> dict[str, Any]:
-    if not _TABLES:  # idempotent: a racing thread computes the same tables
-        rgb = lambda v: v.to(torch.float32) / 255.0  # noqa: E731  (as _reinhard and rgb_to_lab do)
-        _TABLES.update(
-            od=_table(ref._optical_density),
-            lin=_table(lambda v: torch.where(rgb(v) > 0.04045, ((rgb(v) + 0.055) / 1.055) ** 2.4, rgb(v) / 12.92)),
-            to_xyz=ref._RGB_TO_XYZ.to(torch.float32).numpy().copy(),
-            to_rgb=torch.linalg.inv(ref._RGB_TO_XYZ).to(torch.float32).numpy().copy(),
-            white=np.asarray(ref._WHITE, np.float32),
-            lab=np.asarray([0.008856, 0.206893], np.float32))
-        exp_steps = _steps(lambda od: 255 - (ref.BACKGROUND * torch.exp(-od)).round_().clamp_(0.0, 255.0).to(torch.int64),
-                           _EXP_LO, 10.0, 4096)  # as _macenko renders, from OD (as a step count: non-decreasing)
-        gamma_steps = _steps(lambda lin: (torch.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin)
-                                          * 255.0).round_().clamp_(0.0, 255.0).to(torch.int64),
-                             0.0, 1.0, 4096)  # as lab_to_rgb and _reinhard finish, from clipped linear RGB
-        _TABLES.update(exp_lo=np.float32(_EXP_LO), exp_steps=exp_steps[0], exp_start=exp_steps[1], exp_scale=np.float32(exp_steps[2]),
-                       gamma_steps=gamma_steps[0], gamma_start=gamma_steps[1], gamma_scale=np.float32(gamma_steps[2]))
-    return _TABLES
+    """The kernels' tables, made once with the reference's torch ops (a few ms)."""
+    rgb = lambda v: v.to(torch.float32) / 255.0  # noqa: E731  (as _reinhard and rgb_to_lab do)
+    exp_steps, exp_start, exp_scale = _steps(_render_level, _EXP_LO, 10.0, 4096)
+    gamma_steps, gamma_start, gamma_scale = _steps(_gamma_level, 0.0, 1.0, 4096)
+    return dict(
+        od=_table(ref._optical_density),
+        lin=_table(lambda v: torch.where(rgb(v) > 0.04045, ((rgb(v) + 0.055) / 1.055) ** 2.4, rgb(v) / 12.92)),
+        to_xyz=ref._RGB_TO_XYZ.to(torch.float32).numpy().copy(),
+        to_rgb=torch.linalg.inv(ref._RGB_TO_XYZ).to(torch.float32).numpy().copy(),
+        white=np.asarray(ref._WHITE, np.float32),
+        lab=np.asarray([0.008856, 0.206893], np.float32),
+        exp_lo=np.float32(_EXP_LO), exp_steps=exp_steps, exp_start=exp_start, exp_scale=np.float32(exp_scale),
+        gamma_steps=gamma_steps, gamma_start=gamma_start, gamma_scale=np.float32(gamma_scale))
 
 
 def _macenko(x: np.ndarray, target: torch.Tensor, out: np.ndarray) -> None:
