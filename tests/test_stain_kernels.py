@@ -129,3 +129,23 @@ def test_kernels_are_deterministic_across_threads(targets: dict[str, StainConfig
         with ThreadPoolExecutor(4) as pool:
             for again in pool.map(lambda _: normalise_batch(batch, config), range(8)):
                 assert torch.equal(again, once)
+
+
+@pytest.mark.parametrize("spread", [0.6, 3.0])  # 3.0: projections with u <= 0 too (the kernel's atan2-everywhere path)
+def test_angle_percentiles_equal_torch_nanquantile_of_atan2(spread: float) -> None:
+    rng = np.random.default_rng(12)
+    count = np.array([5000, 1, 2, 777], np.int64)
+    buf = rng.uniform(0.15, 2.0, (4, 5000, 3)).astype(np.float32)
+    angle_turn = rng.uniform(-spread, spread, (4, 1))
+    plane = np.zeros((4, 3, 2), np.float32)
+    plane[:, :, 0] = np.array([0.6, 0.6, 0.5]) * np.cos(angle_turn) + np.array([0.7, -0.7, 0.0]) * np.sin(angle_turn)
+    plane[:, :, 1] = np.array([0.7, -0.7, 0.0]) * np.cos(angle_turn) - np.array([0.6, 0.6, 0.5]) * np.sin(angle_turn)
+    got = np.empty((4, 2), np.float32)
+    stain_kernels._compiled().macenko_angle_kernel(buf, count, plane, np.float32(0.01), np.float32(0.99), got)
+    for i, c in enumerate(count):
+        proj = torch.from_numpy(buf[i, :c]) @ torch.from_numpy(plane[i])
+        angles = torch.atan2(proj[:, 1], proj[:, 0])
+        want = torch.nanquantile(angles, torch.tensor([0.01, 0.99]))
+        np.testing.assert_allclose(got[i], want.numpy(), rtol=0, atol=2e-6)
+    if spread > 1:
+        assert (buf @ plane[..., :1] <= 0).any()  # the fallback path ran

@@ -15,9 +15,7 @@ import numba
 import numpy as np
 
 __all__ = ["levels_kernel", "macenko_gather_kernel", "macenko_cov_kernel", "macenko_angle_kernel",
-           "macenko_high_kernel",
-           "macenko_render_kernel",
-           "reinhard_kernel"]
+           "macenko_high_kernel", "macenko_render_kernel", "reinhard_kernel"]
 
 log = logging.getLogger(__name__)
 
@@ -162,22 +160,66 @@ def macenko_cov_kernel(buf: Any, count: Any, cov: Any) -> None:
         cov[i, 1, 2] = cov[i, 2, 1] = a12 / d
 
 
-@_jit("void(float32[:, :, ::1], int64[::1], float32[:, :, ::1], float32, float32[:, ::1])")
-def macenko_angle_kernel(buf: Any, count: Any, plane: Any, q: float, out: Any) -> None:
-    """Per image: the q and 1-q quantiles of the angles of buf[i, :count[i]] in ``plane`` (N, 3, 2); 0 if empty."""
+@numba.njit(nogil=True, error_model="numpy")
+def _angle_of(buf: Any, i: int, c: int, plane: Any, key: float) -> float:
+    """atan2(v, u) of the first pixel of buf[i, :c] whose v / u is ``key`` (its projection on ``plane[i]``)."""
+    for p in range(c):
+        o0, o1, o2 = buf[i, p, 0], buf[i, p, 1], buf[i, p, 2]
+        u = o0 * plane[i, 0, 0] + o1 * plane[i, 1, 0] + o2 * plane[i, 2, 0]
+        v = o0 * plane[i, 0, 1] + o1 * plane[i, 1, 1] + o2 * plane[i, 2, 1]
+        if v / u == key:
+            return np.arctan2(v, u)
+    return f32(np.nan)  # not reached: key is one of them
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _angle_quantile(buf: Any, i: int, c: int, plane: Any, key: Any, q: float) -> float:
+    """The q quantile of the angles, selecting on v / u (the angle's tangent: same order while every u > 0)
+    and taking atan2 of the two selected pixels only; interpolated as _quantile."""
+    rank = f32(q) * f32(c - 1)
+    below = int(rank)
+    weight = rank - f32(below)
+    lo = _angle_of(buf, i, c, plane, _select(key, c, below))
+    hi = lo
+    if below + 1 < c and weight != f32(0.0):
+        nxt = key[below + 1]
+        for p in range(below + 2, c):
+            nxt = min(nxt, key[p])
+        hi = _angle_of(buf, i, c, plane, nxt)
+    if abs(weight) < f32(0.5):
+        return lo + weight * (hi - lo)
+    return hi - (hi - lo) * (f32(1.0) - weight)
+
+
+@_jit("void(float32[:, :, ::1], int64[::1], float32[:, :, ::1], float32, float32, float32[:, ::1])")
+def macenko_angle_kernel(buf: Any, count: Any, plane: Any, q: float, q_high: float, out: Any) -> None:
+    """Per image: the q and q_high quantiles of the angles of buf[i, :count[i]] in ``plane`` (N, 3, 2); 0 if empty.
+    While every projection has u > 0 (tissue OD against the leading eigenvector: in practice always), order
+    statistics are selected on v / u and atan2 runs on the selected pixels only; else on every pixel's atan2."""
     angle = np.empty(buf.shape[1], np.float32)
     for i in range(buf.shape[0]):
         c = count[i]
+        right = True
+        for p in range(c):
+            o0, o1, o2 = buf[i, p, 0], buf[i, p, 1], buf[i, p, 2]
+            u = o0 * plane[i, 0, 0] + o1 * plane[i, 1, 0] + o2 * plane[i, 2, 0]
+            v = o0 * plane[i, 0, 1] + o1 * plane[i, 1, 1] + o2 * plane[i, 2, 1]
+            right = right and u > f32(0.0)
+            angle[p] = v / u
+        if c == 0:
+            out[i, 0] = out[i, 1] = f32(0.0)
+            continue
+        if right:
+            out[i, 0] = _angle_quantile(buf, i, c, plane, angle, q)
+            out[i, 1] = _angle_quantile(buf, i, c, plane, angle, q_high)
+            continue
         for p in range(c):
             o0, o1, o2 = buf[i, p, 0], buf[i, p, 1], buf[i, p, 2]
             u = o0 * plane[i, 0, 0] + o1 * plane[i, 1, 0] + o2 * plane[i, 2, 0]
             v = o0 * plane[i, 0, 1] + o1 * plane[i, 1, 1] + o2 * plane[i, 2, 1]
             angle[p] = np.arctan2(v, u)
-        if c == 0:
-            out[i, 0] = out[i, 1] = f32(0.0)
-        else:
-            out[i, 0] = _quantile(angle, c, q)
-            out[i, 1] = _quantile(angle, c, f32(1.0) - q)
+        out[i, 0] = _quantile(angle, c, q)
+        out[i, 1] = _quantile(angle, c, q_high)
 
 
 @_jit("void(float32[:, :, ::1], int64[::1], float32[:, :, ::1], float32, float32[:, ::1])")

@@ -131,7 +131,8 @@ def _macenko(x: np.ndarray, target: torch.Tensor, out: np.ndarray) -> None:
     k.macenko_cov_kernel(buf, count, cov)
     plane = ref.leading_plane(torch.from_numpy(cov)).contiguous()
     q = np.empty((n, 2), np.float32)
-    k.macenko_angle_kernel(buf, count, plane.numpy(), np.float32(ref.ANGLE_PERCENTILE), q)
+    k.macenko_angle_kernel(buf, count, plane.numpy(), np.float32(ref.ANGLE_PERCENTILE),
+                           np.float32(1 - ref.ANGLE_PERCENTILE), q)  # as the reference's quantile tensor
     stains = ref.stain_vectors(plane, torch.from_numpy(q).T)
     pinv_t = ref.unmixing(stains).contiguous()
     high = np.empty((n, 2), np.float32)
