@@ -5,23 +5,29 @@ The torch formulation (the reference, and what runs on GPUs) makes ~40 passes ov
 ``nanquantile`` sorts, ``atan2``/``log``/``exp`` passes and ``pow`` (Reinhard's sRGB and cube roots).
 Here each image takes a handful of fused passes:
 
-* **Macenko**: (1) OD covariance of the tissue pixels of the statistics' subsample; (2) their angles in
-  the plane of its two leading eigenvectors and the 1st/99th percentile angles; (3) the 99th percentiles
-  of their concentrations; (4) one pass per pixel: OD, concentrations, rescale, re-render, round. OD comes
-  from a 256-entry table computed with the torch op itself; percentiles select (``np.partition``) the
-  same order statistics as ``torch.nanquantile`` and interpolate as it does. The tiny batched steps
-  between the passes (``eigh`` of the 3×3 covariances, stain vectors from the angles, ``pinv``) are the
-  very torch functions of the reference (``leading_plane``, ``stain_vectors``, ``unmixing``).
+* **Macenko**: (1) gather the OD of the tissue pixels of the statistics' subsample, once; (2) their
+  covariance; (3) the 1st/99th percentile angles in the plane of its two leading eigenvectors (ordered by
+  their tangent v/u while every u > 0, as tissue OD against the leading eigenvector has; atan2 of the
+  selected pixels only); (4) the 99th percentiles of their concentrations; (5) one pass per pixel: OD,
+  concentrations, rescale, re-render, grey level. OD comes from a 256-entry table computed with the torch op
+  itself; percentiles select (quickselect) the same order statistics as ``torch.nanquantile`` and
+  interpolate as it does. The tiny batched steps between the passes (``eigh`` of the 3×3 covariances,
+  stain vectors from the angles, ``pinv``) are the very torch functions of the reference (``leading_plane``,
+  ``stain_vectors``, ``unmixing``).
 * **Reinhard**: one pass to L*a*b* (sRGB linearisation from a table computed with the torch ops) and its
   sums, one for the variance, one back to sRGB, all per image.
+* Grey levels (``round(240 exp(-OD))``; the sRGB gamma and rounding) come from *step tables*: the float32
+  inputs at which the torch ops' output steps, found by bisection with those ops, so this last stage equals
+  the reference exactly for every float32 input (``_steps``).
 
 **Not bit for bit; tolerance stated and tested.** The covariance, means and variances are summed in float64
-(torch sums float32 in its own blocked order and its matmuls may use FMA), and ``exp``/``atan2``/``pow`` are
-libm's rather than torch's vectorised ones, so values differ from the reference in the last float32 bits and
+(torch sums float32 in its own blocked order and its matmuls may use FMA), and ``atan2``/``pow`` are libm's
+rather than torch's vectorised ones, so values differ from the reference in the last float32 bits and
 a pixel can round to the neighbouring grey level: ``tests/test_stain_kernels.py`` asserts, on several images
 and both methods, **at most 1 grey level anywhere and a mean absolute difference < 0.05** (in practice well
-under 0.01). The result is a pure function of the pixels and the target (no threads inside the kernels, fixed
-summation order), so it is deterministic whatever the service's thread count; the kernels release the GIL
+under 0.01). One exception: Reinhard on a perfectly flat image (std 0), where the torch ops' float32 rounding
+noise divided by ~0 gives an arbitrary colour and the kernels give the target's mean colour (tested). The result
+is a pure function of the pixels and the target (no threads inside the kernels, fixed summation order), so it is deterministic whatever the service's thread count; the kernels release the GIL
 (``nogil``) so the service's batch threads run them in parallel. No fast-math.
 """
 
