@@ -27,8 +27,9 @@ a pixel can round to the neighbouring grey level: ``tests/test_stain_kernels.py`
 and both methods, **at most 1 grey level anywhere and a mean absolute difference < 0.05** (in practice well
 under 0.01). One exception: Reinhard on a perfectly flat image (std 0), where the torch ops' float32 rounding
 noise divided by ~0 gives an arbitrary colour and the kernels give the target's mean colour (tested). The result
-is a pure function of the pixels and the target (no threads inside the kernels, fixed summation order), so it is deterministic whatever the service's thread count; the kernels release the GIL
-(``nogil``) so the service's batch threads run them in parallel. No fast-math.
+is a pure function of the pixels and the target (no threads inside the kernels, fixed summation order), so it
+is deterministic whatever the service's thread count; the kernels release the GIL (``nogil``) so the service's
+batch threads run them in parallel. No fast-math.
 """
 
 from __future__ import annotations
