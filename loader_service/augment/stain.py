@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["StainConfig", "STAIN_METHODS", "fit_target", "normalise_batch", "rgb_to_lab", "lab_to_rgb",
-           "macenko_stains", "TARGET_LENGTH"]
+           "macenko_stains", "leading_plane", "stain_vectors", "unmixing", "concentration_scale", "TARGET_LENGTH"]
 
 STAIN_METHODS = ("macenko", "reinhard")
 TARGET_LENGTH = {"macenko": 8, "reinhard": 6}
