@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2_grpc
 from loader_service.annotations import COLUMN, AnnotationStore, SessionAnnotations, describe_annotations
 from loader_service.annotations.masks import Labeller
 from loader_service.admission import OpenTimeout, Refused, StreamAdmission, first_message
-from loader_service.augment import warm_up_cpu_kernels
+from loader_service.augment import warm_up_cpu_kernels, warm_up_stain_kernels
 from loader_service.sampling.streams import warm_up as warm_up_streams
 from loader_service.budget import MemoryBudget, default_inflight_bytes
 from loader_service.config import ServiceConfig
@@ -137,6 +137,7 @@ class LoaderServer:
             warm_up_streams()  # the batch draws run on every device
             if self.device.type == "cpu":
                 warm_up_cpu_kernels()  # compile or load them now, not on the first batch
+                warm_up_stain_kernels()
             log.info("numba kernels ready in %.1f s", time.perf_counter() - started)
         self._index_datasets(progress)
         self._started.set()

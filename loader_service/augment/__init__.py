@@ -15,6 +15,7 @@ from .params import PARAMS_SALT, AugmentParams, ParamsBatch, Rect, draw_params, 
 from .pipeline import OUTPUT_DTYPES, augment_batch, augment_image, render_piece, source_rect, to_nchw, to_output
 from .resample import resample_rect, source_window
 from .stain import STAIN_METHODS, StainConfig, fit_target, normalise_batch
+from .stain_kernels import warm_up as warm_up_stain_kernels
 
 __all__ = [
     "AugmentConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "resample_rect",
     "source_window",
     "warm_up_cpu_kernels",
+    "warm_up_stain_kernels",
     "MAX_BLUR_SIGMA",
     "OUTPUT_DTYPES",
     "PARAMS_SALT",
