@@ -15,7 +15,6 @@ Two rules keep numba's on-disk cache honest and harmless:
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, Callable
 
@@ -25,9 +24,10 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from .._numba_jit import eager_jit
+
 __all__ = ["pointwise_kernel", "blur_kernel", "to_planar_kernel", "coefficients_kernel", "CONSTANTS"]
 
-log = logging.getLogger(__name__)
 
 #: colour.py's constants, repeated here on purpose (see the module docstring); a test keeps them equal.
 OD_EPS = 1e-6
@@ -41,14 +41,7 @@ CONSTANTS = {"_OD_EPS": OD_EPS, "_SQRT2": SQRT2, "_LN2": LN2, "_LOG2E": LOG2E, "
 
 
 def _jit(signature: str) -> Callable[[Any], Any]:
-    """Compile eagerly for ``signature``, cached on disk when numba can, in memory when it cannot."""
-    def compile_(fn: Any) -> Any:
-        try:
-            return numba.njit(signature, nogil=True, error_model="numpy", cache=True)(fn)
-        except (RuntimeError, OSError) as err:  # no usable cache directory, or writing to it failed
-            log.info("numba cannot cache %s (%s); compiling it in memory", fn.__name__, err)
-            return numba.njit(signature, nogil=True, error_model="numpy")(fn)
-    return compile_
+    return eager_jit(signature, error_model="numpy")
 
 
 @intrinsic
@@ -219,12 +212,12 @@ def to_planar_kernel(src: Any, out: Any) -> None:
 
 
 @numba.njit(nogil=True, inline="always")
-def _mm4(a: Any, b: Any, out: Any) -> None:
-    """out = a @ b for 4x4 float64, summing k in ascending order (colour._matmul's order)."""
-    for i in range(4):
-        for j in range(4):
+def _mm(a: Any, b: Any, out: Any, n: int) -> None:
+    """out[:n, :n] = a[:n, :n] @ b[:n, :n] in float64, summing k in ascending order (colour._matmul's order)."""
+    for i in range(n):
+        for j in range(n):
             acc = a[i, 0] * b[0, j]
-            for k in range(1, 4):
+            for k in range(1, n):
                 acc = acc + a[i, k] * b[k, j]
             out[i, j] = acc
 
@@ -254,21 +247,11 @@ def coefficients_kernel(table: Any, grey: Any, yiq_to_rgb: Any, rgb_to_yiq: Any,
             theta = 2.0 * math.pi * hue
             cos, sin = math.cos(theta), math.sin(theta)
             rot = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
-            for i in range(3):  # (yiq_to_rgb @ rot) @ rgb_to_yiq, k ascending
-                for j in range(3):
-                    acc = yiq_to_rgb[i, 0] * rot[0, j]
-                    for k in range(1, 3):
-                        acc = acc + yiq_to_rgb[i, k] * rot[k, j]
-                    t1[i, j] = acc
-            for i in range(3):
-                for j in range(3):
-                    acc = t1[i, 0] * rgb_to_yiq[0, j]
-                    for k in range(1, 3):
-                        acc = acc + t1[i, k] * rgb_to_yiq[k, j]
-                    h[i, j] = acc
-        _mm4(h, s, t1)
-        _mm4(t1, c, t2)
-        _mm4(t2, b, t3)
+            _mm(yiq_to_rgb, rot, t1, 3)  # (yiq_to_rgb @ rot) @ rgb_to_yiq into the top-left 3x3 of h
+            _mm(t1, rgb_to_yiq, h, 3)
+        _mm(h, s, t1, 4)
+        _mm(t1, c, t2, 4)
+        _mm(t2, b, t3, 4)
         for i in range(3):
             for j in range(4):
                 colour[n, i, j] = np.float32(t3[i, j])

@@ -8,16 +8,16 @@ constant. Explicit signatures: compiled (or loaded from the cache) once, at impo
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 import numba
 import numpy as np
 
+from .._numba_jit import eager_jit
+
 __all__ = ["levels_kernel", "macenko_gather_kernel", "macenko_cov_kernel", "macenko_angle_kernel",
            "macenko_high_kernel", "macenko_render_kernel", "reinhard_kernel"]
 
-log = logging.getLogger(__name__)
 
 f32 = np.float32
 #: (N, H, W, 3) uint8 images: compiled twice, for C-contiguous NHWC batches (~10% faster) and for any strides
@@ -27,17 +27,9 @@ _U8_LAYOUTS = ("uint8[:, :, :, ::1]", "uint8[:, :, :, :]")
 
 
 def _jit(signature: str) -> Callable[[Any], Any]:
-    """Compile eagerly for ``signature`` (each image layout where it has ``U8_4D``), cached on disk when numba
-    can, in memory when it cannot."""
+    """:func:`eager_jit` for ``signature``, once per image layout where it has ``U8_4D``."""
     signatures = [signature.replace(U8_4D, u8) for u8 in _U8_LAYOUTS] if U8_4D in signature else [signature]
-
-    def compile_(fn: Any) -> Any:
-        try:
-            return numba.njit(signatures, nogil=True, error_model="numpy", cache=True)(fn)
-        except (RuntimeError, OSError) as err:  # no usable cache directory, or writing to it failed
-            log.info("numba cannot cache %s (%s); compiling it in memory", fn.__name__, err)
-            return numba.njit(signatures, nogil=True, error_model="numpy")(fn)
-    return compile_
+    return eager_jit(signatures, error_model="numpy")
 
 
 @numba.njit(nogil=True, error_model="numpy")

@@ -8,16 +8,12 @@ no cache can be written they are compiled in memory instead, so no later call co
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Callable
-
-import numba
 import numpy as np
 from numba import njit, uint32, uint64
 
-__all__ = ["uniforms_kernel", "places_kernel"]
+from .._numba_jit import eager_jit
 
-log = logging.getLogger(__name__)
+__all__ = ["uniforms_kernel", "places_kernel"]
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 _INIT_A = np.uint32(0x43B0D7E5)
@@ -37,17 +33,7 @@ MAX_WORDS = 16  # entropy words per sample: ample for a few values of up to 64 b
 _STATE_WORDS = 13
 
 
-def _jit(signature: str) -> Callable[[Any], Any]:
-    """Compile eagerly for ``signature``, cached on disk when numba can, in memory when it cannot."""
-
-    def compile_(fn: Any) -> Any:
-        try:
-            return numba.njit(signature, nogil=True, cache=True)(fn)
-        except (RuntimeError, OSError) as err:  # no usable cache directory, or writing to it failed
-            log.info("numba cannot cache %s (%s); compiling it in memory", fn.__name__, err)
-            return numba.njit(signature, nogil=True)(fn)
-
-    return compile_
+_jit = eager_jit
 
 
 @njit(nogil=True, inline="always")
