@@ -45,6 +45,22 @@ def test_smaller_time_factor_costs_memory() -> None:
     assert small.step_bytes < fast.step_bytes < fast.conventional_bytes
 
 
+def test_time_model_counts_the_step_footprint() -> None:
+    """A conventional step on a large image costs more per multiply-accumulate (its footprint), a streamed
+    one hardly: the default plan at 4096² may use smaller tiles than at 2048², and says why."""
+    front = resnet_front(torchvision.models.resnet34(weights=None), flatten_blocks=True)
+    small = plan_streaming(front, (1, 3, 2048, 2048))
+    large = plan_streaming(front, (1, 3, 4096, 4096))
+    assert 1.0 < small.conventional_footprint_factor < large.conventional_footprint_factor
+    assert large.streaming_footprint_factor < 1.1 < large.conventional_footprint_factor
+    assert small.time_factor <= 1.5 and large.time_factor <= 1.5
+    assert large.memory_factor < 0.07 < small.memory_factor
+    assert large.step_bytes < 2 * small.step_bytes  # four times the pixels, less than twice the memory
+    assert f"conventional x{large.conventional_footprint_factor:.2f}" in large.describe()
+    tiny = plan_streaming(front, (1, 3, 256, 256))
+    assert tiny.conventional_footprint_factor < 1.02  # weights and their gradients only
+
+
 def test_fixed_split_plans_only_tiles() -> None:
     front = _flat(18, 4)
     streamer = check_equivalence(front, (256, 256), torch.float64, split_at=(4, 8))
