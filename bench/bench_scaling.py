@@ -8,6 +8,10 @@ share / patches/s x 1e6; projected ceiling of one process = 1e6 / (GIL-held us/p
 or cannot attach (ptrace), only patches/s and CPU-ms/patch are reported.
 
     python -m bench.bench_scaling [--seconds 10] [--workers 1 2 4 8 16] [--py-spy PATH]
+        [--baseline-tree DIR] [--cases pathology+shm ...] [--top N] [--raw-dir DIR]
+
+With ``--baseline-tree`` each case also runs on a service started from another checkout (the code before
+#12), one right after the other, and the ratios are printed.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def top_frames(raw: Path, n: int) -> list[tuple[str, int, int]]:
 
 
 def measure(port: int, pid: int, augment: str, transport: str, seconds: float, rate: int,
-            py_spy: str | None, tmp: Path) -> dict[str, Any]:
+            py_spy: str | None, tmp: Path, tree: str = "this") -> dict[str, Any]:
     cmd = python_cmd("trainer_client.cli", "bench", "--endpoint", f"127.0.0.1:{port}", "--dataset", "bench",
                      "--transport", transport, "--batch-size", "64", "--patch-size", "256",
                      "--seconds", str(seconds + 4), "--consume", "none", "--credits", "4")
@@ -75,7 +79,7 @@ def measure(port: int, pid: int, augment: str, transport: str, seconds: float, r
     threading.Event().wait(2.0)  # warm-up: let the client connect and the pipeline fill
     cpu0 = proc.cpu_times()
     samples, err = (None, "py-spy not found") if py_spy is None else \
-        gil_samples(py_spy, pid, rate, seconds, tmp / f"{augment}-{transport}.txt")
+        gil_samples(py_spy, pid, rate, seconds, tmp / f"{tree}-{augment}-{transport}.txt")
     if py_spy is None:
         threading.Event().wait(seconds)
     cpu1 = proc.cpu_times()
@@ -104,35 +108,59 @@ def main() -> None:
                         help="only these cases (augment+transport); default all four")
     parser.add_argument("--top", type=int, default=0,
                         help="also print the N functions most often holding the GIL (self samples)")
+    parser.add_argument("--raw-dir", type=Path, help="keep py-spy's raw (collapsed) profiles here")
+    parser.add_argument("--baseline-tree", type=Path,
+                        help="a checkout of the previous code (e.g. `git worktree add /tmp/base 150188a`): each "
+                             "case is run on its service too, alternately with this tree's, and the ratios printed")
     args = parser.parse_args()
     from loader_service.synthetic import write_synthetic_dataset
 
+    here = str(Path(__file__).resolve().parents[1])  # this checkout, whatever the venv's install points at
+    trees: list[tuple[str, str]] = [("this", here)]
+    if args.baseline_tree:
+        trees.insert(0, ("baseline", str(args.baseline_tree.resolve())))
     rows = []
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
+        raw_dir = args.raw_dir or tmp
+        raw_dir.mkdir(parents=True, exist_ok=True)
         manifest = write_synthetic_dataset(tmp, n_slides=4, size=8192, seed=0)
         for workers in args.workers:
             svc = ("--manifest", f"bench={manifest}", "--metrics-port", "-1", "--device", "cpu",
                    "--workers", str(workers))
-            with service(*svc) as (port, proc):
-                for augment, transport in CASES:
-                    if args.cases and f"{augment}+{transport}" not in args.cases:
-                        continue
-                    row = {"workers": workers, **measure(port, proc.pid, augment, transport, args.seconds,
-                                                         args.rate, args.py_spy, tmp)}
+            for augment, transport in CASES:
+                if args.cases and f"{augment}+{transport}" not in args.cases:
+                    continue
+                pair = []
+                for tree, root in trees:  # the same case on each tree, one after the other
+                    with service(*svc, env={"PYTHONPATH": root}, cwd=root) as (port, proc):
+                        row = {"workers": workers, "tree": tree,
+                               **measure(port, proc.pid, augment, transport, args.seconds, args.rate, args.py_spy,
+                                         raw_dir, tree)}
                     rows.append(row)
-                    gil = (f"GIL {row['gil_share']:5.1%}  {row['gil_us_per_patch']:6.0f} us/patch  "
-                           f"ceiling {row['ceiling_patches_s']:7.0f}/s" if "gil_share" in row
-                           else f"py-spy failed: {row['py_spy_error'].strip()[:120]}")
-                    print(f"workers {workers:2d}  {augment:9s} {transport:4s}  {row['patches_s']:7.1f} patches/s  "
-                          f"CPU {row['cpu_ms_per_patch']:5.2f} ms/patch  {gil}", flush=True)
-                    raw = tmp / f"{augment}-{transport}.txt"
+                    pair.append(row)
+                    _print_row(row)
+                    raw = raw_dir / f"{tree}-{augment}-{transport}.txt"
                     if args.top and raw.exists():
                         scale = 1e6 / (args.rate * args.seconds * row["patches_s"])  # samples -> us per patch
                         for name, own, incl in top_frames(raw, args.top):
                             print(f"    {own * scale:6.1f} us self {incl * scale:6.1f} us incl  {name}", flush=True)
+                if len(pair) == 2:
+                    base, new = pair
+                    gil = (f", GIL us/patch x{new['gil_us_per_patch'] / base['gil_us_per_patch']:.2f}"
+                           if "gil_us_per_patch" in base and "gil_us_per_patch" in new else "")
+                    print(f"           this/baseline: patches/s x{new['patches_s'] / base['patches_s']:.2f}, "
+                          f"CPU ms/patch x{new['cpu_ms_per_patch'] / base['cpu_ms_per_patch']:.2f}{gil}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    gil = (f"GIL {row['gil_share']:5.1%}  {row['gil_us_per_patch']:6.0f} us/patch  "
+           f"ceiling {row['ceiling_patches_s']:7.0f}/s" if "gil_share" in row
+           else f"py-spy failed: {row['py_spy_error'].strip()[:120]}")
+    print(f"workers {row['workers']:2d}  {row['tree']:8s} {row['augment']:9s} {row['transport']:4s}  "
+          f"{row['patches_s']:7.1f} patches/s  CPU {row['cpu_ms_per_patch']:5.2f} ms/patch  {gil}", flush=True)
 
 
 if __name__ == "__main__":

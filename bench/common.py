@@ -19,12 +19,13 @@ def python_cmd(module: str, *args: str) -> list[str]:
 
 
 @contextmanager
-def serve(*args: str, env: dict[str, str] | None = None,
-          prefix: tuple[str, ...] = ()) -> Iterator[tuple[dict[str, Any], subprocess.Popen[str]]]:
-    """`loader-service serve ARGS` on a free loopback port (``prefix``: e.g. ``taskset -c 0``); yields its
+def serve(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+          cwd: str | None = None) -> Iterator[tuple[dict[str, Any], subprocess.Popen[str]]]:
+    """`loader-service serve ARGS` on a free loopback port (``prefix``: e.g. ``taskset -c 0``; ``cwd``: the
+    checkout whose code it runs, since ``python -m`` puts the working directory first on sys.path); yields its
     `serving` line (port, metrics address) and the process."""
     cmd = [*prefix, *python_cmd("loader_service.cli", "--log-level", "WARNING", "serve", "--listen", "127.0.0.1:0", *args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, cwd=cwd)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -40,10 +41,10 @@ def serve(*args: str, env: dict[str, str] | None = None,
 
 
 @contextmanager
-def service(*args: str, env: dict[str, str] | None = None,
-            prefix: tuple[str, ...] = ()) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+def service(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+            cwd: str | None = None) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     """Like :func:`serve`, yielding (port, process)."""
-    with serve(*args, env=env, prefix=prefix) as (info, proc):
+    with serve(*args, env=env, prefix=prefix, cwd=cwd) as (info, proc):
         yield int(info["port"]), proc
 
 

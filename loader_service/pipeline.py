@@ -8,11 +8,15 @@ to the CPU, except with ``on_device=True`` (CUDA IPC sessions: the batch stays o
 from __future__ import annotations
 
 import math
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from concurrent.futures import Executor, Future
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -20,20 +24,27 @@ from PIL import Image
 
 from loader_service.augment.stain import StainConfig, normalise_batch
 from loader_service.context import ContextScale, build_context, context_sample
-from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, render_piece,
+from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, draw_params_batch,
+                                    params_table,
+                                    render_piece,
                                     resample_rect, to_nchw, to_output)
 from loader_service.dataset import SlideHandles
 from loader_service.errors import OutOfRange, SlideFailure
+from loader_service.handoff import Wakeup
 from loader_service.failures import FailureBudget, SampleFailed, sample_failed
 from loader_service.metrics import Metrics
 from loader_service.sampling import Sample
-from loader_service.slides import MppOutOfRange, Slide, SlideError
+from loader_service.slides import DecodePool, MppOutOfRange, Slide, SlideError
 from loader_service.slides.base import MPP_TOLERANCE
 from loader_service.views import PieceSpec
 
 __all__ = ["OutputSpec", "BuiltBatch", "BatchBuilder", "resolve_device"]
 
+T = TypeVar("T")
+_READ_WAIT_S = 60.0
+
 _DTYPES = ("uint8", "float16", "float32")
+_Rendered = tuple[torch.Tensor, list[torch.Tensor]]  # a piece (CHW) and its raw context patches (may be none)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,19 +90,30 @@ class BuiltBatch:
 class BatchBuilder:
     """Reads, decodes and augments batches; shared by every session of the server."""
 
-    def __init__(self, handles: SlideHandles, read_pool: ThreadPoolExecutor, device: torch.device, metrics: Metrics) -> None:
+    def __init__(self, handles: SlideHandles, read_pool: Executor, device: torch.device, metrics: Metrics,
+                 workers: int = 2) -> None:
         self.handles = handles
         self.read_pool = read_pool
+        self.workers = max(1, workers)  # the cores the service decodes on
+        self._building = 0  # batches being built now (all sessions): they share the cores
+        self._building_lock = threading.Lock()
+        self._local = threading.local()
         self.device = device
         self.metrics = metrics
 
-    def _read_one(self, sample: Sample, out: np.ndarray, rect: Rect | None = None) -> None:
-        """Read the sample's region (or ``rect`` of it, in region coordinates) into ``out``."""
+    def _read_one(self, sample: Sample, out: np.ndarray, rect: Rect | None = None,
+                  opened: dict[Path, Slide] | None = None) -> None:
+        """Read the sample's region (or ``rect`` of it, in region coordinates) into ``out``. ``opened``: the
+        slides this batch has opened already (the data roots are checked once per slide and batch)."""
         x, y, w, h = sample.x, sample.y, sample.width, sample.height
         if rect is not None:
             x, y, w, h = x + rect.x, y + rect.y, rect.width, rect.height
         try:
-            slide = self.handles.for_record(sample.record)  # re-checks the data roots at every open
+            slide = opened.get(sample.record.path) if opened is not None else None
+            if slide is None:
+                slide = self.handles.for_record(sample.record)  # re-checks the data roots at every open
+                if opened is not None:
+                    opened[sample.record.path] = slide
             if sample.record.info is not None and sample.mpp > 0 and sample.mpp != _level_mpp(sample):
                 if sample.mpp < (slide.info.mpp or 0.0) * (1.0 - MPP_TOLERANCE):  # mixed datasets, fallback
                     _read_upsampled(slide, sample.mpp / (slide.info.mpp or 1.0), x, y, w, h, out)
@@ -125,24 +147,24 @@ class BatchBuilder:
         buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         array = buffer.numpy()
         params = params or [AugmentParams()] * len(samples)
+        table = params_table(params)
+        resampled = ((table[:, 14] != 1.0) | (table[:, 15] != 0.0) | (table[:, 16] != 0.0)).tolist()
         tasks: list[tuple[list[int], Callable[[], None]]] = [
-            ([i], partial(self._read_resampled, s, p, array[i]))
-            for i, (s, p) in enumerate(zip(samples, params)) if not p.resample_is_identity]
-        plain = [i for i, p in enumerate(params) if p.resample_is_identity]
+            ([i], partial(self._read_resampled, samples[i], params[i], array[i]))
+            for i, r in enumerate(resampled) if r]
+        plain = [i for i, r in enumerate(resampled) if not r]
+        opened: dict[Path, Slide] = {}
         for group in _region_groups([samples[i] for i in plain]):
             idx = [plain[g] for g in group]
             if len(idx) == 1:
-                tasks.append((idx, partial(self._read_one, samples[idx[0]], array[idx[0]])))
+                tasks.append((idx, partial(self._read_one, samples[idx[0]], array[idx[0]], None, opened)))
             else:
                 tasks.append((idx, partial(self._read_cut, [samples[i] for i in idx], [array[i] for i in idx])))
         failed: dict[int, SampleFailed] = {}
-        for idx, future in [(idx, self.read_pool.submit(task)) for idx, task in tasks]:
-            try:
-                future.result()
-            except SampleFailed as err:
-                if failures is None:
-                    raise
-                failed.update(self._which_failed(samples, params, array, idx, err))
+        for idx, err in self._run_reads(tasks):
+            if failures is None:
+                raise err
+            failed.update(self._which_failed(samples, params, array, idx, err))
         samples = list(samples)
         for i in sorted(failed):  # index order: the same substitutes whatever the thread timing
             assert failures is not None
@@ -155,6 +177,47 @@ class BatchBuilder:
             self.metrics.samples_failed.labels(reason="quarantined").inc(quarantined)
         self.metrics.samples_decoded.inc(len(samples))
         return buffer, samples
+
+    def _run_reads(self, tasks: list[tuple[list[int], Callable[[], None]]]) -> list[tuple[list[int], SampleFailed]]:
+        """Run the read tasks with one hand-off per chunk of the batch, not per sample or tile.
+
+        The batches being read at once share the cores: this one takes ``workers / batches being read``
+        contiguous chunks, the first read on this thread, the others on the read pool. With more reads than
+        cores each read decodes its own tiles (the chunks and the other batches keep the cores busy);
+        with fewer (a few large regions) the tiles of each read go to the decode pool. Returns the tasks
+        that failed, in task order; any other error is raised once every chunk has finished."""
+        if not tasks:
+            return []
+        n = min(len(tasks), max(1, -(-self.workers // max(1, self._building))))
+        inline = len(tasks) > self.workers
+        bounds = [len(tasks) * k // n for k in range(n + 1)]
+        chunks = [tasks[bounds[k]:bounds[k + 1]] for k in range(n)]
+        futures = [self.read_pool.submit(_read_chunk, chunk, inline) for chunk in chunks[1:]]
+        if futures:
+            wake = self._wakeup()
+            for future in futures:
+                future.add_done_callback(lambda _f: wake.set())
+        results: list[tuple[list[int], SampleFailed]] = []
+        error: BaseException | None = None
+        for outcome in [partial(_read_chunk, chunks[0], inline), *(partial(_after, f, wake) for f in futures)]:
+            try:
+                results.extend(outcome())
+            except BaseException as err:  # noqa: BLE001 - raised once every chunk has ended
+                error = error or err
+        if error is not None:
+            raise error
+        return results
+
+    def _wakeup(self) -> Wakeup:
+        """This thread's Wakeup for the read chunks it waits for (one per thread, reused)."""
+        wake = getattr(self._local, "wakeup", None)
+        if wake is None:
+            wake = self._local.wakeup = Wakeup()
+        return wake
+
+    def _count_building(self, step: int) -> None:
+        with self._building_lock:
+            self._building += step
 
     def _which_failed(self, samples: list[Sample], params: list[AugmentParams], array: np.ndarray, idx: list[int],
                       err: SampleFailed) -> dict[int, SampleFailed]:
@@ -279,8 +342,18 @@ class BatchBuilder:
               context_by_mpp: bool = False) -> BuiltBatch:
         """One batch of augmented images (stain-normalised first with ``stain``); on the service's device with
         ``on_device``, else on the CPU."""
+        self._count_building(1)
+        try:
+            return self._build(samples, labels, augment, seed, epoch, output, on_device, failures, stain, context,
+                               context_by_mpp)
+        finally:
+            self._count_building(-1)
+
+    def _build(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int, epoch: int,
+               output: OutputSpec, on_device: bool, failures: FailureBudget | None, stain: StainConfig | None,
+               context: tuple[ContextScale, ...], context_by_mpp: bool) -> BuiltBatch:
         t0 = time.perf_counter()
-        params = [draw_params(augment, seed, epoch, s.global_index) for s in samples] if augment is not None else []
+        params = draw_params_batch(augment, seed, epoch, [s.global_index for s in samples]) if augment is not None else []
         pixels, read = self.read_substituting(samples, params, failures)
         raw_context: list[torch.Tensor] = []
         if context:  # a sample whose context fails to read is substituted whole, as a failed image read is
@@ -315,32 +388,42 @@ class BatchBuilder:
 
     def build_piece(self, samples: list[Sample], labels: list[int], augment: AugmentConfig | None, seed: int,
                     epoch: int, output: OutputSpec, piece: PieceSpec, on_device: bool = False,
-                    failures: FailureBudget | None = None, stain: StainConfig | None = None) -> BuiltBatch:
+                    failures: FailureBudget | None = None, stain: StainConfig | None = None,
+                    context: tuple[ContextScale, ...] = (), context_by_mpp: bool = False) -> BuiltBatch:
         """One piece (tile or shard) of one sample's augmented image, reading only the raw pixels it needs.
 
         With ``stain`` the normalisation is fitted to the whole image, so the whole raw image is read, normalised
         and augmented as :meth:`build` does, and the piece cut from it: stitched pieces equal the image view.
 
-        On the service's device with ``on_device``, else on the CPU. A failed read is substituted only when the
-        piece is the sample's only one in this stream (shard view): pieces already sent cannot be taken back, so
-        otherwise the slide is quarantined at once and the session ends (its resume substitutes the sample).
+        With ``context``, the sample's first piece in this stream (a tile of index 0, or the shard: the only
+        piece of a shard stream) also carries the sample's whole context patches, one tensor per scale, built
+        as :meth:`build` builds them; the sample's later tiles carry none.
+
+        On the service's device with ``on_device``, else on the CPU. A failed read (image or context) is
+        substituted only when the piece is the sample's only one in this stream (shard view): pieces already
+        sent cannot be taken back, so otherwise the slide is quarantined at once and the session ends (its
+        resume substitutes the sample).
         """
         sample = samples[0]
         t0 = time.perf_counter()
         params = draw_params(augment, seed, epoch, sample.global_index) if augment is not None else AugmentParams()
+        with_context = bool(context) and (piece.index == 0 or piece.count == 1)
 
-        def render(s: Sample) -> torch.Tensor:
+        def render(s: Sample) -> tuple[torch.Tensor, list[torch.Tensor]]:
             if stain is not None:
-                return self._stained_piece(s, params, augment is not None, piece, stain)
-            return render_piece(params, (s.height, s.width), piece.rect, lambda rect: self._read_rect(s, rect),
-                                self.device)
+                chw = self._stained_piece(s, params, augment is not None, piece, stain)
+            else:
+                chw = render_piece(params, (s.height, s.width), piece.rect, lambda rect: self._read_rect(s, rect),
+                                   self.device)
+            raw = [self.read([context_sample(s, scale, context_by_mpp)]) for scale in context] if with_context else []
+            return chw, raw
 
         try:
-            chw = render(sample)
+            chw, raw_context = render(sample)
         except SampleFailed as err:
             if failures is None:
                 raise
-            sample, chw = self._substitute_piece(sample, piece, err, render, failures)
+            sample, (chw, raw_context) = self._substitute_piece(sample, piece, err, render, failures)
             samples, labels = [sample], [failures.label_of(sample.record)]
         if sample.substituted == "quarantined" and piece.index == 0:
             self.metrics.samples_failed.labels(reason="quarantined").inc()
@@ -350,7 +433,13 @@ class BatchBuilder:
         images = _placed(images, on_device)
         self.metrics.samples_decoded.inc(1 if piece.index == 0 else 0)
         self.metrics.stage_seconds.labels(stage="read").observe(time.perf_counter() - t0)
-        return BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, piece=piece)
+        built = BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, piece=piece)
+        if raw_context:
+            pending = iter(raw_context)  # read with the piece, one tensor per scale in order
+            built.context, built.context_samples = build_context(
+                samples, [params] if augment is not None else [], context, context_by_mpp,
+                lambda _ctx: next(pending), self.device, stain, output)
+        return built
 
     def _stained_piece(self, sample: Sample, params: AugmentParams, augmented: bool, piece: PieceSpec,
                        stain: StainConfig) -> torch.Tensor:
@@ -362,8 +451,8 @@ class BatchBuilder:
         return image[:, rect.y:rect.y1, rect.x:rect.x1].contiguous()
 
     def _substitute_piece(self, sample: Sample, piece: PieceSpec, failure: SampleFailed,
-                          render: Callable[[Sample], torch.Tensor], failures: FailureBudget
-                          ) -> tuple[Sample, torch.Tensor]:
+                          render: Callable[[Sample], _Rendered], failures: FailureBudget
+                          ) -> tuple[Sample, _Rendered]:
         first = sample
         last = failure
         for _ in range(failures.max_attempts):
@@ -371,10 +460,11 @@ class BatchBuilder:
             if failures.on_error == "fail":
                 raise last
             if piece.count != 1:
+                why = "its earlier pieces were sent" if piece.index else "its later pieces are cut from this sample"
                 failures.quarantine.set_aside(first.record, f"failed in piece {piece.index} of {piece.count} "
-                                              f"after earlier pieces were sent: {failure.detail}")
+                                              f"({why}): {failure.detail}")
                 raise SlideFailure(f"sample {first.index} of slide {first.record.slide_id} failed in piece "
-                                   f"{piece.index} of {piece.count} ({failure.detail}); its earlier pieces were sent, "
+                                   f"{piece.index} of {piece.count} ({failure.detail}); {why}, "
                                    "so it cannot be replaced in this stream. The slide is now quarantined: resume "
                                    "from the last cursor and the sample is replaced")
             candidate = failures.draw(sample, sample.attempt + 1, last.reason)
@@ -388,6 +478,27 @@ class BatchBuilder:
         raise SlideFailure(f"sample {first.index} of slide {first.record.slide_id} failed ({failure.detail}) and no "
                            "substitute of the same size could be read; the slide is now quarantined: resume from the "
                            "last cursor and the sample is replaced")
+
+
+def _after(future: Future[T], wake: Wakeup) -> T:
+    """The future's result, waiting on ``wake`` (set by its done-callback) rather than in ``future.result``."""
+    while not future.done():
+        wake.wait(_READ_WAIT_S)  # a read has no deadline of its own; the session's batch timeout covers it
+    return future.result()
+
+
+def _read_chunk(tasks: list[tuple[list[int], Callable[[], None]]], inline: bool
+                ) -> list[tuple[list[int], SampleFailed]]:
+    """Run read tasks one after the other; the failed ones with their errors. With ``inline`` (the batch is
+    spread over several threads already) each read decodes its own tiles instead of handing them on."""
+    failed: list[tuple[list[int], SampleFailed]] = []
+    with DecodePool.inline() if inline else nullcontext():
+        for idx, task in tasks:
+            try:
+                task()
+            except SampleFailed as err:
+                failed.append((idx, err))
+    return failed
 
 
 def _placed(images: torch.Tensor, on_device: bool) -> torch.Tensor:

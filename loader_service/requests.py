@@ -46,7 +46,7 @@ class SessionRequest:
     resume: ResumeStages = ResumeStages()  # elastic resume: the stages the epoch was read in before
     annotations: AnnotationOptions = AnnotationOptions()  # docs/annotations.md
     stain: StainRequest | None = None  # stain normalisation before augmentation (not whole slides)
-    context: tuple[ContextScale, ...] = ()  # multi-scale context patches (patches view)
+    context: tuple[ContextScale, ...] = ()  # multi-scale context patches (every view but whole slides)
 
     def tensor_bytes(self) -> int | None:
         """The largest images tensor one message of this session carries; None when it depends on the slide.
@@ -114,9 +114,14 @@ def parse_open(msg: pb.OpenSession, max_batch_bytes: int, max_region_pixels: int
         context = tuple(ContextScale(float(c.factor), c.size or spec.patch_size) for c in msg.context)
     except (ValueError, TypeError, KeyError) as err:
         raise InvalidRequest(f"invalid session request: {err}") from err
-    if context and (view.view != "patches" or spec.whole_slide or len(context) > MAX_CONTEXT_SCALES):
-        raise InvalidRequest(f"multi-scale context serves the patches view, with at most {MAX_CONTEXT_SCALES} "
-                             f"scales (got view {view.view} and {len(context)} scales)")
+    if len(context) > MAX_CONTEXT_SCALES:
+        raise InvalidRequest(f"multi-scale context serves at most {MAX_CONTEXT_SCALES} scales per sample, got "
+                             f"{len(context)}; ask for fewer context scales")
+    if context and spec.whole_slide:
+        raise InvalidRequest("multi-scale context is not served for whole slides (whole_slide=true): context shows "
+                             "the surroundings of a region, and a whole slide has none. Ask for regions of a fixed "
+                             "size (view.region_width/region_height) with context, or read the whole slide at a "
+                             "coarser level (level or mpp) in a second session")
     if context and augment is not None and (augment.scale or augment.crop):
         raise InvalidRequest("multi-scale context cannot be combined with image-level scale or crop augmentation "
                              "(they resample one scale only); set augment scale=0 and crop=0")

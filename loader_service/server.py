@@ -19,7 +19,8 @@ from grpc_health.v1 import health_pb2_grpc
 from loader_service.annotations import COLUMN, AnnotationStore, SessionAnnotations, describe_annotations
 from loader_service.annotations.masks import Labeller
 from loader_service.admission import OpenTimeout, Refused, StreamAdmission, first_message
-from loader_service.augment import warm_up_cpu_kernels
+from loader_service.augment import warm_up_cpu_kernels, warm_up_stain_kernels
+from loader_service.sampling.streams import warm_up as warm_up_streams
 from loader_service.budget import MemoryBudget, default_inflight_bytes
 from loader_service.config import ServiceConfig
 from loader_service.dataset import DatasetIndex, SlideHandles, SlideOutsideRoots
@@ -34,6 +35,7 @@ from loader_service.context import check_context
 from loader_service.stain_request import StainFitter
 from loader_service.sampling import CandidateCache, EpochPlan, Sample
 from loader_service.session import Session, SessionLimits, check_open
+from loader_service.handoff import HandoffPool
 from loader_service.slides import DecodePool, MppOutOfRange, SlideError, TileCache
 from loader_service.tissue import TissueMaskCache
 from loader_service.transport import encode_tensor
@@ -124,16 +126,19 @@ class LoaderServer:
         self.decode_pool = DecodePool(cfg.workers, jpeg_backend=cfg.jpeg_backend, jpeg_device=cfg.device)
         self.handles = SlideHandles(cfg.max_open_slides, self.tile_cache, self.decode_pool)
         self.quarantine = Quarantine(cfg.quarantine_after, self.metrics)
-        self.read_pool = ThreadPoolExecutor(max_workers=2 * cfg.workers, thread_name_prefix="read")
-        self.batch_pool = ThreadPoolExecutor(max_workers=max(2, cfg.workers), thread_name_prefix="batch")
-        self.builder = BatchBuilder(self.handles, self.read_pool, self.device, self.metrics)
+        self.read_pool = HandoffPool(2 * cfg.workers, thread_name_prefix="read")
+        self.batch_pool = HandoffPool(max(2, cfg.workers), thread_name_prefix="batch")
+        self.builder = BatchBuilder(self.handles, self.read_pool, self.device, self.metrics, workers=cfg.workers)
         log.info("listening on %s (port %d)%s; preparing datasets", cfg.listen, self.port,
                  f", metrics at {self.metrics_endpoint.url}" if self.metrics_endpoint else "")
-        if self.device.type == "cpu" and not cfg.synthetic:
-            self.readiness.not_ready("starting: compiling the CPU augmentation kernels")
+        if not cfg.synthetic:
+            self.readiness.not_ready("starting: compiling the sampling and CPU augmentation kernels")
             started = time.perf_counter()
-            warm_up_cpu_kernels()  # compile or load them now, not on the first batch
-            log.info("CPU augmentation kernels ready in %.1f s", time.perf_counter() - started)
+            warm_up_streams()  # the batch draws run on every device
+            if self.device.type == "cpu":
+                warm_up_cpu_kernels()  # compile or load them now, not on the first batch
+                warm_up_stain_kernels()
+            log.info("numba kernels ready in %.1f s", time.perf_counter() - started)
         self._index_datasets(progress)
         self._started.set()
 
@@ -305,6 +310,8 @@ class LoaderServer:
                              request.spec.height) for r, c in plan.slides]  # one per slide: fail at open
             check_context(probes, request.context, request.spec.mpp > 0, self._plan_read)
             build = functools.partial(build, context=request.context, context_by_mpp=request.spec.mpp > 0)
+            build_piece = functools.partial(build_piece, context=request.context,  # with each sample's first piece
+                                            context_by_mpp=request.spec.mpp > 0)
         if annotations is not None:  # classes at patch centres, masks when asked (docs/annotations.md)
             labeller = Labeller(annotations, request.augment, request.spec.seed, request.epoch, self.read_pool)
             build, build_piece = labeller.wrap(build), labeller.wrap(build_piece)

@@ -13,14 +13,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import torch
 
 from loader_service.budget import BudgetAccount
 from loader_service.errors import InvalidRequest, Stalled, Unavailable
+from loader_service.handoff import Wakeup
 from loader_service.metrics import Metrics
 from loader_service.pipeline import BuiltBatch
 from loader_service.requests import SessionRequest
@@ -126,7 +126,7 @@ class Session:
     """Runs one Stream RPC after its `open` message was validated into ``request`` and ``plan``."""
 
     def __init__(self, request: SessionRequest, plan: EpochPlan, build: Callable[..., BuiltBatch],
-                 batch_pool: ThreadPoolExecutor, metrics: Metrics, limits: SessionLimits,
+                 batch_pool: Executor, metrics: Metrics, limits: SessionLimits,
                  draining: threading.Event, build_piece: Callable[..., BuiltBatch] | None = None,
                  account: BudgetAccount | None = None, batch_cost: int = 0) -> None:
         self.id = uuid.uuid4().hex[:12]
@@ -150,6 +150,7 @@ class Session:
         self.transport = "grpc"
         self.pool: SlotPool | CudaSlotPool | None = None
         self.completed = False  # the end-of-epoch message was handed to gRPC
+        self._built = Wakeup()  # set as each build ends (GIL-free hand-off, see loader_service.handoff)
 
     def use_shm(self, pool: SlotPool) -> None:
         self.pool = self.gate.slots = pool
@@ -252,8 +253,22 @@ class Session:
     def _submit(self, slot: int, unit: tuple[int, int, list[Sample], list[int], PieceSpec | None]) -> _Pending:
         sequence, cursor_after, samples, labels, piece = unit
         future = self.batch_pool.submit(self._make, samples, labels, slot, piece, sequence, cursor_after)
+        future.add_done_callback(self._wake)
         self.metrics.in_flight.inc()
         return sequence, cursor_after, future
+
+    def _wake(self, _future: Future[tuple[BuiltBatch, pb.StreamResponse, int]]) -> None:
+        self._built.set()
+
+    def _result(self, sequence: int, future: Future[tuple[BuiltBatch, pb.StreamResponse, int]]
+                ) -> tuple[BuiltBatch, pb.StreamResponse, int]:
+        """The build's result, waiting on the session's Wakeup (not in ``future.result``, whose wake-up would
+        hold the GIL on the build thread)."""
+        deadline = time.monotonic() + self.limits.batch_timeout_s
+        while not future.done():
+            if not self._built.wait(deadline - time.monotonic()) and not future.done():
+                raise Stalled(f"building batch {sequence} took over {self.limits.batch_timeout_s:.0f}s")
+        return future.result()
 
     def _fill(self, pending: deque[_Pending]) -> bool:
         """Submit builds while credits (slots, budget) allow. Returns False once every unit was submitted."""
@@ -298,10 +313,7 @@ class Session:
                                       "read batches (or send Credit/Release) to keep the session alive")
                     continue
                 sequence, cursor_after, future = pending[0]
-                try:
-                    built, message, nbytes = future.result(timeout=self.limits.batch_timeout_s)
-                except FutureTimeout as err:
-                    raise Stalled(f"building batch {sequence} took over {self.limits.batch_timeout_s:.0f}s") from err
+                built, message, nbytes = self._result(sequence, future)
                 pending.popleft()
                 self.metrics.in_flight.dec()
                 if self.client_closed.is_set():
@@ -333,6 +345,7 @@ class Session:
                 self.metrics.in_flight.dec()
             pending.clear()
             self.gate.close()
+            self._built.close()  # a build still running sets it later: a closed Wakeup ignores that
 
     def _count(self, built: BuiltBatch, nbytes: int, serialize_s: float, send_s: float) -> None:
         self.metrics.stage_seconds.labels(stage="serialize").observe(serialize_s)

@@ -61,8 +61,8 @@ def test_context_with_stain_and_float_output(client: Any) -> None:
 
 
 def test_bad_context_requests_are_invalid_argument(client: Any) -> None:
-    with pytest.raises(InvalidRequestError, match="patches view"):
-        _batches(client, view="image", batch_size=1, context=((4.0, 64),))
+    with pytest.raises(InvalidRequestError, match="whole slide"):
+        _batches(client, view="image", batch_size=1, whole_slide=True, level=2, context=((4.0, 64),))
     with pytest.raises(InvalidRequestError, match="scale or crop"):
         _batches(client, augment=True, augment_config={"scale": 0.2}, context=((4.0, 64),))
     with pytest.raises(InvalidRequestError, match="context factor"):

@@ -209,6 +209,25 @@ def test_session_over_fake_cuda_ipc_zero_copy_release_reuse_and_close(
         assert srv.metrics.sample("wsi_loader_batches_total", {"transport": "cuda_ipc"}) == 10
 
 
+def test_context_over_fake_cuda_ipc_equals_grpc_in_the_image_and_tiles_views(
+        dataset_dir: Path, fake_cuda: _SameProcessCuda) -> None:
+    """Multi-scale context travels inline beside CUDA IPC images (built on_device), in every view."""
+    with LoaderServer(make_config(dataset_dir)) as srv, LoaderClient(f"127.0.0.1:{srv.port}", timeout_s=30) as c:
+        srv.device = torch.device("cuda", 0)
+        region = dict(batch_size=1, region_width=96, region_height=64, samples_per_epoch=3, augment=True,
+                      context=((2.0, 32), (4.0, 16)))
+        for view in (dict(view="image"), dict(view="tiles", tile_size=32), dict(view="shard", grid=(2, 1))):
+            got: dict[str, list[tuple[torch.Tensor, list[torch.Tensor]]]] = {}
+            for transport in ("grpc", "cuda_ipc"):
+                with c.stream(cuda_config(transport=transport, **region, **view)) as stream:
+                    got[transport] = [(b["images"].cpu().clone(), [t.clone() for t in b["context"]]) for b in stream]
+                    assert stream.transport == transport
+            assert len(got["grpc"]) == len(got["cuda_ipc"]) >= 3
+            for (ga, gc), (ca, cc) in zip(got["grpc"], got["cuda_ipc"]):
+                assert len(gc) == len(cc) == 2 and torch.equal(ga, ca)
+                assert all(torch.equal(x, y) for x, y in zip(gc, cc))
+
+
 def test_invisible_gpu_is_the_clients_error_with_a_fix(dataset_dir: Path, fake_cuda: _SameProcessCuda,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server_cuda, "device_uuid", lambda device: "GPU-elsewhere")

@@ -274,6 +274,44 @@ def test_a_failed_context_read_substitutes_the_whole_sample(context_damaged_dir:
                     pass
 
 
+def test_a_failed_context_read_in_the_piece_views(context_damaged_dir: Path) -> None:
+    """Shard view: the sample's only piece in the stream, so a sample whose context fails is replaced whole, as in
+    the patches view. Tiles view: the context travels with the first tile and the later tiles are cut from the same
+    sample, so the slide is quarantined and the session ends; its resume replaces the sample."""
+    base = dict(batch_size=1, patch_size=64, samples_per_epoch=24, context=((2.0, 64),))
+    with _server(context_damaged_dir) as server:
+        endpoint = f"127.0.0.1:{server.port}"
+        before = _failed(server, "known_bad_tile") + _failed(server, "read")
+        with LoaderClient(endpoint, timeout_s=60) as client:
+            shards = list(client.stream(_cfg(view="shard", grid=(1, 2), shard=(0, 1), **base)))
+        assert len(shards) == 24 and sum(int(b["substituted"].numel()) for b in shards) > 0
+        assert all(BAD not in b["slide_id"] and b["context"][0].shape == (1, 3, 64, 64) for b in shards)
+        assert _failed(server, "known_bad_tile") + _failed(server, "read") > before  # counted against the slide
+        tiles = _cfg(view="tiles", tile_size=32, **base)
+        state: dict[str, Any] | None = None
+        errors, samples = 0, []
+        for _ in range(4):
+            with LoaderClient(endpoint, timeout_s=60) as client:
+                stream = client.stream(tiles)
+                if state is not None:
+                    stream.load_state_dict(state)
+                try:
+                    for batch in stream:
+                        assert batch["context"][0].shape == (1, 3, 64, 64)
+                        if batch["piece"]["index"] == 0:
+                            samples.append((errors, batch["slide_id"][0]))
+                    break
+                except DataLossError as err:
+                    errors += 1
+                    assert "quarantined" in str(err) and "later pieces are cut from this sample" in str(err)
+                    state = stream.state_dict()
+        else:
+            pytest.fail("the tiles stream never finished")
+        assert errors == 1 and len(samples) == 24
+        assert all(slide != BAD for resumed, slide in samples if resumed), "the resumed session replaced the sample"
+        assert server.metrics.sample("wsi_loader_slides_quarantined_total") == errors
+
+
 def test_a_stain_fit_to_the_dataset_survives_a_damaged_tile(damaged_dir: Path) -> None:
     cfg = _cfg(batch_size=8, samples_per_epoch=16, stain="reinhard", stain_fit_samples=96)
     with _server(damaged_dir) as server:

@@ -244,6 +244,7 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
         self._resume: Stages = []  # elastic resume: how the epoch was read before (trainer_client/elastic.py)
         self._ended: dict[str, Any] | None = None  # the epoch this stream finished last, for merge_state_dicts
         self._pieces_seen = 0  # tiles/shard views: pieces of the sample at the cursor already yielded
+        self._tile_context: tuple[int, list[Any], list[Any]] | None = None  # tiles view: the sample's context
         self._endpoints = (self.client.connection.endpoint, *config.reconnect.endpoints)
         self._endpoint_index = 0
         self._active = self.client  # the connection sessions open on: another one after a reconnect
@@ -388,7 +389,7 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
                 self._ended = {"epoch": self.epoch, "shard_length": self.shard_length, "resume": self._resume}
                 self.epoch, self.cursor, self._resume, self._pieces_seen = self.epoch + 1, 0, [], 0
                 return
-            batch = self._to_dict(response.batch, call.receiver)
+            batch = self._with_sample_context(self._to_dict(response.batch, call.receiver))
             call.grant(1)
             if skip:
                 skip -= 1
@@ -400,6 +401,19 @@ class WSIStream(IterableDataset):  # type: ignore[type-arg]
             self.stats.batches += 1
             yield batch
 
+
+    def _with_sample_context(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Tiles view: a sample's context arrives once, with its first tile; its later tiles get the same tensors
+        here, so every batch of every view has its samples' ``context`` (a resent first tile refreshes them)."""
+        piece = batch["piece"]
+        if piece is None or piece["count"] == 1:
+            return batch
+        index = int(batch["index"][0])
+        if piece["index"] == 0:
+            self._tile_context = (index, batch["context"], batch["context_place"]) if batch["context"] else None
+        elif not batch["context"] and self._tile_context is not None and self._tile_context[0] == index:
+            batch["context"], batch["context_place"] = self._tile_context[1], self._tile_context[2]
+        return batch
 
     def _check_transport(self, want_shm: bool) -> None:
         """Raise if the service did not grant a strict ``shm``; log any other fallback with its reason."""

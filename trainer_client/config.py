@@ -129,8 +129,10 @@ class StreamConfig:
     stain_target: tuple[float, ...] = ()
     stain_reference: Any = field(default=None, compare=False)
     stain_fit_samples: int = 0
-    # Multi-scale context (patches view): (factor, size) pairs; each adds batch["context"][i], size² patches at factor×
-    # coarser resolution centred on each patch, with the same augmentation (size 0 = patch_size)
+    # Multi-scale context (every view but whole_slide): (factor, size) pairs; each adds batch["context"][i], size²
+    # patches at factor× coarser resolution centred on each sample, with the same augmentation (size 0 = patch_size).
+    # Tiles view: the sample's whole context comes with its first tile, and every later tile carries the same tensors;
+    # shard view: with each shard (docs/pathology.md)
     context: tuple[tuple[float, int], ...] = ()
 
     def __post_init__(self) -> None:

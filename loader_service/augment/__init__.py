@@ -11,16 +11,20 @@ the torch ops that run on GPUs. See ``docs/augment.md``.
 
 from .config import MAX_BLUR_SIGMA, AugmentConfig
 from .cpu_kernels import warm_up as warm_up_cpu_kernels
-from .params import PARAMS_SALT, AugmentParams, Rect, draw_params
+from .params import PARAMS_SALT, AugmentParams, ParamsBatch, Rect, draw_params, draw_params_batch, params_table
 from .pipeline import OUTPUT_DTYPES, augment_batch, augment_image, render_piece, source_rect, to_nchw, to_output
 from .resample import resample_rect, source_window
 from .stain import STAIN_METHODS, StainConfig, fit_target, normalise_batch
+from .stain_kernels import warm_up as warm_up_stain_kernels
 
 __all__ = [
     "AugmentConfig",
     "AugmentParams",
     "Rect",
     "draw_params",
+    "draw_params_batch",
+    "ParamsBatch",
+    "params_table",
     "augment_batch",
     "augment_image",
     "to_output",
@@ -30,6 +34,7 @@ __all__ = [
     "resample_rect",
     "source_window",
     "warm_up_cpu_kernels",
+    "warm_up_stain_kernels",
     "MAX_BLUR_SIGMA",
     "OUTPUT_DTYPES",
     "PARAMS_SALT",

@@ -25,7 +25,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["pointwise_kernel", "blur_kernel", "to_planar_kernel", "CONSTANTS"]
+__all__ = ["pointwise_kernel", "blur_kernel", "to_planar_kernel", "coefficients_kernel", "CONSTANTS"]
 
 log = logging.getLogger(__name__)
 
@@ -216,3 +216,77 @@ def to_planar_kernel(src: Any, out: Any) -> None:
             o0, o1, o2 = out[n, 0, y], out[n, 1, y], out[n, 2, y]
             for x in range(src.shape[2]):
                 o0[x], o1[x], o2[x] = row[3 * x], row[3 * x + 1], row[3 * x + 2]
+
+
+@numba.njit(nogil=True, inline="always")
+def _mm4(a: Any, b: Any, out: Any) -> None:
+    """out = a @ b for 4x4 float64, summing k in ascending order (colour._matmul's order)."""
+    for i in range(4):
+        for j in range(4):
+            acc = a[i, 0] * b[0, j]
+            for k in range(1, 4):
+                acc = acc + a[i, k] * b[k, j]
+            out[i, j] = acc
+
+
+@_jit("void(float64[:, ::1], float64[::1], float64[:, ::1], float64[:, ::1], float64[:, ::1], float64[:, ::1], "
+      "float64, float64, float32[:, :, ::1], float32[:, :, ::1])")
+def coefficients_kernel(table: Any, grey: Any, yiq_to_rgb: Any, rgb_to_yiq: Any, hed_from_rgb: Any,
+                        rgb_from_hed: Any, log2_adjust: float, mid_grey: float, colour: Any, hed: Any) -> None:
+    """colour.colour_coefficients and colour.hed_coefficients of every row of a parameter table, with the
+    same float64 operations in the same order (the matrices come in as arguments, see the module docstring);
+    ``tests/test_batch_draws.py`` checks equality with the per-sample matrices."""
+    b, c, s, h = np.zeros((4, 4)), np.zeros((4, 4)), np.zeros((4, 4)), np.zeros((4, 4))
+    t1, t2, t3 = np.empty((4, 4)), np.empty((4, 4)), np.empty((4, 4))
+    for n in range(table.shape[0]):
+        bright, contrast, sat, hue = table[n, 3], table[n, 4], table[n, 5], table[n, 6]
+        for m in (b, c, s, h):
+            m[:] = 0.0
+            for i in range(4):
+                m[i, i] = 1.0
+        for i in range(3):
+            b[i, i] = 1.0 * bright
+            c[i, i] = 1.0 * contrast
+            c[i, 3] = mid_grey * (1.0 - contrast)
+            for j in range(3):
+                s[i, j] = sat * (1.0 if i == j else 0.0) + (1.0 - sat) * (1.0 * grey[j])
+        if hue != 0.0:
+            theta = 2.0 * math.pi * hue
+            cos, sin = math.cos(theta), math.sin(theta)
+            rot = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+            for i in range(3):  # (yiq_to_rgb @ rot) @ rgb_to_yiq, k ascending
+                for j in range(3):
+                    acc = yiq_to_rgb[i, 0] * rot[0, j]
+                    for k in range(1, 3):
+                        acc = acc + yiq_to_rgb[i, k] * rot[k, j]
+                    t1[i, j] = acc
+            for i in range(3):
+                for j in range(3):
+                    acc = t1[i, 0] * rgb_to_yiq[0, j]
+                    for k in range(1, 3):
+                        acc = acc + t1[i, k] * rgb_to_yiq[k, j]
+                    h[i, j] = acc
+        _mm4(h, s, t1)
+        _mm4(t1, c, t2)
+        _mm4(t2, b, t3)
+        for i in range(3):
+            for j in range(4):
+                colour[n, i, j] = np.float32(t3[i, j])
+        jitter = False
+        for k in range(3):
+            if table[n, 7 + k] != 1.0 or table[n, 10 + k] != 0.0:
+                jitter = True
+        if not jitter:
+            hed[n] = np.float32(0.0)
+            continue
+        for i in range(3):  # (hed_from_rgb * alpha) @ rgb_from_hed - I, then transposed
+            for j in range(3):
+                acc = (hed_from_rgb[i, 0] * table[n, 7]) * rgb_from_hed[0, j]
+                for k in range(1, 3):
+                    acc = acc + (hed_from_rgb[i, k] * table[n, 7 + k]) * rgb_from_hed[k, j]
+                hed[n, j, i] = np.float32(acc - (1.0 if i == j else 0.0))
+        for j in range(3):
+            acc = table[n, 10] * rgb_from_hed[0, j]
+            for k in range(1, 3):
+                acc = acc + table[n, 10 + k] * rgb_from_hed[k, j]
+            hed[n, j, 3] = np.float32(acc * log2_adjust)

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .params import AugmentParams
+from .params import AugmentParams, params_table
 
 __all__ = [
     "GREY_WEIGHTS", "RGB_FROM_HED", "HED_FROM_RGB", "colour_coefficients", "hed_coefficients",
@@ -67,9 +67,45 @@ def _colour_matrix(p: AugmentParams) -> np.ndarray:
     return h @ s @ c @ b
 
 
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, r, k) @ (N, k, c) in float64 as explicit sums over k in ascending order (one fixed order on every
+    machine; equal to numpy's ``@`` on these small matrices, checked in tests/test_augment_params.py)."""
+    out = a[:, :, 0, None] * b[:, None, 0, :]
+    for k in range(1, a.shape[2]):
+        out = out + a[:, :, k, None] * b[:, None, k, :]
+    return out
+
+
 def colour_coefficients(params: Sequence[AugmentParams]) -> np.ndarray:
-    """(N, 3, 4) float32: out_c = m[c,0]*r + m[c,1]*g + m[c,2]*b + m[c,3]."""
-    return np.stack([_colour_matrix(p)[:3, :] for p in params]).astype(np.float32)
+    """(N, 3, 4) float32: out_c = m[c,0]*r + m[c,1]*g + m[c,2]*b + m[c,3].
+
+    The batch at once (array expressions, not a matrix product per sample): the same values as
+    ``_colour_matrix`` of each sample."""
+    n = len(params)
+    if n == 0:
+        return np.zeros((0, 3, 4), np.float32)
+    bright, contrast, sat, hue = params_table(params)[:, 3:7].T
+    eye = np.broadcast_to(np.eye(4), (n, 4, 4))
+    b = eye.copy()
+    b[:, :3, :3] *= bright[:, None, None]
+    c = eye.copy()
+    c[:, :3, :3] *= contrast[:, None, None]
+    c[:, :3, 3] = (_MID_GREY * (1.0 - contrast))[:, None]
+    s = eye.copy()
+    s[:, :3, :3] = sat[:, None, None] * np.eye(3) + (1.0 - sat)[:, None, None] * np.outer(np.ones(3), GREY_WEIGHTS)
+    h = eye.copy()
+    turned = np.flatnonzero(hue != 0.0)
+    if len(turned):
+        theta = [2.0 * math.pi * v for v in hue[turned].tolist()]  # libm's cos/sin, as _colour_matrix
+        rot = np.zeros((len(turned), 3, 3))
+        rot[:, 0, 0] = 1.0
+        rot[:, 1, 1] = rot[:, 2, 2] = [math.cos(t) for t in theta]
+        rot[:, 2, 1] = [math.sin(t) for t in theta]
+        rot[:, 1, 2] = -rot[:, 2, 1]
+        m = len(turned)
+        h[turned, :3, :3] = _matmul(_matmul(np.broadcast_to(_YIQ_TO_RGB, (m, 3, 3)), rot),
+                                    np.broadcast_to(_RGB_TO_YIQ, (m, 3, 3)))
+    return _matmul(_matmul(_matmul(h, s), c), b)[:, :3, :].astype(np.float32)
 
 
 def _hed_matrix(p: AugmentParams) -> np.ndarray:
@@ -84,8 +120,24 @@ def _hed_matrix(p: AugmentParams) -> np.ndarray:
 
 
 def hed_coefficients(params: Sequence[AugmentParams]) -> np.ndarray:
-    """(N, 3, 4) float32: delta_c = m[c,0]*L_r + m[c,1]*L_g + m[c,2]*L_b + m[c,3], L = log2(rgb)."""
-    return np.stack([_hed_matrix(p) for p in params]).astype(np.float32)
+    """(N, 3, 4) float32: delta_c = m[c,0]*L_r + m[c,1]*L_g + m[c,2]*L_b + m[c,3], L = log2(rgb).
+
+    The batch at once: the same values as ``_hed_matrix`` of each sample (zeros for the identity)."""
+    n = len(params)
+    out = np.zeros((n, 3, 4), np.float64)
+    if n == 0:
+        return out.astype(np.float32)
+    values = params_table(params)[:, 7:13]
+    jitter = np.flatnonzero((values[:, :3] != 1.0).any(axis=1) | (values[:, 3:] != 0.0).any(axis=1))
+    if len(jitter):
+        m = len(jitter)
+        alpha, beta = values[jitter, :3], values[jitter, 3:]
+        scaled = np.broadcast_to(HED_FROM_RGB, (m, 3, 3)) * alpha[:, None, :]  # HED_FROM_RGB @ diag(alpha)
+        t = _matmul(scaled, np.broadcast_to(RGB_FROM_HED, (m, 3, 3))) - np.eye(3)
+        shift = _matmul(beta[:, None, :], np.broadcast_to(RGB_FROM_HED, (m, 3, 3)))[:, 0, :] * _LOG2_ADJUST
+        out[jitter, :, :3] = t.transpose(0, 2, 1)
+        out[jitter, :, 3] = shift
+    return out.astype(np.float32)
 
 
 # ---------------------------------------------------------------------- device-side maths

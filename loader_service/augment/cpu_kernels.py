@@ -22,6 +22,7 @@ kernels are cached on disk where numba finds a writable cache directory (rules i
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Sequence
 
@@ -29,22 +30,30 @@ import numpy as np
 import torch
 
 from .blur import gaussian_kernel
-from .colour import colour_coefficients, hed_coefficients
+from .colour import (_LOG2_ADJUST, _MID_GREY, _RGB_TO_YIQ, _YIQ_TO_RGB, GREY_WEIGHTS, HED_FROM_RGB,
+                     RGB_FROM_HED)
 from .geometry import aug_to_raw_point, reflect_indices
-from .params import AugmentParams
+from .params import AugmentParams, halos, params_table
 
-__all__ = ["pointwise", "blur", "blur_reflected_into", "to_planar", "geometry_maps", "warm_up"]
+__all__ = ["pointwise", "coefficients", "blur", "blur_reflected_into", "to_planar", "geometry_maps", "warm_up"]
 
 def geometry_maps(params: Sequence[AugmentParams], image_hw: tuple[int, int]) -> np.ndarray:
     """(N, 6) int64 ``(a, b, c, d, e, f)``: augmented pixel ``(i, j)`` of sample n shows raw pixel
-    ``(a + b*i + c*j, d + e*i + f*j)`` (flips and quarter turns are affine index maps)."""
-    rows = []
-    for p in params:
-        y0, x0 = aug_to_raw_point(p, image_hw, 0, 0)
-        y1, x1 = aug_to_raw_point(p, image_hw, 1, 0)
-        y2, x2 = aug_to_raw_point(p, image_hw, 0, 1)
-        rows.append((y0, y1 - y0, y2 - y0, x0, x1 - x0, x2 - x0))
-    return np.asarray(rows, dtype=np.int64).reshape(len(rows), 6)
+    ``(a + b*i + c*j, d + e*i + f*j)`` (flips and quarter turns are affine index maps; the batch at once,
+    the same maps as ``geometry.aug_to_raw_point``)."""
+    h, w = image_hw
+    table = params_table(params)
+    keys = table[:, [2, 1, 0]].astype(np.int64)  # rot90_k, flip_v, flip_h
+    # (p, q) before the flips, as affine maps of (i, j), for rot90_k = 0..3: rows (p0, pi, pj, q0, qi, qj)
+    turns = np.array([(0, 1, 0, 0, 0, 1), (0, 0, 1, w - 1, -1, 0),
+                      (h - 1, -1, 0, w - 1, 0, -1), (h - 1, 0, -1, 0, 1, 0)], np.int64)
+    maps = turns[keys[:, 0]]
+    flip_v, flip_h = keys[:, 1].astype(bool), keys[:, 2].astype(bool)
+    maps[flip_v, :3] = -maps[flip_v, :3]
+    maps[flip_v, 0] += h - 1
+    maps[flip_h, 3:] = -maps[flip_h, 3:]
+    maps[flip_h, 3] += w - 1
+    return maps
 
 
 def _compiled() -> ModuleType:
@@ -72,17 +81,17 @@ def pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams], layout: str, 
     n = len(params)
     src = _nhwc_numpy(x_u8, layout)
     hw = (src.shape[1], src.shape[2])
-    sizes = {p.output_size(*hw) for p in params} if geometry else {hw}
+    table = params_table(params)
+    sizes = {hw[::-1] if odd else hw for odd in set((table[:, 2] % 2).tolist())} if geometry else {hw}
     if len(sizes) != 1 or len(float_for) != n or src.shape[0] != n or src.shape[3] != 3 or min(hw) < 1:
         raise ValueError(f"pointwise: {n} params, {len(float_for)} flags for a batch of shape {src.shape} "
                          f"({layout}) with output sizes {sorted(sizes)}; need one set of each per image, "
                          "3 channels, non-empty images, and one output size")
     (oh, ow), = sizes
     geo = geometry_maps(params if geometry else [AugmentParams()] * n, hw)
-    do_colour = not all(p.colour_is_identity for p in params)
-    do_hed = not all(p.hed_is_identity for p in params)
-    colour = np.ascontiguousarray(colour_coefficients(params) if do_colour else np.zeros((n, 3, 4), np.float32))
-    hed = np.ascontiguousarray(hed_coefficients(params) if do_hed else np.zeros((n, 3, 4), np.float32))
+    do_colour = bool((table[:, 3:6] != 1.0).any() or (table[:, 6] != 0.0).any())
+    do_hed = bool((table[:, 7:10] != 1.0).any() or (table[:, 10:13] != 0.0).any())
+    colour, hed = coefficients(table) if do_colour or do_hed else (np.zeros((n, 3, 4), np.float32),) * 2
     fidx = np.cumsum(float_for, dtype=np.int64) - 1
     fidx[~np.asarray(float_for, dtype=bool)] = -1
     k = int(np.count_nonzero(float_for))
@@ -93,13 +102,31 @@ def pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams], layout: str, 
     return u8, f
 
 
+def coefficients(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(colour_coefficients, hed_coefficients)`` of a parameter table, in one GIL-free kernel: the same
+    float32 values as the numpy functions of ``colour`` (tested)."""
+    n = len(table)  # copied below: a ParamsBatch's table is read-only, which the kernel's signature is not
+    colour, hed = np.empty((n, 3, 4), np.float32), np.empty((n, 3, 4), np.float32)
+    _compiled().coefficients_kernel(np.array(table, np.float64, order="C"), GREY_WEIGHTS, _YIQ_TO_RGB, _RGB_TO_YIQ,
+                                    HED_FROM_RGB, RGB_FROM_HED, _LOG2_ADJUST, _MID_GREY, colour, hed)
+    return colour, hed
+
+
 def _kernels_of(params: Sequence[AugmentParams]) -> np.ndarray:
-    return np.ascontiguousarray(np.stack([gaussian_kernel(p.blur_sigma) for p in params]), dtype=np.float32)
+    """(N, 2r+1) float32 Gaussian kernels of samples that share one halo r: ``gaussian_kernel`` of each, the
+    batch at once (the same float64 steps, row by row)."""
+    sigma = params_table(params)[:, 13]
+    radius = int(halos(params_table(params)).max()) if len(sigma) else 0
+    if radius == 0 or (sigma <= 0.0).any():
+        return np.ascontiguousarray(np.stack([gaussian_kernel(s) for s in sigma.tolist()]), dtype=np.float32)
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    g = np.exp(-(t * t)[None, :] / (2.0 * sigma * sigma)[:, None])
+    return np.ascontiguousarray((g / g.sum(axis=1, keepdims=True)).astype(np.float32))
 
 
 def blur(xp: torch.Tensor, params: Sequence[AugmentParams]) -> torch.Tensor:
     """``blur.blur_valid`` on CPU: padded (N, C, H+2r, W+2r) float32, all samples with one halo r."""
-    r = params[0].halo()
+    r = int(halos(params_table(params[:1]))[0])
     n, c, hp, wp = xp.shape
     out = torch.empty((n, c, hp - 2 * r, wp - 2 * r), dtype=torch.float32)
     ry, rx = np.arange(hp, dtype=np.int64), np.arange(wp, dtype=np.int64)
@@ -113,14 +140,19 @@ def blur_reflected_into(f: torch.Tensor, params: Sequence[AugmentParams], dest: 
     """Blur (N, C, H, W) float32 ``f`` (one halo r for all) with the image reflected at its edges
     (reflect-101, as ``geometry.reflect_indices``), round, and write image n to ``out_u8[dest[n]]``.
     Same bits as padding with ``index_select`` then ``blur.blur_valid`` and ``_to_uint8``."""
-    r = params[0].halo()
+    r = int(halos(params_table(params[:1]))[0])
     _, _, h, w = f.shape
     if h < 1 or w < 1:
         raise ValueError(f"cannot blur empty images ({h}x{w})")
-    ry = reflect_indices(-r, h + r, h).numpy().astype(np.int64)
-    rx = reflect_indices(-r, w + r, w).numpy().astype(np.int64)
+    ry, rx = _reflected(r, h), _reflected(r, w)
     _compiled().blur_kernel(np.ascontiguousarray(f.numpy()), _kernels_of(params), ry, rx, np.asarray(dest, dtype=np.int64),
                    np.empty((1, 1, 1, 1), np.float32), out_u8.numpy())
+
+
+@functools.lru_cache(maxsize=64)
+def _reflected(r: int, size: int) -> np.ndarray:
+    """``reflect_indices(-r, size + r, size)`` as an int64 array (a few sizes recur: cached; never written)."""
+    return reflect_indices(-r, size + r, size).numpy().astype(np.int64)
 
 
 def to_planar(x_u8: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any, Mapping
 
 import numpy as np
@@ -13,7 +14,8 @@ from .config import MAX_BLUR_SIGMA, AugmentConfig
 #: Range of AugmentParams.scale; AugmentConfig.scale <= 1 draws within [0.5, 2].
 MIN_SCALE, MAX_SCALE = 0.25, 4.0
 
-__all__ = ["AugmentParams", "Rect", "draw_params", "PARAMS_SALT"]
+__all__ = ["AugmentParams", "ParamsBatch", "Rect", "draw_params", "draw_params_batch", "params_table", "PARAMS_SALT",
+           "TABLE_COLUMNS"]
 
 #: Mixed into every SeedSequence so that augmentation streams never collide with other
 #: consumers of (seed, epoch, index) such as the sampler.
@@ -136,6 +138,14 @@ class AugmentParams:
         object.__setattr__(self, "hed_alpha", _triple("hed_alpha", self.hed_alpha))
         object.__setattr__(self, "hed_beta", _triple("hed_beta", self.hed_beta))
 
+    @classmethod
+    def _checked(cls, values: dict[str, Any]) -> "AugmentParams":
+        """An instance of values already of the right types and ranges (``draw_params_batch`` checks them
+        for the whole batch at once): skips ``__post_init__``'s per-field checks."""
+        params = object.__new__(cls)
+        params.__dict__.update(values)
+        return params
+
     # ------------------------------------------------------------------ queries
     def halo(self) -> int:
         """Pixels of context each side that the neighbourhood ops (blur) need: ceil(3 * sigma)."""
@@ -214,3 +224,123 @@ def draw_params(config: AugmentConfig, seed: int, epoch: int, index: int) -> Aug
         scale=(1.0 + c.scale) ** (2.0 * u[16] - 1.0) if c.scale > 0.0 else 1.0,
         crop_shift=(sym(c.crop, u[17]), sym(c.crop, u[18])),
     )
+
+
+def draw_params_batch(config: AugmentConfig, seed: int, epoch: int, indices: Sequence[int]) -> list[AugmentParams]:
+    """``[draw_params(config, seed, epoch, i) for i in indices]``, equal field for field, drawn as one batch:
+    the uniforms in one GIL-free call (``sampling.streams``), the fields as array expressions."""
+    if len(indices) < 2:
+        return [draw_params(config, seed, epoch, i) for i in indices]
+    from loader_service.sampling.streams import uniforms  # numba: compiled on first use
+
+    for name, value in (("seed", seed), ("epoch", epoch)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 0:
+            raise ValueError(f"draw_params: {name} must be a non-negative int (got {value!r}).")
+    idx = np.array([int(i) for i in indices], np.int64)
+    if (idx < 0).any():
+        raise ValueError(f"draw_params: index must be a non-negative int (got {int(idx.min())}).")
+    u = uniforms([int(seed), int(epoch)], idx, [PARAMS_SALT], _N_UNIFORMS).T
+    c = config
+    lo, hi = c.blur_sigma
+
+    def sym(amplitude: float, v: np.ndarray) -> np.ndarray:  # as draw_params' sym, +0.0 as _finite adds
+        return amplitude * (2.0 * v - 1.0) + 0.0
+
+    n = len(idx)
+    fields: dict[str, Any] = {
+        "flip_h": (u[0] < 0.5) & c.flip, "flip_v": (u[1] < 0.5) & c.flip,
+        "rot90_k": np.minimum((u[2] * 4.0).astype(np.int64), 3) if c.rot90 else np.zeros(n, np.int64),
+        "brightness": 1.0 + sym(c.brightness, u[3]), "contrast": 1.0 + sym(c.contrast, u[4]),
+        "saturation": 1.0 + sym(c.saturation, u[5]), "hue": sym(c.hue, u[6]),
+        "blur_sigma": np.where(u[13] < c.blur_prob, lo + (hi - lo) * u[14], 0.0) + 0.0,
+        # Python's float pow, element by element: numpy's vectorised pow may differ in the last bit
+        "scale": np.array([(1.0 + c.scale) ** e for e in (2.0 * u[16] - 1.0).tolist()]) if c.scale > 0.0
+        else np.ones(n),
+    }
+    alpha = [1.0 + sym(c.hed_sigma, u[7 + k]) for k in range(3)]
+    beta = [sym(c.hed_bias, u[10 + k]) for k in range(3)]
+    shift = [sym(c.crop, u[17]), sym(c.crop, u[18])]
+    table = np.stack([fields["flip_h"], fields["flip_v"], fields["rot90_k"], fields["brightness"],
+                      fields["contrast"], fields["saturation"], fields["hue"], *alpha, *beta, fields["blur_sigma"],
+                      fields["scale"], *shift], axis=1).astype(np.float64)
+    floats = table[:, 3:]
+    if not (np.isfinite(floats).all() and (fields["brightness"] > 0).all() and (fields["contrast"] >= 0).all()
+            and (fields["saturation"] >= 0).all() and (fields["blur_sigma"] <= MAX_BLUR_SIGMA).all()
+            and (np.abs(shift) <= 1.0).all() and (fields["scale"] >= MIN_SCALE).all()
+            and (fields["scale"] <= MAX_SCALE).all()):
+        return [draw_params(config, seed, epoch, int(i)) for i in idx]  # raises the per-field error
+    return ParamsBatch(table)
+
+
+#: The columns of a parameter table (``ParamsBatch.table``, ``params_table``): one row per sample.
+TABLE_COLUMNS = ("flip_h", "flip_v", "rot90_k", "brightness", "contrast", "saturation", "hue", "hed_alpha_h",
+                 "hed_alpha_e", "hed_alpha_d", "hed_beta_h", "hed_beta_e", "hed_beta_d", "blur_sigma", "scale",
+                 "crop_shift_y", "crop_shift_x")
+
+
+class ParamsBatch(Sequence[AugmentParams]):
+    """The parameters of a batch as one float64 table (``TABLE_COLUMNS``), checked once for the whole batch.
+
+    A sequence of :class:`AugmentParams`, made one by one only where asked for (``batch[i]``, iteration);
+    the batch kernels read ``table`` directly, so a batch costs no per-sample Python objects.
+    """
+
+    def __init__(self, table: np.ndarray) -> None:
+        if table.ndim != 2 or table.shape[1] != len(TABLE_COLUMNS):
+            raise ValueError(f"a parameter table has {len(TABLE_COLUMNS)} columns, got shape {table.shape}")
+        self.table = table
+        self.table.setflags(write=False)
+        self._made: dict[int, AugmentParams] = {}
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _one(self, i: int) -> AugmentParams:
+        made = self._made.get(i)
+        if made is None:
+            row = self.table[i].tolist()
+            made = self._made[i] = AugmentParams._checked({
+                "flip_h": row[0] != 0.0, "flip_v": row[1] != 0.0, "rot90_k": int(row[2]), "brightness": row[3],
+                "contrast": row[4], "saturation": row[5], "hue": row[6], "hed_alpha": tuple(row[7:10]),
+                "hed_beta": tuple(row[10:13]), "blur_sigma": row[13], "scale": row[14],
+                "crop_shift": tuple(row[15:17])})
+        return made
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return ParamsBatch(self.table[i].copy())
+        n = len(self)
+        i = int(i)
+        if not -n <= i < n:
+            raise IndexError(f"parameter index {i} outside a batch of {n}")
+        return self._one(i % n)
+
+    def __iter__(self) -> Iterator[AugmentParams]:
+        return (self._one(i) for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ParamsBatch):
+            return bool(np.array_equal(self.table, other.table))
+        if isinstance(other, (list, tuple)):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ParamsBatch({len(self)} samples)"
+
+
+def params_table(params: Sequence[AugmentParams]) -> np.ndarray:
+    """(N, len(TABLE_COLUMNS)) float64: ``params.table`` for a :class:`ParamsBatch`, else made from the objects."""
+    if isinstance(params, ParamsBatch):
+        return params.table
+    return np.array([(p.flip_h, p.flip_v, p.rot90_k, p.brightness, p.contrast, p.saturation, p.hue, *p.hed_alpha,
+                      *p.hed_beta, p.blur_sigma, p.scale, *p.crop_shift) for p in params],
+                    np.float64).reshape(len(params), len(TABLE_COLUMNS))
+
+
+def halos(table: np.ndarray) -> np.ndarray:
+    """``AugmentParams.halo()`` of every row: ceil(3 * blur_sigma) as int64, 0 without blur."""
+    sigma = table[:, 13]
+    return np.where(sigma > 0.0, np.ceil(3.0 * sigma), 0.0).astype(np.int64)

@@ -27,7 +27,7 @@ from . import cpu_kernels
 from .blur import blur_valid, gaussian_kernel
 from .colour import apply_colour, apply_hed, colour_coefficients, hed_coefficients
 from .geometry import apply_geometry, aug_rect_to_raw, reflect_indices
-from .params import AugmentParams, Rect
+from .params import AugmentParams, ParamsBatch, Rect, halos, params_table
 from .resample import resample_rect
 
 __all__ = [
@@ -148,14 +148,15 @@ def augment_batch(batch: torch.Tensor, params: Sequence[AugmentParams], layout: 
         raise ValueError(f"batch must be a 4-D uint8 tensor in {layout} layout "
                          f"(got shape {tuple(getattr(batch, 'shape', ()))}).")
     _check_image("batch", batch, 3 if layout == "NHWC" else 1)
-    params = list(params)
+    if not isinstance(params, ParamsBatch):
+        params = list(params)
     if len(params) != batch.shape[0]:
         raise ValueError(f"got {batch.shape[0]} images but {len(params)} parameter sets; pass one per image.")
     x = batch.permute(0, 3, 1, 2) if layout == "NHWC" else batch
     n, c, h, w = x.shape
     if n == 0:
         return x.contiguous()
-    sizes = {p.output_size(h, w) for p in params}
+    sizes = {(w, h) if odd else (h, w) for odd in set((params_table(params)[:, 2] % 2).tolist())}
     if len(sizes) != 1:
         raise ValueError(f"the batch mixes odd and even rot90_k on non-square {h}x{w} images, so the outputs "
                          f"would have different sizes {sorted(sizes)}; use square patches, or split the batch "
@@ -208,16 +209,17 @@ def _augment_batch_torch(x: torch.Tensor, params: list[AugmentParams], out_hw: t
 def _augment_batch_cpu(batch: torch.Tensor, params: list[AugmentParams], layout: str) -> torch.Tensor:
     """:func:`augment_batch` on the CPU: one fused pass (geometry to uint8) for samples without blur,
     the same pass to float32 then the blur for the others. Same bits as the torch ops."""
-    blurred = [p.halo() > 0 for p in params]
-    out, f = cpu_kernels.pointwise(batch, params, layout, blurred, geometry=True)
+    table = params_table(params)
+    radius = halos(table)
+    out, f = cpu_kernels.pointwise(batch, params, layout, (radius > 0).tolist(), geometry=True)
     if f is None:
         return out
-    rows: dict[int, list[tuple[int, int]]] = defaultdict(list)  # radius -> (sample, row of f)
-    for row, i in enumerate(i for i, b in enumerate(blurred) if b):
-        rows[params[i].halo()].append((i, row))
-    for pairs in rows.values():
-        sub = f if len(rows) == 1 else f.index_select(0, torch.tensor([row for _, row in pairs]))
-        cpu_kernels.blur_reflected_into(sub, [params[i] for i, _ in pairs], [i for i, _ in pairs], out)
+    blurred = np.flatnonzero(radius > 0)  # sample of each row of f
+    for r in np.unique(radius[blurred]).tolist():
+        rows = np.flatnonzero(radius[blurred] == r)
+        sub = f if len(rows) == len(blurred) else f.index_select(0, torch.from_numpy(rows))
+        samples = blurred[rows]
+        cpu_kernels.blur_reflected_into(sub, ParamsBatch(table[samples]), samples.tolist(), out)
     return out
 
 

@@ -1,5 +1,8 @@
 """Stain normalisation (Macenko 2009, Reinhard 2001) of uint8 RGB batches, in torch ops (CPU or GPU).
 
+These torch ops are the reference and what runs on GPUs; on the CPU :func:`normalise_batch` runs the fused numba
+kernels of ``stain_kernels`` instead (within 1 grey level, mean difference < 0.05: see there).
+
 A *target* is a tuple of floats fitted once (to a reference image, or to tissue patches of a dataset) by
 :func:`fit_target`; :func:`normalise_batch` then maps every image of a batch onto it, each image with its
 own source statistics, computed batch-wise. No randomness: the output is a pure function of the pixels and
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["StainConfig", "STAIN_METHODS", "fit_target", "normalise_batch", "rgb_to_lab", "lab_to_rgb",
-           "macenko_stains", "TARGET_LENGTH"]
+           "macenko_stains", "leading_plane", "stain_vectors", "unmixing", "concentration_scale", "TARGET_LENGTH"]
 
 STAIN_METHODS = ("macenko", "reinhard")
 TARGET_LENGTH = {"macenko": 8, "reinhard": 6}
@@ -110,24 +113,43 @@ def macenko_stains(od: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     mean = (od * w[..., None]).sum(dim=1) / denom
     centred = (od - mean[:, None]) * w[..., None]
     cov = centred.transpose(1, 2) @ centred / denom[..., None]
-    _, vecs = torch.linalg.eigh(cov.to(torch.float64))
-    plane = vecs[..., [2, 1]].to(torch.float32)  # (N, 3, 2): the two leading eigenvectors
-    plane = plane * torch.where(plane.sum(dim=1, keepdim=True) < 0, -1.0, 1.0)
+    plane = leading_plane(cov)
     proj = od @ plane  # (N, P, 2)
     angle = torch.atan2(proj[..., 1], proj[..., 0]).masked_fill(~mask, float("nan"))
     q = torch.nanquantile(angle, torch.tensor([ANGLE_PERCENTILE, 1 - ANGLE_PERCENTILE], device=od.device), dim=1)
-    q = torch.nan_to_num(q)  # images without tissue: any angle, they pass unchanged
+    return stain_vectors(plane, torch.nan_to_num(q)), count  # images without tissue: any angle, they pass unchanged
+
+
+def leading_plane(cov: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 2) float32: the two leading eigenvectors of OD covariances (N, 3, 3), signed to sum >= 0."""
+    _, vecs = torch.linalg.eigh(cov.to(torch.float64))
+    plane = vecs[..., [2, 1]].to(torch.float32)  # (N, 3, 2): the two leading eigenvectors
+    return plane * torch.where(plane.sum(dim=1, keepdim=True) < 0, -1.0, 1.0)
+
+
+def stain_vectors(plane: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 2) unit stain vectors (H, E) from the extreme angles q (2 [lo, hi], N) in ``plane`` (N, 3, 2)."""
     ends = torch.stack([torch.cos(q), torch.sin(q)], dim=1)  # (2 [lo, hi], 2 [cos, sin], N)
     vectors = plane @ ends.permute(2, 1, 0)  # (N, 3, 2 [lo, hi])
     vectors = vectors * torch.where(vectors.sum(dim=1, keepdim=True) < 0, -1.0, 1.0)
     hematoxylin_first = vectors[:, 0, 0] >= vectors[:, 0, 1]  # haematoxylin absorbs red more than eosin
     vectors = torch.where(hematoxylin_first[:, None, None], vectors, vectors.flip(2))
-    return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-8), count
+    return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
 def _concentrations(od: torch.Tensor, stains: torch.Tensor) -> torch.Tensor:
     """Least-squares concentrations (N, P, 2) of OD (N, P, 3) in stains (N, 3, 2)."""
-    return od @ torch.linalg.pinv(stains).transpose(1, 2)
+    return od @ unmixing(stains)
+
+
+def unmixing(stains: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 2): OD (., 3) @ this = least-squares concentrations in ``stains`` (N, 3, 2)."""
+    return torch.linalg.pinv(stains).transpose(1, 2)
+
+
+def concentration_scale(high: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N, 2) factors taking images' 99th-percentile concentrations ``high`` (NaN: no tissue) to the target's."""
+    return target[6:] / torch.nan_to_num(high, nan=1.0).clamp_min(1e-6)
 
 
 def _macenko(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -139,9 +161,8 @@ def _macenko(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     conc = _concentrations(od, stains)
     sub = conc[:, ::step].masked_fill(~mask[:, ::step, None], float("nan"))
     high = torch.nanquantile(sub, MAX_PERCENTILE, dim=1)  # (N, 2)
-    high = torch.nan_to_num(high, nan=1.0).clamp_min(1e-6)
-    target_stains, target_high = target[:6].view(2, 3).T, target[6:]
-    conc = conc * (target_high / high)[:, None]
+    conc = conc * concentration_scale(high, target)[:, None]
+    target_stains = target[:6].view(2, 3).T
     out = BACKGROUND * torch.exp(-(conc @ target_stains.T))
     out = out.round_().clamp_(0.0, 255.0).to(torch.uint8)
     keep = count < MIN_TISSUE_PIXELS
@@ -184,7 +205,7 @@ def _flat(images: torch.Tensor, layout: str) -> torch.Tensor:
     x = images if layout == "NHWC" else images.permute(0, 2, 3, 1)
     if x.shape[-1] != 3:
         raise ValueError(f"stain normalisation needs RGB images (3 channels), got shape {tuple(images.shape)}.")
-    return x.reshape(x.shape[0], -1, 3)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], 3)  # (not -1: empty batches too)
 
 
 def fit_target(method: str, images: torch.Tensor, layout: str = "NHWC") -> StainConfig:
@@ -198,13 +219,21 @@ def fit_target(method: str, images: torch.Tensor, layout: str = "NHWC") -> Stain
     return StainConfig(method, fit(x))
 
 
-def normalise_batch(images: torch.Tensor, config: StainConfig, layout: str = "NHWC") -> torch.Tensor:
+def normalise_batch(images: torch.Tensor, config: StainConfig, layout: str = "NHWC",
+                    cpu_kernels: bool = True) -> torch.Tensor:
     """Each image of a uint8 batch (``NHWC`` or ``NCHW``, any device) normalised to ``config``'s target,
-    as a new uint8 tensor in the same layout and device."""
+    as a new uint8 tensor in the same layout and device.
+
+    On the CPU the fused numba kernels of ``stain_kernels`` run (within 1 grey level of these torch ops,
+    mean difference < 0.05: see there); ``cpu_kernels=False`` runs the torch ops, the reference, as GPUs do."""
     x = _flat(images, layout)
     if x.shape[0] == 0 or x.shape[1] == 0:
         return images.clone()
     target = torch.tensor(config.target, dtype=torch.float32, device=images.device)
+    if images.device.type == "cpu" and cpu_kernels:
+        from .stain_kernels import normalise_cpu
+
+        return normalise_cpu(images, config.method, target, layout)
     run = _macenko if config.method == "macenko" else _reinhard
     if images.device.type == "cpu":  # image by image: its temporaries stay in cache (same result: tested)
         out = torch.cat([run(x[i:i + 1], target) for i in range(x.shape[0])])

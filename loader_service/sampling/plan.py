@@ -29,6 +29,7 @@ from loader_service.sampling.candidates import CandidateCache, Candidates, Unser
 from loader_service.sampling.elastic import ResumeStages, ShardMap
 from loader_service.slides import MAX_READ_FACTOR
 from loader_service.sampling.spec import SamplingSpec
+from loader_service.sampling.streams import StreamBatch
 
 if TYPE_CHECKING:
     from loader_service.annotations import SessionAnnotations
@@ -185,6 +186,7 @@ class EpochPlan:
         if by_class is not None:  # balanced by annotation class: overrides the balance
             weights = by_class
         self._cdf = np.cumsum(weights / weights.sum())
+        self._stream: StreamBatch | None = None  # _place for a batch of indices at once (made on first use)
         self._groups: dict[int, np.ndarray] = {}
         self._regions: dict[int, tuple[int, Rect4, np.ndarray]] = {}
 
@@ -266,7 +268,31 @@ class EpochPlan:
         x, y = self._slides[slide][1].cells[position - self._offsets[slide]]
         return slide, int(x), int(y)
 
+    def _random_rows(self, global_indices: list[int]) -> list[list[int]]:
+        """:meth:`_random_sample` of many indices in one GIL-free call: (slide, x, y) rows, the same values."""
+        if self._stream is None:
+            self._stream = StreamBatch(
+                [self.spec.seed, self.epoch], [_SALT_SAMPLE], self._cdf, [c.cells for _, c in self._slides],
+                np.array([(c.geometry.width, c.geometry.height) for _, c in self._slides], np.int64))
+        rows = self._stream.places(np.array(global_indices, np.int64), self.spec.patch_size, self.spec.height,
+                                   self._jitter)
+        return rows.tolist()
+
     # --- public ------------------------------------------------------------------------------------------
+    def samples(self, start: int, stop: int) -> list[Sample]:
+        """``[sample(i) for i in range(start, stop)]``; in random mode drawn as one batch, outside the GIL."""
+        spec = self.spec
+        if spec.mode != "random" or spec.whole_slide or spec.patches_per_region > 1 or stop - start < 2:
+            return [self.sample(i) for i in range(start, stop)]
+        if not 0 <= start <= stop <= self.shard_length:
+            raise IndexError(f"shard indices {start}..{stop - 1} outside 0..{self.shard_length - 1}")
+        global_indices = [self._shards.global_index(i) for i in range(start, stop)]
+        out = []
+        for i, g, (slide, x, y) in zip(range(start, stop), global_indices, self._random_rows(global_indices)):
+            drawn = self._make(i, g, slide, x, y, False, None)
+            out.append(self.substitute(drawn, 1, "quarantined") if drawn.record.path in self.avoid else drawn)
+        return out
+
     def sample(self, shard_index: int) -> Sample:
         if not 0 <= shard_index < self.shard_length:
             raise IndexError(f"shard index {shard_index} outside 0..{self.shard_length - 1}")
@@ -379,7 +405,7 @@ class ShardCursor:
         if left <= 0 or (self.drop_last and left < self.batch_size):
             return None
         count = min(self.batch_size, left)
-        samples = [self.plan.sample(i) for i in range(self.cursor, self.cursor + count)]
+        samples = self.plan.samples(self.cursor, self.cursor + count)
         self.cursor += count
         return samples
 

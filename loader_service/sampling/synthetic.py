@@ -40,6 +40,9 @@ class SyntheticPlan:
         size = self.spec.patch_size
         return Sample(shard_index, self._shards.global_index(shard_index), _RECORD, 0, 0.0, 0, 0, size, size)
 
+    def samples(self, start: int, stop: int) -> list[Sample]:
+        return [self.sample(i) for i in range(start, stop)]
+
     def label_index(self, record: SlideRecord) -> int:
         return 0
 

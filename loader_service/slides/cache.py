@@ -69,6 +69,22 @@ class TileCache:
             self._hits += 1
             return arr
 
+    def get_many(self, keys: list[Hashable]) -> list[np.ndarray | None]:
+        """:meth:`get` of each key, under one lock (the tiles of one region read)."""
+        out: list[np.ndarray | None] = []
+        found = 0
+        with self._lock:
+            data = self._data
+            for key in keys:
+                arr = data.get(key)
+                if arr is not None:
+                    data.move_to_end(key)
+                    found += 1
+                out.append(arr)
+            self._hits += found
+            self._misses += len(keys) - found
+        return out
+
     def put(self, key: Hashable, arr: np.ndarray) -> None:
         """Store ``arr`` (made read-only) under ``key``, evicting least-recently-used entries."""
         size = int(arr.nbytes)

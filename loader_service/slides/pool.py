@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from types import TracebackType
 from typing import TypeVar
 
@@ -64,6 +65,20 @@ class DecodePool:
     def in_worker() -> bool:
         """True when called from a decode-pool thread (of any pool)."""
         return bool(getattr(_local, "in_decode_pool", False))
+
+    @staticmethod
+    @contextmanager
+    def inline() -> Iterator[None]:
+        """Within this block, this thread's reads decode their tiles themselves (as inside a pool thread):
+        for callers that already spread their work over threads, e.g. a batch split into one chunk of
+        samples per read thread, where handing each patch's 2-4 tiles to the pool costs more GIL-held
+        time than it saves."""
+        before = getattr(_local, "in_decode_pool", False)
+        _local.in_decode_pool = True
+        try:
+            yield
+        finally:
+            _local.in_decode_pool = before
 
     @property
     def jpeg_choice(self) -> JpegBackendChoice | None:

@@ -13,7 +13,6 @@ import os
 import re
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -233,6 +232,19 @@ def _parse(path: str, file_size: int) -> tuple[SlideInfo, list[_Level]]:
     return info, levels
 
 
+def _white_outside(out: np.ndarray, x: int, y: int, width: int, height: int, ix0: int, iy0: int, ix1: int,
+                   iy1: int) -> None:
+    """White where the region ``(x, y, width, height)`` lies outside the image (inside: ``ix0..ix1, iy0..iy1``)."""
+    if iy0 > y:
+        out[: iy0 - y] = 255
+    if iy1 < y + height:
+        out[iy1 - y :] = 255
+    if ix0 > x:
+        out[iy0 - y : iy1 - y, : ix0 - x] = 255
+    if ix1 < x + width:
+        out[iy0 - y : iy1 - y, ix1 - x :] = 255
+
+
 class TiffSlide(Slide):
     """A slide read by the fast path. Create through :func:`open_slide`."""
 
@@ -255,6 +267,7 @@ class TiffSlide(Slide):
         self._bad_tiles = bad_tiles
         self._identity: tuple[str, int, int] = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
         self._close_lock = threading.Lock()
+        self._grids: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}  # (level, scale) -> tile grid
         if pool is not None and pool.jpeg_choice is None:
             self._probe_jpeg_backend(pool)
 
@@ -356,48 +369,46 @@ class TiffSlide(Slide):
         if self._fd < 0:
             raise SlideReadError(self.path, "the slide is closed", "open it again")
         lv = self._levels[level]
-        th, tw = lv.decoder.scaled_shape(scale)
-        W, H = math.ceil(lv.info.width / scale), math.ceil(lv.info.height / scale)
+        grid = self._grids.get((level, scale))
+        if grid is None:
+            th, tw = lv.decoder.scaled_shape(scale)
+            grid = self._grids[(level, scale)] = (th, tw, math.ceil(lv.info.width / scale),
+                                                  math.ceil(lv.info.height / scale), lv.tiles_across)
+        th, tw, W, H, across = grid
         ix0, iy0, ix1, iy1 = max(x, 0), max(y, 0), min(x + width, W), min(y + height, H)
         if ix0 >= ix1 or iy0 >= iy1:
             out[...] = 255
             return
-        # white outside the image: only the strips that need it
-        if iy0 > y:
-            out[: iy0 - y] = 255
-        if iy1 < y + height:
-            out[iy1 - y :] = 255
-        if ix0 > x:
-            out[iy0 - y : iy1 - y, : ix0 - x] = 255
-        if ix1 < x + width:
-            out[iy0 - y : iy1 - y, ix1 - x :] = 255
-        misses: list[tuple[int, np.ndarray, tuple[slice, slice]]] = []
+        if iy0 > y or iy1 < y + height or ix0 > x or ix1 < x + width:
+            _white_outside(out, x, y, width, height, ix0, iy0, ix1, iy1)
+        ident = self._identity
+        rows = [(ty, ty * th, max(iy0, ty * th), min(iy1, ty * th + th)) for ty in range(iy0 // th, (iy1 - 1) // th + 1)]
+        cols = [(tx, tx * tw, max(ix0, tx * tw), min(ix1, tx * tw + tw)) for tx in range(ix0 // tw, (ix1 - 1) // tw + 1)]
+        keys = [(ident, level, ty * across + tx, scale) for ty, _, _, _ in rows for tx, _, _, _ in cols]
         cache = self._cache
-        for ty in range(iy0 // th, (iy1 - 1) // th + 1):
-            py = ty * th
-            sy0, sy1 = max(iy0, py), min(iy1, py + th)
-            for tx in range(ix0 // tw, (ix1 - 1) // tw + 1):
-                px = tx * tw
-                sx0, sx1 = max(ix0, px), min(ix1, px + tw)
-                index = ty * lv.tiles_across + tx
-                dst = out[sy0 - y : sy1 - y, sx0 - x : sx1 - x]
-                src = (slice(sy0 - py, sy1 - py), slice(sx0 - px, sx1 - px))
-                tile = cache.get((self._identity, level, index, scale)) if cache is not None else None
+        tiles = cache.get_many(keys) if cache is not None else [None] * len(keys)
+        misses: list[tuple[int, np.ndarray, tuple[slice, slice]]] = []
+        k = 0
+        for ty, py, sy0, sy1 in rows:
+            dst_rows, src_rows = slice(sy0 - y, sy1 - y), slice(sy0 - py, sy1 - py)
+            for tx, px, sx0, sx1 in cols:
+                tile = tiles[k]
+                k += 1
                 if tile is not None:
-                    dst[...] = tile[src]
+                    out[dst_rows, sx0 - x : sx1 - x] = tile[src_rows, sx0 - px : sx1 - px]
                 else:
-                    misses.append((index, dst, src))
+                    misses.append((ty * across + tx, out[dst_rows, sx0 - x : sx1 - x],
+                                   (src_rows, slice(sx0 - px, sx1 - px))))
         if not misses:
             return
         batched = self._pool.batched_jpeg if self._pool is not None else None
         if batched is not None and batchable(lv.decoder, scale) and self._fetch_batched(batched, level, misses):
             return
-        tasks: list[Callable[[], None]] = [partial(self._fetch, level, i, scale, dst, src) for i, dst, src in misses]
-        if self._pool is not None:
-            self._pool.run_all(tasks)
+        if self._pool is not None and len(misses) > 1 and not DecodePool.in_worker():
+            self._pool.run_all([partial(self._fetch, level, i, scale, dst, src) for i, dst, src in misses])
         else:
-            for task in tasks:
-                task()
+            for i, dst, src in misses:
+                self._fetch(level, i, scale, dst, src)
 
     def _fetch_batched(
         self, batched: BatchedJpegDecoder, level: int, misses: list[tuple[int, np.ndarray, tuple[slice, slice]]]

@@ -32,22 +32,36 @@ def encode_tensor(tensor: torch.Tensor | np.ndarray) -> pb.Tensor:
 
 
 def sample_meta(built: BuiltBatch, labels: list[str]) -> list[pb.SampleMeta]:
+    """The batch's per-sample metadata as messages (see :func:`add_sample_meta`)."""
+    holder = pb.Batch()
+    add_sample_meta(holder, built, labels)
+    return list(holder.samples)
+
+
+def add_sample_meta(batch: pb.Batch, built: BuiltBatch, labels: list[str]) -> None:
+    """Append one SampleMeta per sample to ``batch.samples``, made in place (``add``: no message copied);
+    fields at their default (no piece, no context) are left unset, which reads the same."""
     piece = None
     if built.piece is not None:
         p = built.piece
         piece = pb.Piece(image_height=p.image_hw[0], image_width=p.image_hw[1], y=p.rect.y, x=p.rect.x,
                          height=p.rect.height, width=p.rect.width, core_y=p.core.y, core_x=p.core.x,
                          core_height=p.core.height, core_width=p.core.width, index=p.index, count=p.count)
-    metas = []
+    add = batch.samples.add
+    slide_ids: dict[int, str] = {}
     for i, (sample, label) in enumerate(zip(built.samples, built.labels.tolist())):
-        metas.append(pb.SampleMeta(
-            slide_id=sample.record.slide_id, level=sample.level, mpp=sample.mpp, x=sample.x, y=sample.y,
-            width=sample.width, height=sample.height, label=labels[label], label_index=label,
-            index=sample.index, padding=sample.padding, piece=piece, substituted=bool(sample.substituted),
-            context=[pb.ContextPlace(level=c[i].level, mpp=resampled_mpp(c[i]), x=c[i].x, y=c[i].y, size=c[i].width)
-                     for c in built.context_samples],
-        ))
-    return metas
+        record = sample.record
+        slide_id = slide_ids.get(id(record))
+        if slide_id is None:
+            slide_id = slide_ids[id(record)] = record.slide_id
+        meta = add(slide_id=slide_id, level=sample.level, mpp=sample.mpp, x=sample.x, y=sample.y,
+                   width=sample.width, height=sample.height, label=labels[label], label_index=label,
+                   index=sample.index, padding=sample.padding, substituted=bool(sample.substituted))
+        if piece is not None:
+            meta.piece.CopyFrom(piece)
+        if built.context_samples:
+            meta.context.extend(pb.ContextPlace(level=c[i].level, mpp=resampled_mpp(c[i]), x=c[i].x, y=c[i].y,
+                                                size=c[i].width) for c in built.context_samples)
 
 
 def batch_response(built: BuiltBatch, sequence: int, cursor_after: int, labels: list[str],
@@ -65,7 +79,7 @@ def batch_response(built: BuiltBatch, sequence: int, cursor_after: int, labels: 
     else:
         batch.images.CopyFrom(images)
     fill_tensor(batch.labels, built.labels)
-    batch.samples.extend(sample_meta(built, labels))
+    add_sample_meta(batch, built, labels)
     batch.substituted.extend(s.index for s in built.samples if s.substituted)
     if built.masks is not None:
         fill_tensor(batch.masks, built.masks)
