@@ -8,6 +8,7 @@ import torchvision
 
 from tests.test_streaming import check_equivalence, make_resnet_front, tiny_front
 from trainer_client.streaming import StreamingConfig, StreamingModule, plan_streaming, resnet_front
+from trainer_client.streaming.planner import MEMORY_SLACK
 
 MiB = 1 << 20
 
@@ -59,6 +60,18 @@ def test_time_model_counts_the_step_footprint() -> None:
     assert f"conventional x{large.conventional_footprint_factor:.2f}" in large.describe()
     tiny = plan_streaming(front, (1, 3, 256, 256))
     assert tiny.conventional_footprint_factor < 1.02  # weights and their gradients only
+
+
+def test_default_takes_the_fastest_plan_near_the_smallest() -> None:
+    """Near the memory floor a few MiB less can cost much more recompute: with a time goal the plan is the
+    fastest of those within MEMORY_SLACK of the smallest estimate, never faster-but-larger beyond it."""
+    front = resnet_front(torchvision.models.resnet34(weights=None), flatten_blocks=True)
+    shape = (1, 3, 2048, 2048)
+    chosen = plan_streaming(front, shape)
+    smallest = plan_streaming(front, shape, memory_slack=0.0)
+    assert smallest.step_bytes <= chosen.step_bytes <= smallest.step_bytes * (1 + MEMORY_SLACK)
+    assert chosen.time_factor <= smallest.time_factor <= 1.5
+    assert chosen.time_factor < smallest.time_factor or chosen == smallest
 
 
 def test_fixed_split_plans_only_tiles() -> None:

@@ -43,7 +43,7 @@ from .geometry import geometry_of, min_tile_size, plan_axis
 from .inplace import mutates_input
 from .memory import probe_forward
 
-__all__ = ["StreamingPlan", "plan_streaming", "LAYER_CALL_MACS", "FOOTPRINT_SLOWDOWN_BYTES"]
+__all__ = ["StreamingPlan", "plan_streaming", "LAYER_CALL_MACS", "FOOTPRINT_SLOWDOWN_BYTES", "MEMORY_SLACK"]
 
 LAYER_CALL_MACS = {"cpu": 2e6, "cuda": 5e8}
 """Fixed cost of one layer call (dispatch, allocation; kernel launch on a GPU) in multiply-accumulate
@@ -53,6 +53,10 @@ FOOTPRINT_SLOWDOWN_BYTES = {"cpu": 20 * 2**30, "cuda": math.inf}
 """Estimated step memory at which the time per multiply-accumulate doubles, per device type (others:
 as CUDA, whose caching allocator reuses its memory: no growth). CPU: fitted to conventional steps of a
 ResNet-34 front at 2048² and 4096² (planner estimates 3.7 and 14.4 GiB; 1.46x the time per pixel)."""
+
+MEMORY_SLACK = 0.05
+"""With a time goal, plans whose estimated step memory is within this fraction of the smallest count as
+equally small, and the fastest of them is chosen."""
 
 _TILES_PER_AXIS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 
@@ -233,12 +237,14 @@ def plan_streaming(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     input_grad: bool = False,
+    memory_slack: float = MEMORY_SLACK,
 ) -> StreamingPlan:
     """Choose split points and tiles for an NCHW input of ``input_shape``.
 
     With ``step_memory_budget_bytes``: the fastest plan whose estimated step memory fits (and, with
-    ``max_time_factor`` too, that also meets it). Otherwise: the plan with the smallest estimated step
-    memory whose estimated time is at most ``max_time_factor`` (default 1.5) times conventional.
+    ``max_time_factor`` too, that also meets it). Otherwise: among the plans whose estimated time is at
+    most ``max_time_factor`` (default 1.5) times conventional, the fastest whose estimated step memory is
+    within ``memory_slack`` (a fraction) of the smallest.
     ``split_at`` fixes the stages (only tiles are chosen). Raises ``ValueError`` saying what is
     achievable when nothing meets the request.
     """
@@ -251,6 +257,8 @@ def plan_streaming(
             raise TypeError("split_at needs an nn.Sequential front")
     if max_stages < 1:
         raise ValueError(f"max_stages must be >= 1, got {max_stages}")
+    if not 0.0 <= memory_slack < 1.0:
+        raise ValueError(f"memory_slack is a fraction of the smallest step memory, 0 <= it < 1; got {memory_slack}")
     if device is None:
         first = next(front.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -307,7 +315,13 @@ def plan_streaming(
                 f"x{cost / conv_cost:.2f} of conventional time, above max_time_factor {max_time_factor}; "
                 "raise the budget or the factor")
     else:
-        cost, peak, split, options, peaks = min(candidates, key=lambda c: (c[1], c[0]))
+        # The smallest estimate, then the fastest plan within MEMORY_SLACK of it: near the memory floor (the
+        # stored maps) a few MiB less can cost a much smaller first-stage tile, i.e. much more recompute.
+        limit = (max_time_factor or 1.5) * conv_cost
+        cap = min(c[1] for c in candidates) * (1.0 + memory_slack)
+        near = [(r, c[2]) for c in candidates
+                if (r := _evaluate(seg, c[2], fixed, input_grad, cap)) is not None and r[0] <= limit]
+        (cost, peak, options, peaks), split = min(near, key=lambda rs: (rs[0][0], rs[0][1]))
     return made(split, options, cost, peak, peaks)
 
 
