@@ -8,6 +8,7 @@ import torchvision
 
 from tests.test_streaming import check_equivalence, make_resnet_front, tiny_front
 from trainer_client.streaming import StreamingConfig, StreamingModule, plan_streaming, resnet_front
+from trainer_client.streaming.planner import MEMORY_SLACK
 
 MiB = 1 << 20
 
@@ -43,6 +44,34 @@ def test_smaller_time_factor_costs_memory() -> None:
     assert len(fast.split_at) <= 3 and len(small.split_at) <= 3
     assert fast.time_factor <= 1.4 and small.time_factor <= 2.0
     assert small.step_bytes < fast.step_bytes < fast.conventional_bytes
+
+
+def test_time_model_counts_the_step_footprint() -> None:
+    """A conventional step on a large image costs more per multiply-accumulate (its footprint), a streamed
+    one hardly: the default plan at 4096² may use smaller tiles than at 2048², and says why."""
+    front = resnet_front(torchvision.models.resnet34(weights=None), flatten_blocks=True)
+    small = plan_streaming(front, (1, 3, 2048, 2048))
+    large = plan_streaming(front, (1, 3, 4096, 4096))
+    assert 1.0 < small.conventional_footprint_factor < large.conventional_footprint_factor
+    assert large.streaming_footprint_factor < 1.1 < large.conventional_footprint_factor
+    assert small.time_factor <= 1.5 and large.time_factor <= 1.5
+    assert large.memory_factor < 0.07 < small.memory_factor
+    assert large.step_bytes < 2 * small.step_bytes  # four times the pixels, less than twice the memory
+    assert f"conventional x{large.conventional_footprint_factor:.2f}" in large.describe()
+    tiny = plan_streaming(front, (1, 3, 256, 256))
+    assert tiny.conventional_footprint_factor < 1.02  # weights and their gradients only
+
+
+def test_default_takes_the_fastest_plan_near_the_smallest() -> None:
+    """Near the memory floor a few MiB less can cost much more recompute: with a time goal the plan is the
+    fastest of those within MEMORY_SLACK of the smallest estimate, never faster-but-larger beyond it."""
+    front = resnet_front(torchvision.models.resnet34(weights=None), flatten_blocks=True)
+    shape = (1, 3, 2048, 2048)
+    chosen = plan_streaming(front, shape)
+    smallest = plan_streaming(front, shape, memory_slack=0.0)
+    assert smallest.step_bytes <= chosen.step_bytes <= smallest.step_bytes * (1 + MEMORY_SLACK)
+    assert chosen.time_factor <= smallest.time_factor <= 1.5
+    assert chosen.time_factor < smallest.time_factor or chosen == smallest
 
 
 def test_fixed_split_plans_only_tiles() -> None:

@@ -15,10 +15,14 @@ for any split of the front into stages and any tile per stage, the planner estim
   ``3F + 2*L*k`` (forward + backward of ``L`` layers, ``k`` the fixed cost of one layer call:
   :data:`LAYER_CALL_MACS`); streaming runs every stage's tiles twice forward (no-grad, then the
   recompute) and once backward, on crops that overlap by their halo:
-  ``sum_stages 4*F_s*overlap_s + 3*tiles_s*L_s*k``. The floor is therefore ``4/3`` (``3/2`` for a
-  network so small that layer calls dominate); the model ignores memory traffic, which makes a
-  conventional step on a large image slower than its arithmetic (measured streaming time ratios are
-  at or below the model's, see ``docs/streaming.md``).
+  ``sum_stages 4*F_s*overlap_s + 3*tiles_s*L_s*k``. Each is then multiplied by the **footprint
+  factor** ``1 + step_bytes / B`` (``B``: :data:`FOOTPRINT_SLOWDOWN_BYTES`): the time per
+  multiply-accumulate grows with the memory a step touches (fresh pages to fault in and zero, TLB
+  and memory traffic for activations written in the forward and read back in the backward).
+  Measured on the CPU (idle machine, ResNet-34 front, float32): a conventional step costs 1.46x more
+  per pixel at 4096² than at 2048² (42.7 s vs 7.31 s for 4x the pixels) while a streamed one stays
+  linear (43.2 s vs 10.6 s); ``B`` is fitted to that, in the planner's own byte estimates. So the
+  streaming time ratio falls as the image grows; the floor is ``4/3`` only for small images.
 
 :func:`plan_streaming` searches every split of the front's children into at most ``max_stages``
 stages and, per stage, tiles that give 1, 2, 3, ... tiles per axis, and returns either the fastest
@@ -39,11 +43,20 @@ from .geometry import geometry_of, min_tile_size, plan_axis
 from .inplace import mutates_input
 from .memory import probe_forward
 
-__all__ = ["StreamingPlan", "plan_streaming", "LAYER_CALL_MACS"]
+__all__ = ["StreamingPlan", "plan_streaming", "LAYER_CALL_MACS", "FOOTPRINT_SLOWDOWN_BYTES", "MEMORY_SLACK"]
 
 LAYER_CALL_MACS = {"cpu": 2e6, "cuda": 5e8}
 """Fixed cost of one layer call (dispatch, allocation; kernel launch on a GPU) in multiply-accumulate
 equivalents, per device type (others: as CUDA): keeps the planner from choosing thousands of tiny tiles."""
+
+FOOTPRINT_SLOWDOWN_BYTES = {"cpu": 20 * 2**30, "cuda": math.inf}
+"""Estimated step memory at which the time per multiply-accumulate doubles, per device type (others:
+as CUDA, whose caching allocator reuses its memory: no growth). CPU: fitted to conventional steps of a
+ResNet-34 front at 2048² and 4096² (planner estimates 3.7 and 14.4 GiB; 1.46x the time per pixel)."""
+
+MEMORY_SLACK = 0.05
+"""With a time goal, plans whose estimated step memory is within this fraction of the smallest count as
+equally small, and the fastest of them is chosen."""
 
 _TILES_PER_AXIS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 
@@ -58,6 +71,8 @@ class StreamingPlan:
     conventional_bytes: int
     time_factor: float
     stage_peak_bytes: tuple[int, ...]
+    conventional_footprint_factor: float = 1.0
+    streaming_footprint_factor: float = 1.0
 
     @property
     def memory_factor(self) -> float:
@@ -67,7 +82,9 @@ class StreamingPlan:
         """One line for logs and the CLI."""
         return (f"split_at={list(self.split_at)} tiles={list(self.tile_sizes)} (each stage's input pixels): "
                 f"estimated step memory {self.step_bytes / 2**20:.0f} MiB = x{self.memory_factor:.3f} of "
-                f"conventional ({self.conventional_bytes / 2**20:.0f} MiB), time x{self.time_factor:.2f}")
+                f"conventional ({self.conventional_bytes / 2**20:.0f} MiB), time x{self.time_factor:.2f} "
+                f"(time per multiply-accumulate for the step's footprint: conventional "
+                f"x{self.conventional_footprint_factor:.2f}, streaming x{self.streaming_footprint_factor:.2f})")
 
 
 @dataclass(frozen=True)
@@ -124,8 +141,9 @@ class _Segments:
     """Tile options (working set, cost) of every stage ``front[a:b]`` at a given input shape."""
 
     def __init__(self, front: nn.Sequential, children: list[_Child], input_bpp: float,
-                 batch: int, height: int, width: int, call_macs: float) -> None:
+                 batch: int, height: int, width: int, call_macs: float, slowdown_bytes: float) -> None:
         self.front, self.children, self.batch, self.call_macs = front, children, batch, call_macs
+        self.slowdown_bytes = slowdown_bytes
         self.sizes = [(height, width)]  # input size of every child, and the output of the last
         self.strides = [1]
         for child in front:
@@ -145,6 +163,10 @@ class _Segments:
         if (a, b) not in self._cache:
             self._cache[(a, b)] = self._options(a, b)
         return self._cache[(a, b)]
+
+    def footprint_factor(self, step_bytes: float) -> float:
+        """Time per multiply-accumulate of a step touching ``step_bytes``, relative to a small one."""
+        return 1.0 + step_bytes / self.slowdown_bytes
 
     def _options(self, a: int, b: int) -> list[_Option]:
         stage = self.front[a:b]
@@ -181,7 +203,8 @@ def _partitions(n: int, max_stages: int, fixed: Sequence[int] | None) -> list[tu
 
 def _evaluate(seg: _Segments, split: tuple[int, ...], fixed_bytes: float, input_grad: bool,
               cap: float) -> tuple[float, float, list[_Option], list[float]] | None:
-    """Fastest tiles of ``split`` whose every stage's peak fits ``cap``: (time, peak, options, peaks)."""
+    """Fastest tiles of ``split`` whose every stage's peak fits ``cap``: (time, peak, options, peaks); the
+    time is the tiles' cost times the footprint factor of the step's peak."""
     bounds = [0, *split, len(seg.front)]
     stored = 0.0
     total_cost, peak, chosen, peaks = 0.0, 0.0, [], []
@@ -199,7 +222,7 @@ def _evaluate(seg: _Segments, split: tuple[int, ...], fixed_bytes: float, input_
         chosen.append(best)
         peaks.append(base + best.work_bytes)
         peak = max(peak, peaks[-1])
-    return total_cost, peak, chosen, peaks
+    return total_cost * seg.footprint_factor(peak), peak, chosen, peaks
 
 
 def plan_streaming(
@@ -214,12 +237,14 @@ def plan_streaming(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     input_grad: bool = False,
+    memory_slack: float = MEMORY_SLACK,
 ) -> StreamingPlan:
     """Choose split points and tiles for an NCHW input of ``input_shape``.
 
     With ``step_memory_budget_bytes``: the fastest plan whose estimated step memory fits (and, with
-    ``max_time_factor`` too, that also meets it). Otherwise: the plan with the smallest estimated step
-    memory whose estimated time is at most ``max_time_factor`` (default 1.5) times conventional.
+    ``max_time_factor`` too, that also meets it). Otherwise: among the plans whose estimated time is at
+    most ``max_time_factor`` (default 1.5) times conventional, the fastest whose estimated step memory is
+    within ``memory_slack`` (a fraction) of the smallest.
     ``split_at`` fixes the stages (only tiles are chosen). Raises ``ValueError`` saying what is
     achievable when nothing meets the request.
     """
@@ -232,13 +257,16 @@ def plan_streaming(
             raise TypeError("split_at needs an nn.Sequential front")
     if max_stages < 1:
         raise ValueError(f"max_stages must be >= 1, got {max_stages}")
+    if not 0.0 <= memory_slack < 1.0:
+        raise ValueError(f"memory_slack is a fraction of the smallest step memory, 0 <= it < 1; got {memory_slack}")
     if device is None:
         first = next(front.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
     children, input_bpp = _profile(front, channels, dtype, device, autocast_dtype)
     call_macs = LAYER_CALL_MACS.get(device.type, LAYER_CALL_MACS["cuda"])
-    seg = _Segments(front, children, input_bpp, batch, height, width, call_macs)
+    slowdown = FOOTPRINT_SLOWDOWN_BYTES.get(device.type, FOOTPRINT_SLOWDOWN_BYTES["cuda"])
+    seg = _Segments(front, children, input_bpp, batch, height, width, call_macs, slowdown)
     weights = sum(p.numel() * p.element_size() for p in front.parameters())
     out_bytes = seg.map_bytes(len(front))
     fixed = seg.map_bytes(0) + 2 * weights + 2 * out_bytes
@@ -246,6 +274,13 @@ def plan_streaming(
         c.act for c in children) * height * width * batch
     conv_cost = 3 * sum(c.macs for c in children) * height * width * batch + 2 * sum(
         c.layers for c in children) * call_macs
+    conv_factor = seg.footprint_factor(conventional)
+    conv_cost *= conv_factor
+
+    def made(split: tuple[int, ...], options: list[_Option], cost: float, peak: float,
+             peaks: list[float]) -> StreamingPlan:
+        return StreamingPlan(split, tuple(o.tile for o in options), int(peak), int(conventional), cost / conv_cost,
+                             tuple(int(p) for p in peaks), conv_factor, seg.footprint_factor(peak))
 
     partitions = _partitions(len(front), max_stages, split_at)
     candidates: list[tuple[float, float, tuple[int, ...], list[_Option], list[float]]] = []
@@ -268,8 +303,7 @@ def plan_streaming(
                 f"no plan fits a step memory budget of {step_memory_budget_bytes / 2**20:.0f} MiB: the smallest "
                 f"estimate is {smallest / 2**20:.0f} MiB; raise the budget (or allow more stages)")
         if max_time_factor is None:  # the default goal: the image is too small to gain, run the fastest plan
-            return StreamingPlan(fast_split, tuple(o.tile for o in fast_options), int(fast_peak), int(conventional),
-                                 fast_cost / conv_cost, tuple(int(p) for p in fast_peaks))
+            return made(fast_split, fast_options, fast_cost, fast_peak, fast_peaks)
         raise ValueError(
             f"no plan runs within x{max_time_factor} of conventional time: the fastest is estimated at "
             f"x{fast_cost / conv_cost:.2f} (streaming runs each forward twice); raise max_time_factor")
@@ -281,9 +315,14 @@ def plan_streaming(
                 f"x{cost / conv_cost:.2f} of conventional time, above max_time_factor {max_time_factor}; "
                 "raise the budget or the factor")
     else:
-        cost, peak, split, options, peaks = min(candidates, key=lambda c: (c[1], c[0]))
-    return StreamingPlan(split, tuple(o.tile for o in options), int(peak), int(conventional), cost / conv_cost,
-                         tuple(int(p) for p in peaks))
+        # The smallest estimate, then the fastest plan within MEMORY_SLACK of it: near the memory floor (the
+        # stored maps) a few MiB less can cost a much smaller first-stage tile, i.e. much more recompute.
+        limit = (max_time_factor or 1.5) * conv_cost
+        cap = min(c[1] for c in candidates) * (1.0 + memory_slack)
+        near = [(r, c[2]) for c in candidates
+                if (r := _evaluate(seg, c[2], fixed, input_grad, cap)) is not None and r[0] <= limit]
+        (cost, peak, options, peaks), split = min(near, key=lambda rs: (rs[0][0], rs[0][1]))
+    return made(split, options, cost, peak, peaks)
 
 
 def _smallest_within(seg: _Segments, split: tuple[int, ...], fixed: float, input_grad: bool,
