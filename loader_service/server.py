@@ -19,7 +19,6 @@ from loader_service.annotations.masks import Labeller
 from loader_service.admission import StreamAdmission
 from loader_service.augment import warm_up_cpu_kernels, warm_up_stain_kernels
 from loader_service.sampling.streams import warm_up as warm_up_streams
-from loader_service.slides.assemble import warm_up as warm_up_assemble
 from loader_service.budget import MemoryBudget, default_inflight_bytes
 from loader_service.config import ServiceConfig
 from loader_service.dataset import DatasetIndex, SlideHandles
@@ -129,10 +128,9 @@ class LoaderServer:
         log.info("listening on %s (port %d)%s; preparing datasets", cfg.listen, self.port,
                  f", metrics at {self.metrics_endpoint.url}" if self.metrics_endpoint else "")
         if not cfg.synthetic:
-            self.readiness.not_ready("starting: compiling the sampling, tile copy and CPU augmentation kernels")
+            self.readiness.not_ready("starting: compiling the sampling and CPU augmentation kernels")
             started = time.perf_counter()
             warm_up_streams()  # the batch draws run on every device
-            warm_up_assemble()  # so do the reads' tile copies
             if self.device.type == "cpu":
                 warm_up_cpu_kernels()  # compile or load them now, not on the first batch
                 warm_up_stain_kernels()

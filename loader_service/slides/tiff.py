@@ -23,7 +23,6 @@ import tifffile
 from .base import Slide
 from .batched import BatchedJpegDecoder, batchable
 from .bad_tiles import BadTiles
-from .assemble import assemble, can_assemble_into
 from .cache import TileCache
 from .codecs import COMPRESSION_NAMES, JPEG_SCALES, TileDecoder, UnsupportedTileFormat, jpeg_complete
 from .errors import SlideOpenError, SlideReadError
@@ -387,26 +386,14 @@ class TiffSlide(Slide):
         cols = [(tx, tx * tw, max(ix0, tx * tw), min(ix1, tx * tw + tw)) for tx in range(ix0 // tw, (ix1 - 1) // tw + 1)]
         keys = [(ident, level, ty * across + tx, scale) for ty, _, _, _ in rows for tx, _, _, _ in cols]
         cache = self._cache
-        if cache is not None and can_assemble_into(out):
-            # the hits in one call that copies without the GIL; the misses (address 0) below
-            tiles, addresses = cache.lookup(keys, (th, tw, 3))
-            assemble(addresses.reshape(len(rows), len(cols)), th, tw, x, y, (ix0, iy0, ix1, iy1), out)
-            if addresses.all():
-                return
-            done = addresses != 0
-        else:
-            tiles = cache.get_many(keys) if cache is not None else [None] * len(keys)
-            done = np.zeros(len(keys), bool)
+        tiles = cache.get_many(keys) if cache is not None else [None] * len(keys)
         misses: list[tuple[int, np.ndarray, tuple[slice, slice]]] = []
         k = 0
         for ty, py, sy0, sy1 in rows:
             dst_rows, src_rows = slice(sy0 - y, sy1 - y), slice(sy0 - py, sy1 - py)
             for tx, px, sx0, sx1 in cols:
                 tile = tiles[k]
-                copied = done[k]
                 k += 1
-                if copied:
-                    continue
                 if tile is not None:
                     out[dst_rows, sx0 - x : sx1 - x] = tile[src_rows, sx0 - px : sx1 - px]
                 else:
