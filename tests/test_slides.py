@@ -336,3 +336,30 @@ def test_real_broken_slides(shared_wsi: Path) -> None:
         with open_slide(shared_wsi / "unreadable.svs", backend=backend) as slide:
             with pytest.raises(SlideReadError, match="unreadable.svs"):
                 slide.read_region(0, 0, 0, 16, 16)
+
+
+@pytest.mark.parametrize("name", ["tiff_jpeg_ycbcr", "tiff_lzw"])
+def test_cached_reads_equal_uncached_reads(name: str, request: pytest.FixtureRequest) -> None:
+    """Reads served from the tile cache equal reads without one: cold, warm, half-warm (only some of a
+    region's tiles cached), at and past the slide's edges, and into an ``out`` that is not C-contiguous."""
+    fx: FixtureSlide = request.getfixturevalue(name)
+    rng = np.random.default_rng(3)
+    cache = TileCache(256 * 1024**2)
+    with open_slide(fx.path, backend="tiff") as plain, open_slide(fx.path, backend="tiff", cache=cache) as cached:
+        lv = plain.info.levels[0]
+        boxes = [(250, 250, 20, 20), (lv.width - 50, lv.height - 40, 120, 90), (-30, -20, 300, 270),
+                 (-10, -10, lv.width + 20, lv.height + 20)] + [
+            (int(rng.integers(-100, lv.width)), int(rng.integers(-100, lv.height)), int(rng.integers(1, 600)),
+             int(rng.integers(1, 600))) for _ in range(12)]
+        for x, y, w, h in boxes:
+            want = plain.read_region(0, x, y, w, h)
+            np.testing.assert_array_equal(cached.read_region(0, x, y, w, h), want)  # cold
+            np.testing.assert_array_equal(cached.read_region(0, x, y, w, h), want)  # warm
+            strided = np.zeros((h, 2 * w, 3), np.uint8)[:, ::2]
+            cached.read_region(0, x, y, w, h, out=strided)
+            np.testing.assert_array_equal(strided, want)
+        for x, y, w, h in boxes:  # half-warm: only the top-left corner's tiles cached, then the whole box
+            cache.clear()
+            cached.read_region(0, x, y, max(1, w // 3), max(1, h // 3))
+            np.testing.assert_array_equal(cached.read_region(0, x, y, w, h), plain.read_region(0, x, y, w, h))
+        assert cache.stats().hits > 0
