@@ -26,7 +26,8 @@ for any split of the front into stages and any tile per stage, the planner estim
 
 :func:`plan_streaming` searches every split of the front's children into at most ``max_stages``
 stages and, per stage, tiles that give 1, 2, 3, ... tiles per axis, and returns either the fastest
-plan within a step-memory budget or the smallest plan within a time factor.
+plan within a step-memory budget or, within a time factor, the fastest plan whose step memory is within
+:data:`MEMORY_SLACK` of the smallest (near the memory floor a few MiB less can cost much smaller tiles).
 """
 
 from __future__ import annotations
