@@ -187,7 +187,14 @@ def test_handoff_pool_runs_work_returns_errors_and_cleans_up() -> None:
     with pytest.raises(ValueError):
         failing.result(timeout=10)
     gate = threading.Event()
-    blockers = [pool.submit(gate.wait, 10) for _ in range(3)]
+    started = threading.Barrier(4)  # the three workers and this thread: every blocker is running
+
+    def block() -> bool:
+        started.wait(10)
+        return gate.wait(10)
+
+    blockers = [pool.submit(block) for _ in range(3)]
+    started.wait(10)
     queued = [pool.submit(time.sleep, 0) for _ in range(5)]
     pool.shutdown(wait=False, cancel_futures=True)
     assert all(f.cancelled() for f in queued)

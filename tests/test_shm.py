@@ -111,13 +111,16 @@ CLIENT = textwrap.dedent("""
     from trainer_client import LoaderClient, StreamConfig
     cfg = StreamConfig(dataset=sys.argv[2], batch_size=8, patch_size=64, samples_per_epoch=100000,
                        transport=sys.argv[3], timeout_s=60)
-    with LoaderClient(sys.argv[1]) as client:
-        stream = client.stream(cfg)
-        it = iter(stream)
-        held = [next(it), next(it)]
-        print(stream.transport, held[0]["images"].shape[0], flush=True)
-        if sys.argv[4] == "hold":
-            time.sleep(600)
+    client = LoaderClient(sys.argv[1])
+    stream = client.stream(cfg)
+    it = iter(stream)
+    held = [next(it), next(it)]
+    print(stream.transport, held[0]["images"].shape[0], flush=True)
+    if sys.argv[4] == "hold":
+        time.sleep(600)
+    elif sys.argv[4] == "exit":
+        client.close()
+    # "leave": neither the stream nor the client closed; the exit hook of trainer_client ends the stream
 """)
 
 
@@ -171,6 +174,22 @@ def test_service_killed_its_segments_are_reclaimed_by_the_next(dataset_dir: Path
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize(("transport", "mode"), [("grpc", "exit"), ("shm", "exit"), ("grpc", "leave"), ("shm", "leave")])
+def test_a_process_that_exits_with_its_stream_open_ends_it_cleanly(server: LoaderServer, transport: str,
+                                                                    mode: str) -> None:
+    # The stream is closed by client.close() or by the client's exit hook while gRPC's threads still run (a
+    # half-close the service counts as a normal close), not by the iterator's finally during finalization,
+    # which could wait for ever on a lock a frozen daemon thread holds.
+    closed = server.metrics.sample("wsi_loader_sessions_ended_total", {"reason": "client_closed"})
+    gone = server.metrics.sample("wsi_loader_errors_total", {"kind": "client_gone"})
+    proc = run_client(f"127.0.0.1:{server.port}", "train", transport, mode)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.startswith(f"{transport} 8"), err
+    assert wait_for(lambda: server.metrics.sample("wsi_loader_active_sessions") == 0)
+    assert server.metrics.sample("wsi_loader_sessions_ended_total", {"reason": "client_closed"}) == closed + 1
+    assert server.metrics.sample("wsi_loader_errors_total", {"kind": "client_gone"}) == gone
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) for a private /dev/shm")

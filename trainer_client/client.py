@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
 import queue
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +36,7 @@ _CLOSE_WAIT_S = 2.0  # how long close() waits for the service to end a half-clos
 _WIRE = {"grpc": pb.GRPC, "shm": pb.SHM, "cuda_ipc": pb.CUDA_IPC}
 _NAMES = {pb.SHM: "shm", pb.CUDA_IPC: "cuda_ipc"}  # anything else: gRPC bytes
 _FALLBACK_HINT = "use transport='shm' or 'grpc'"
+_OPEN_CALLS: weakref.WeakSet[_Call] = weakref.WeakSet()  # closed at exit: see _close_open_calls
 
 
 def decode_tensor(message: pb.Tensor, pin_memory: bool = False) -> torch.Tensor:
@@ -88,6 +92,7 @@ class LoaderClient:
         self.connection = endpoint if isinstance(endpoint, ConnectionConfig) else ConnectionConfig(endpoint, **connection)
         self.channel = open_channel(self.connection)
         self.stub = pb_grpc.LoaderStub(self.channel)
+        self._calls: weakref.WeakSet[_Call] = weakref.WeakSet()  # streams open on this channel
 
     def _call(self, what: str, method: Any, request: Any) -> Any:
         try:
@@ -141,6 +146,9 @@ class LoaderClient:
         return WSIStream(config, client=self, **kwargs)
 
     def close(self) -> None:
+        """Close the streams still open on this client (a normal close for the service), then the channel."""
+        for call in list(self._calls):
+            call.close()
         self.channel.close()
 
     def __enter__(self) -> LoaderClient:
@@ -158,9 +166,12 @@ class _Call:
         self._requests.put(pb.StreamRequest(open=open_message))  # credits follow once `opened` is handled
         self.responses: queue.Queue[Any] = queue.Queue(maxsize=credits + 2)
         self.receiver: ShmReceiver | CudaReceiver | None = None
+        self._closed = False
         self._call = client.stub.Stream(self._request_iter(), metadata=client.connection.metadata())
         self._reader = threading.Thread(target=self._read, daemon=True, name="loader-stream")
         self._reader.start()
+        _OPEN_CALLS.add(self)
+        client._calls.add(self)
 
     def _request_iter(self) -> Iterator[pb.StreamRequest]:
         while True:
@@ -186,8 +197,17 @@ class _Call:
         self._requests.put(pb.StreamRequest(release=pb.Release(slots=slots)))
 
     def close(self) -> None:
-        # Half-close first: the service ends the session at once and counts a normal close, not a vanished
-        # client. Batches still arriving are dropped so the reader sees the end; cancel if it does not come.
+        """End the call; idempotent. Half-close first: the service ends the session at once and counts a normal
+        close, not a vanished client. Batches still arriving are dropped so the reader sees the end; cancel if
+        it does not come."""
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN_CALLS.discard(self)  # (the client's WeakSet forgets it with the call)
+        if sys.is_finalizing():
+            # Daemon threads (gRPC's, this call's reader) are frozen now, perhaps holding the call's lock:
+            # cancelling could wait forever. The process is ending; the service sees the connection drop.
+            return
         self._requests.put(_END)
         deadline = time.monotonic() + _CLOSE_WAIT_S
         while self._reader.is_alive() and time.monotonic() < deadline:
@@ -199,6 +219,17 @@ class _Call:
         self._reader.join(timeout=5)
         if self.receiver is not None:
             self.receiver.close()
+
+
+@atexit.register
+def _close_open_calls() -> None:
+    """Close the streams still open when the interpreter exits, while gRPC's daemon threads still run.
+
+    A stream left open (an iterator never exhausted nor closed) would otherwise be closed by its generator's
+    ``finally`` during finalization, after those threads were frozen, and could wait on a lock one of them
+    holds: the process would never exit."""
+    for call in list(_OPEN_CALLS):
+        call.close()
 
 
 @dataclasses.dataclass
