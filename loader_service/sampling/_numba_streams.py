@@ -33,8 +33,6 @@ MAX_WORDS = 16  # entropy words per sample: ample for a few values of up to 64 b
 _STATE_WORDS = 13
 
 
-_jit = eager_jit
-
 
 @njit(nogil=True, inline="always")
 def _hashmix(value: uint32, hash_const: uint32) -> tuple[uint32, uint32]:
@@ -188,7 +186,7 @@ def _fill_words(prefix: np.ndarray, index: np.int64, suffix: np.ndarray, words: 
     return n
 
 
-@_jit("float64[:, :](uint32[:], int64[:], uint32[:], int64)")
+@eager_jit("float64[:, :](uint32[:], int64[:], uint32[:], int64)")
 def uniforms_kernel(prefix: np.ndarray, indices: np.ndarray, suffix: np.ndarray, count: int) -> np.ndarray:
     out = np.empty((len(indices), count), np.float64)
     words = np.empty(MAX_WORDS, np.uint32)
@@ -201,7 +199,7 @@ def uniforms_kernel(prefix: np.ndarray, indices: np.ndarray, suffix: np.ndarray,
     return out
 
 
-@_jit("int64[:, :](uint32[:], int64[:], uint32[:], float64[:], int64[:], int64[:, :], int64[:, :], int64, int64, "
+@eager_jit("int64[:, :](uint32[:], int64[:], uint32[:], float64[:], int64[:], int64[:, :], int64[:, :], int64, int64, "
       "boolean)")
 def places_kernel(prefix: np.ndarray, indices: np.ndarray, suffix: np.ndarray, cdf: np.ndarray, cell_start: np.ndarray,
             cells: np.ndarray, limits: np.ndarray, width: int, height: int, jitter: bool) -> np.ndarray:
