@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2_grpc
 from loader_service.annotations import COLUMN, AnnotationStore, SessionAnnotations
 from loader_service.annotations.masks import Labeller
 from loader_service.admission import StreamAdmission
+from loader_service._numba_jit import uncached_kernels
 from loader_service.augment import warm_up_cpu_kernels, warm_up_stain_kernels
 from loader_service.sampling.streams import warm_up as warm_up_streams
 from loader_service.budget import MemoryBudget, default_inflight_bytes
@@ -134,7 +135,14 @@ class LoaderServer:
             if self.device.type == "cpu":
                 warm_up_cpu_kernels()  # compile or load them now, not on the first batch
                 warm_up_stain_kernels()
-            log.info("numba kernels ready in %.1f s", time.perf_counter() - started)
+            took = time.perf_counter() - started
+            log.info("numba kernels ready in %.1f s", took)
+            uncached = uncached_kernels()
+            if uncached:
+                log.warning("%d numba kernels could not be cached (%s) and were compiled in %.1f s; every start will "
+                            "compile them again. Set NUMBA_CACHE_DIR to a writable folder that persists across "
+                            "restarts (the images use /var/cache/wsi-loader/numba, on the cache volume)",
+                            len(uncached), uncached[0], took)
         self._index_datasets(progress)
         self._started.set()
 

@@ -718,6 +718,9 @@ def test_dockerfile_shape(dockerfile: Path) -> None:
     assert args.command == "health" and args.endpoint == f"127.0.0.1:{config.listen_port}"
     cmd = json.loads(ins["CMD"][-1])
     assert cmd[0] == "loader-service" and _loader_args(cmd[1:]).config == "/etc/wsi-loader/config.yaml"
+    # Compiled kernels persist on the cache volume (tests/test_kernel_cache.py: numba needs a writable folder).
+    numba_dir = re.search(r"NUMBA_CACHE_DIR=(\S+)", " ".join(ins["ENV"]))
+    assert numba_dir and numba_dir.group(1).startswith("/var/cache/wsi-loader/"), "set NUMBA_CACHE_DIR on the cache volume"
     exposed = {int(p) for line in ins["EXPOSE"] for p in line.split()}
     assert exposed == {config.listen_port, config.metrics_port}
     # The build context holds every package that pyproject installs.
