@@ -167,6 +167,7 @@ class _Call:
         self.responses: queue.Queue[Any] = queue.Queue(maxsize=credits + 2)
         self.receiver: ShmReceiver | CudaReceiver | None = None
         self._closed = False
+        self._close_lock = threading.Lock()  # close() may come from the trainer, LoaderClient.close or exit
         self._call = client.stub.Stream(self._request_iter(), metadata=client.connection.metadata())
         self._reader = threading.Thread(target=self._read, daemon=True, name="loader-stream")
         self._reader.start()
@@ -200,9 +201,10 @@ class _Call:
         """End the call; idempotent. Half-close first: the service ends the session at once and counts a normal
         close, not a vanished client. Batches still arriving are dropped so the reader sees the end; cancel if
         it does not come."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
         _OPEN_CALLS.discard(self)  # (the client's WeakSet forgets it with the call)
         if sys.is_finalizing():
             # Daemon threads (gRPC's, this call's reader) are frozen now, perhaps holding the call's lock:
