@@ -36,7 +36,7 @@ _CLOSE_WAIT_S = 2.0  # how long close() waits for the service to end a half-clos
 _WIRE = {"grpc": pb.GRPC, "shm": pb.SHM, "cuda_ipc": pb.CUDA_IPC}
 _NAMES = {pb.SHM: "shm", pb.CUDA_IPC: "cuda_ipc"}  # anything else: gRPC bytes
 _FALLBACK_HINT = "use transport='shm' or 'grpc'"
-_OPEN_CALLS: weakref.WeakSet[_Call] = weakref.WeakSet()  # closed at exit: see _close_open_calls
+_OPEN_CALLS: weakref.WeakSet[_Call] = weakref.WeakSet()  # closed by LoaderClient.close and at exit
 
 
 def decode_tensor(message: pb.Tensor, pin_memory: bool = False) -> torch.Tensor:
@@ -92,7 +92,6 @@ class LoaderClient:
         self.connection = endpoint if isinstance(endpoint, ConnectionConfig) else ConnectionConfig(endpoint, **connection)
         self.channel = open_channel(self.connection)
         self.stub = pb_grpc.LoaderStub(self.channel)
-        self._calls: weakref.WeakSet[_Call] = weakref.WeakSet()  # streams open on this channel
 
     def _call(self, what: str, method: Any, request: Any) -> Any:
         try:
@@ -147,8 +146,9 @@ class LoaderClient:
 
     def close(self) -> None:
         """Close the streams still open on this client (a normal close for the service), then the channel."""
-        for call in list(self._calls):
-            call.close()
+        for call in list(_OPEN_CALLS):
+            if call.client is self:
+                call.close()
         self.channel.close()
 
     def __enter__(self) -> LoaderClient:
@@ -162,6 +162,7 @@ class _Call:
     """One Stream RPC: a request queue feeding gRPC, and a reader thread filling a bounded batch queue."""
 
     def __init__(self, client: LoaderClient, open_message: pb.OpenSession, credits: int) -> None:
+        self.client = client
         self._requests: queue.Queue[pb.StreamRequest | object] = queue.Queue()
         self._requests.put(pb.StreamRequest(open=open_message))  # credits follow once `opened` is handled
         self.responses: queue.Queue[Any] = queue.Queue(maxsize=credits + 2)
@@ -172,7 +173,6 @@ class _Call:
         self._reader = threading.Thread(target=self._read, daemon=True, name="loader-stream")
         self._reader.start()
         _OPEN_CALLS.add(self)
-        client._calls.add(self)
 
     def _request_iter(self) -> Iterator[pb.StreamRequest]:
         while True:
@@ -205,7 +205,7 @@ class _Call:
             if self._closed:
                 return
             self._closed = True
-        _OPEN_CALLS.discard(self)  # (the client's WeakSet forgets it with the call)
+        _OPEN_CALLS.discard(self)
         if sys.is_finalizing():
             # Daemon threads (gRPC's, this call's reader) are frozen now, perhaps holding the call's lock:
             # cancelling could wait forever. The process is ending; the service sees the connection drop.
