@@ -76,15 +76,19 @@ def _cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def served(manifest: Path, cores: int, seconds: float, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """patches/s over gRPC and shared memory, and where the service's threads spent their time (ms per patch)."""
+def served(manifest: Path, cores: int, seconds: float, extra: tuple[str, ...] = (), *,
+           service_flags: tuple[str, ...] = (), transports: tuple[str, ...] = ("grpc", "shm")) -> dict[str, Any]:
+    """patches/s over each transport, and where the service's threads spent their time (ms per patch).
+
+    ``extra``: flags of `trainer-client bench`; ``service_flags``: flags of the service, after (so overriding)
+    this benchmark's own."""
     args = ("--manifest", f"bench={manifest}", "--metrics-port", "0", "--device", "cpu", "--workers", str(cores),
-            "--tissue-cache-dir", str(manifest.parent / ".tissue"))
+            "--tissue-cache-dir", str(manifest.parent / ".tissue"), *service_flags)
     cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cores])
     rates: dict[str, Any] = {}
     with serve(*args, prefix=("taskset", "-c", cpus)) as (info, proc):  # every thread of it on the N cores
         service = psutil.Process(proc.pid)  # taskset execs the service: same pid
-        for transport in ("grpc", "shm"):
+        for transport in transports:
             before = stage_seconds(info["metrics"])
             cpu_before = _cpu_seconds(service)
             # the trainer shares the same N cores as the service: (b) pins its whole process tree too
