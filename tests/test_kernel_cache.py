@@ -9,6 +9,7 @@ kernel again (~12 s on 2 cores). The package here sits on a read-only bind mount
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -38,8 +39,9 @@ PROBE = textwrap.dedent('''
 
 
 def probe(package: Path, env: dict[str, str]) -> dict[str, object]:
-    script = (f"mount --bind {package} {package} && mount -o remount,bind,ro {package} && "
-              f"exec '{sys.executable}' -c '{PROBE}' {package}")
+    where = shlex.quote(str(package))
+    script = (f"mount --bind {where} {where} && mount -o remount,bind,ro {where} && "
+              f"exec {shlex.join([sys.executable, '-c', PROBE, str(package)])}")
     out = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=300,
                          cwd=ROOT, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **env})
     if out.returncode != 0 and "unshare" in out.stderr and ("Operation not permitted" in out.stderr
