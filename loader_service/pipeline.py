@@ -114,7 +114,7 @@ class BatchBuilder:
                 slide = self.handles.for_record(sample.record)  # re-checks the data roots at every open
                 if opened is not None:
                     opened[sample.record.path] = slide
-            if sample.record.info is not None and sample.mpp > 0 and sample.mpp != _level_mpp(sample):
+            if _reads_by_mpp(sample):
                 if sample.mpp < (slide.info.mpp or 0.0) * (1.0 - MPP_TOLERANCE):  # mixed datasets, fallback
                     _read_upsampled(slide, sample.mpp / (slide.info.mpp or 1.0), x, y, w, h, out)
                 else:
@@ -154,6 +154,10 @@ class BatchBuilder:
             for i, r in enumerate(resampled) if r]
         plain = [i for i, r in enumerate(resampled) if not r]
         opened: dict[Path, Slide] = {}
+        batched = [i for i in plain if samples[i].region is None and not _reads_by_mpp(samples[i])]
+        if len(batched) > 1:
+            tasks.extend(self._patch_tasks(samples, batched, array, opened))
+            plain = [i for i in plain if samples[i].region is not None or _reads_by_mpp(samples[i])]
         for group in _region_groups([samples[i] for i in plain]):
             idx = [plain[g] for g in group]
             if len(idx) == 1:
@@ -178,6 +182,40 @@ class BatchBuilder:
         self.metrics.samples_decoded.inc(len(samples))
         return buffer, samples
 
+    def _patch_tasks(self, samples: list[Sample], indices: list[int], array: np.ndarray, opened: dict[Path, Slide]
+                     ) -> list[tuple[list[int], Callable[[], None]]]:
+        """Level reads of plain patches as batch reads (:meth:`Slide.read_patches`): the batch's share of the
+        cores in contiguous parts, each part one task per (slide, level)."""
+        parts = self._chunk_count(len(indices))
+        inline = len(samples) > self.workers  # as _run_reads decides for one task per sample
+        tasks: list[tuple[list[int], Callable[[], None]]] = []
+        for k in range(parts):
+            groups: dict[tuple[Path, int], list[int]] = {}
+            for i in indices[len(indices) * k // parts:len(indices) * (k + 1) // parts]:
+                groups.setdefault((samples[i].record.path, samples[i].level), []).append(i)
+            tasks.extend((idx, partial(self._read_patches, [samples[i] for i in idx], idx, array, opened, inline))
+                         for idx in groups.values())
+        return tasks
+
+    def _read_patches(self, samples: list[Sample], rows: list[int], array: np.ndarray, opened: dict[Path, Slide],
+                      inline: bool) -> None:
+        """Patches of one slide and level into their rows of the batch buffer, as one read."""
+        first = samples[0]
+        try:
+            slide = opened.get(first.record.path)
+            if slide is None:
+                slide = opened[first.record.path] = self.handles.for_record(first.record)
+            xs = np.fromiter((s.x for s in samples), np.int64, len(samples))
+            ys = np.fromiter((s.y for s in samples), np.int64, len(samples))
+            with DecodePool.inline() if inline else nullcontext():
+                slide.read_patches(first.level, xs, ys, first.width, first.height, array, np.asarray(rows, np.int64))
+        except SlideError as err:  # _which_failed reads the patches one by one to tell which fail
+            raise sample_failed(first.record, err) from err
+
+    def _chunk_count(self, tasks: int) -> int:
+        """How many parts a batch's reads are spread over: its share of the cores among the batches read now."""
+        return min(tasks, max(1, -(-self.workers // max(1, self._building))))
+
     def _run_reads(self, tasks: list[tuple[list[int], Callable[[], None]]]) -> list[tuple[list[int], SampleFailed]]:
         """Run the read tasks with one hand-off per chunk of the batch, not per sample or tile.
 
@@ -188,7 +226,7 @@ class BatchBuilder:
         that failed, in task order; any other error is raised once every chunk has finished."""
         if not tasks:
             return []
-        n = min(len(tasks), max(1, -(-self.workers // max(1, self._building))))
+        n = self._chunk_count(len(tasks))
         inline = len(tasks) > self.workers
         bounds = [len(tasks) * k // n for k in range(n + 1)]
         chunks = [tasks[bounds[k]:bounds[k + 1]] for k in range(n)]
@@ -539,6 +577,11 @@ def _box_pays(samples: list[Sample], box: tuple[int, int, int, int]) -> bool:
         return ((x1 - 1) // tw - x0 // tw + 1) * ((y1 - 1) // th - y0 // th + 1)
 
     return tiles(*box) <= sum(tiles(s.x, s.y, s.x + s.width, s.y + s.height) for s in samples)
+
+
+def _reads_by_mpp(sample: Sample) -> bool:
+    """Whether the sample is read at a target mpp (:meth:`Slide.read_region_mpp`), not as a level's pixels."""
+    return sample.record.info is not None and sample.mpp > 0 and sample.mpp != _level_mpp(sample)
 
 
 def _level_mpp(sample: Sample) -> float:

@@ -363,3 +363,48 @@ def test_cached_reads_equal_uncached_reads(name: str, request: pytest.FixtureReq
             cached.read_region(0, x, y, max(1, w // 3), max(1, h // 3))
             np.testing.assert_array_equal(cached.read_region(0, x, y, w, h), plain.read_region(0, x, y, w, h))
         assert cache.stats().hits > 0
+
+
+@pytest.mark.parametrize("name", ["tiff_jpeg_ycbcr", "tiff_lzw", "svs_jpeg"])
+@pytest.mark.parametrize("setup", ["cold", "warm", "no-cache", "pool", "batched-cpu"])
+def test_read_patches_equal_region_reads(name: str, setup: str, request: pytest.FixtureRequest) -> None:
+    """One batch read of many patches (the compiled piece copy) equals reading each patch alone: inside,
+    straddling tiles and edges, partly or wholly outside, every level, into chosen rows of a batch buffer."""
+    fx: FixtureSlide = request.getfixturevalue(name)
+    rng = np.random.default_rng(11)
+    cache = None if setup == "no-cache" else TileCache(256 * 1024**2)
+    pool = DecodePool(3, jpeg_backend="batched-cpu" if setup == "batched-cpu" else "cpu") \
+        if setup in ("pool", "batched-cpu") else None
+    try:
+        with open_slide(fx.path, backend="tiff") as plain, \
+                open_slide(fx.path, backend="tiff", cache=cache, pool=pool) as batched:
+            for level in range(plain.info.level_count):
+                lv = plain.info.levels[level]
+                for size in (256, 100, 300):
+                    n = 24
+                    xs = rng.integers(-size // 2, lv.width, n)
+                    ys = rng.integers(-size // 2, lv.height, n)
+                    xs[:3], ys[:3] = (0, lv.width - size, -size - 5), (0, lv.height - size, 10)  # corners, outside
+                    want = np.stack([plain.read_region(level, int(x), int(y), size, size) for x, y in zip(xs, ys)])
+                    if setup == "warm":
+                        batched.read_patches(level, xs, ys, size, size, np.empty((n, size, size, 3), np.uint8),
+                                             np.arange(n))
+                    out = np.zeros((n + 5, size, size, 3), np.uint8)
+                    rows = rng.permutation(n + 5)[:n]
+                    batched.read_patches(level, xs, ys, size, size, out, rows)
+                    np.testing.assert_array_equal(out[rows], want)
+                    assert not out[np.setdiff1d(np.arange(n + 5), rows)].any()  # other rows untouched
+    finally:
+        if pool is not None:
+            pool.close()
+    if cache is not None:
+        assert cache.stats().misses > 0
+
+
+def test_read_patches_rejects_a_wrong_buffer(tiff_lzw: FixtureSlide) -> None:
+    with open_slide(tiff_lzw.path, backend="tiff") as slide:
+        xs = ys = np.zeros(2, np.int64)
+        with pytest.raises(ValueError, match="C-contiguous uint8"):
+            slide.read_patches(0, xs, ys, 64, 64, np.zeros((2, 64, 32, 3), np.uint8), np.arange(2))
+        with pytest.raises(ValueError, match="C-contiguous uint8"):
+            slide.read_patches(0, xs, ys, 64, 64, np.zeros((2, 64, 64, 3), np.float32), np.arange(2))

@@ -105,6 +105,14 @@ class Slide(abc.ABC):
             self._read_into(level, 1, x, y, width, height, out)
         return out
 
+    def read_patches(self, level: int, xs: np.ndarray, ys: np.ndarray, width: int, height: int, out: np.ndarray,
+                     rows: np.ndarray) -> None:
+        """Patches of one size: patch k at ``(xs[k], ys[k])`` of ``level`` into ``out[rows[k]]`` (``out``: uint8
+        (n, height, width, 3)). The same pixels as :meth:`read_region` per patch; backends may read them as one
+        batch (the TIFF fast path does)."""
+        for x, y, row in zip(np.asarray(xs).tolist(), np.asarray(ys).tolist(), np.asarray(rows).tolist()):
+            self.read_region(level, x, y, width, height, out=out[row])
+
     def level_for_mpp(self, mpp: float) -> tuple[int, float]:
         """The level to read for a target microns-per-pixel, and the extra downsample (>= 1).
 

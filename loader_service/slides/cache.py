@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TileCache", "CacheStats"]
+__all__ = ["TileCache", "CacheStats", "data_address"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,13 @@ class CacheStats:
         return self.hits / total if total else 0.0
 
 
+def data_address(arr: np.ndarray) -> int:
+    """The address of a C-contiguous uint8 array's first byte, or 0 for any other array."""
+    if arr.dtype != np.uint8 or not arr.flags.c_contiguous or arr.size == 0:
+        return 0
+    return int(arr.ctypes.data)
+
+
 class TileCache:
     """Least-recently-used cache of decoded tiles, bounded by the sum of the arrays' ``nbytes``.
 
@@ -47,7 +54,7 @@ class TileCache:
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
         self._capacity = int(capacity_bytes)
-        self._data: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._data: OrderedDict[Hashable, tuple[np.ndarray, int]] = OrderedDict()  # key -> (tile, its address)
         self._bytes = 0
         self._hits = 0
         self._misses = 0
@@ -61,29 +68,39 @@ class TileCache:
     def get(self, key: Hashable) -> np.ndarray | None:
         """The cached array for ``key`` (counted as a hit), or None (counted as a miss)."""
         with self._lock:
-            arr = self._data.get(key)
-            if arr is None:
+            entry = self._data.get(key)
+            if entry is None:
                 self._misses += 1
                 return None
             self._data.move_to_end(key)
             self._hits += 1
-            return arr
+            return entry[0]
 
     def get_many(self, keys: list[Hashable]) -> list[np.ndarray | None]:
         """:meth:`get` of each key, under one lock (the tiles of one region read)."""
+        return self.get_many_addressed(keys)[0]
+
+    def get_many_addressed(self, keys: list[Hashable]) -> tuple[list[np.ndarray | None], list[int]]:
+        """:meth:`get_many`, and each tile's data address (0 for a miss, or a tile that is not C-contiguous):
+        what a compiled copy needs to read the tiles without a Python object per tile."""
         out: list[np.ndarray | None] = []
+        addresses: list[int] = []
         found = 0
         with self._lock:
             data = self._data
             for key in keys:
-                arr = data.get(key)
-                if arr is not None:
+                entry = data.get(key)
+                if entry is not None:
                     data.move_to_end(key)
                     found += 1
-                out.append(arr)
+                    out.append(entry[0])
+                    addresses.append(entry[1])
+                else:
+                    out.append(None)
+                    addresses.append(0)
             self._hits += found
             self._misses += len(keys) - found
-        return out
+        return out, addresses
 
     def put(self, key: Hashable, arr: np.ndarray) -> None:
         """Store ``arr`` (made read-only) under ``key``, evicting least-recently-used entries."""
@@ -92,14 +109,15 @@ class TileCache:
             return
         if arr.flags.writeable:
             arr.flags.writeable = False
+        address = data_address(arr)
         with self._lock:
             old = self._data.pop(key, None)
             if old is not None:
-                self._bytes -= int(old.nbytes)
-            self._data[key] = arr
+                self._bytes -= int(old[0].nbytes)
+            self._data[key] = (arr, address)
             self._bytes += size
             while self._bytes > self._capacity:
-                _, evicted = self._data.popitem(last=False)
+                _, (evicted, _) = self._data.popitem(last=False)
                 self._bytes -= int(evicted.nbytes)
                 self._evictions += 1
 
