@@ -76,6 +76,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         "jpeg_backend": args.jpeg_backend,
         "synthetic": args.synthetic or None, "metrics_host": args.metrics_host,
         "tissue_cache_dir": args.tissue_cache_dir, "max_credits": args.max_credits,
+        "forecast_batches": args.forecast_batches,
         "progress_interval_s": args.progress_interval_s,
         "quarantine_after": args.quarantine_after,
         "max_inflight_mb": args.max_inflight_mb, "open_timeout_s": args.open_timeout_s,
@@ -220,6 +221,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--jpeg-backend", help="auto | cpu | nvjpeg | batched-cpu: JPEG tile decode (default auto)")
     serve.add_argument("--data-root", action="append", help="folder slides may be read from (repeatable)")
     serve.add_argument("--tile-cache-mb", type=float, help="decoded-tile cache size in MiB (default 512)")
+    serve.add_argument("--forecast-batches", type=int,
+                       help="batches per session whose tiles are announced to the tile cache before they are read, "
+                            "so it keeps the tiles about to be used (default 64; 0 = plain LRU)")
     serve.add_argument("--tissue-cache-dir", help="folder to cache tissue masks in")
     serve.add_argument("--max-credits", type=int, help="most batches in flight per session (default 16)")
     serve.add_argument("--quarantine-after", type=int,

@@ -81,6 +81,7 @@ class ServiceConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     jpeg_backend: str = "auto"  # auto | cpu | nvjpeg | batched-cpu: how JPEG tiles are decoded (docs/slides.md)
     tile_cache_bytes: int = 512 * 1024**2
+    forecast_batches: int = 64  # batches per session whose tiles are announced to the tile cache ahead; 0 = off
     tissue_cache_dir: Path | None = None
     tissue_max_size: int = 2048
     max_region_pixels: int = 16384 * 16384
@@ -131,6 +132,8 @@ class ServiceConfig:
         for name in ("tile_cache_bytes", "max_region_pixels", "max_batch_bytes", "max_credits", "max_open_slides"):
             if getattr(self, name) < (0 if name == "tile_cache_bytes" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.forecast_batches < 0:
+            raise ValueError(f"forecast_batches must be >= 0 (0 turns announced reads off), got {self.forecast_batches}")
         if not self.progress_interval_s > 0:
             raise ValueError(f"progress_interval_s must be > 0 seconds, got {self.progress_interval_s}")
         if self.quarantine_after < 1:

@@ -33,7 +33,7 @@ from loader_service.errors import OutOfRange, SlideFailure
 from loader_service.handoff import Wakeup
 from loader_service.failures import FailureBudget, SampleFailed, sample_failed
 from loader_service.metrics import Metrics
-from loader_service.sampling import Sample
+from loader_service.sampling import Sample, reads_by_mpp
 from loader_service.slides import DecodePool, MppOutOfRange, Slide, SlideError
 from loader_service.slides.base import MPP_TOLERANCE
 from loader_service.views import PieceSpec
@@ -114,7 +114,7 @@ class BatchBuilder:
                 slide = self.handles.for_record(sample.record)  # re-checks the data roots at every open
                 if opened is not None:
                     opened[sample.record.path] = slide
-            if _reads_by_mpp(sample):
+            if reads_by_mpp(sample):
                 if sample.mpp < (slide.info.mpp or 0.0) * (1.0 - MPP_TOLERANCE):  # mixed datasets, fallback
                     _read_upsampled(slide, sample.mpp / (slide.info.mpp or 1.0), x, y, w, h, out)
                 else:
@@ -154,10 +154,10 @@ class BatchBuilder:
             for i, r in enumerate(resampled) if r]
         plain = [i for i, r in enumerate(resampled) if not r]
         opened: dict[Path, Slide] = {}
-        batched = [i for i in plain if samples[i].region is None and not _reads_by_mpp(samples[i])]
+        batched = [i for i in plain if samples[i].region is None and not reads_by_mpp(samples[i])]
         if len(batched) > 1:
             tasks.extend(self._patch_tasks(samples, batched, array, opened))
-            plain = [i for i in plain if samples[i].region is not None or _reads_by_mpp(samples[i])]
+            plain = [i for i in plain if samples[i].region is not None or reads_by_mpp(samples[i])]
         for group in _region_groups([samples[i] for i in plain]):
             idx = [plain[g] for g in group]
             if len(idx) == 1:
@@ -577,11 +577,6 @@ def _box_pays(samples: list[Sample], box: tuple[int, int, int, int]) -> bool:
         return ((x1 - 1) // tw - x0 // tw + 1) * ((y1 - 1) // th - y0 // th + 1)
 
     return tiles(*box) <= sum(tiles(s.x, s.y, s.x + s.width, s.y + s.height) for s in samples)
-
-
-def _reads_by_mpp(sample: Sample) -> bool:
-    """Whether the sample is read at a target mpp (:meth:`Slide.read_region_mpp`), not as a level's pixels."""
-    return sample.record.info is not None and sample.mpp > 0 and sample.mpp != _level_mpp(sample)
 
 
 def _level_mpp(sample: Sample) -> float:

@@ -24,6 +24,7 @@ from loader_service.budget import MemoryBudget, default_inflight_bytes
 from loader_service.config import ServiceConfig
 from loader_service.dataset import DatasetIndex, SlideHandles
 from loader_service.errors import Forbidden, InvalidRequest, NotFound, NotReady, TooLarge, Unauthenticated
+from loader_service.forecast import TileForecast
 from loader_service.failures import FailureBudget, Quarantine
 from loader_service.metrics import Metrics, MetricsEndpoint
 from loader_service.pipeline import BatchBuilder, BuiltBatch, resolve_device
@@ -274,6 +275,15 @@ class LoaderServer:
         self.stop(grace=1.0)
 
     # --- helpers used by the servicer --------------------------------------------------------------------
+    def forecast_for(self, request: SessionRequest, plan: EpochPlan | SyntheticPlan) -> TileForecast | None:
+        """What announces the tiles of the session's coming batches to the tile cache (None: nothing to announce:
+        synthetic data, whole slides, tile and shard views, no cache, or ``forecast_batches`` 0)."""
+        if (not isinstance(plan, EpochPlan) or self.config.forecast_batches == 0 or self.tile_cache.capacity == 0
+                or request.spec.whole_slide or request.view.pieces_per_sample):
+            return None
+        return TileForecast(plan, self.handles, self.tile_cache, request.batch_size,
+                            max_batches=self.config.forecast_batches)
+
     def plan_session(self, request: SessionRequest
                      ) -> tuple[EpochPlan | SyntheticPlan, Callable[..., BuiltBatch], Callable[..., BuiltBatch]]:
         """The session's epoch plan and its functions building a batch and a piece (tiles/shard views)."""

@@ -179,7 +179,7 @@ class Servicer(pb_grpc.LoaderServicer):
                                f"and this session needs {cost / 2**20:.0f} MiB for one batch; retry later, read or close "
                                "idle sessions, or lower batch_size")
             session = Session(request, plan, build, s.batch_pool, s.metrics, limits, s.draining, build_piece,
-                              account=account, batch_cost=cost)
+                              account=account, batch_cost=cost, forecast=s.forecast_for(request, plan))
             transport, reason, pool = s.open_transport(request, session)
             context.add_callback(session.on_rpc_done)
             threading.Thread(target=session.consume_requests, args=(requests,), daemon=True,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from loader_service.budget import BudgetAccount
+from loader_service.forecast import TileForecast
 from loader_service.errors import InvalidRequest, Stalled, Unavailable
 from loader_service.handoff import Wakeup
 from loader_service.metrics import Metrics
@@ -128,7 +129,8 @@ class Session:
     def __init__(self, request: SessionRequest, plan: EpochPlan, build: Callable[..., BuiltBatch],
                  batch_pool: Executor, metrics: Metrics, limits: SessionLimits,
                  draining: threading.Event, build_piece: Callable[..., BuiltBatch] | None = None,
-                 account: BudgetAccount | None = None, batch_cost: int = 0) -> None:
+                 account: BudgetAccount | None = None, batch_cost: int = 0,
+                 forecast: TileForecast | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.request = request
         self.plan = plan
@@ -151,6 +153,7 @@ class Session:
         self.pool: SlotPool | CudaSlotPool | None = None
         self.completed = False  # the end-of-epoch message was handed to gRPC
         self._built = Wakeup()  # set as each build ends (GIL-free hand-off, see loader_service.handoff)
+        self.forecast = forecast  # announces the tiles of the coming batches to the tile cache
 
     def use_shm(self, pool: SlotPool) -> None:
         self.pool = self.gate.slots = pool
@@ -187,7 +190,10 @@ class Session:
         self.gate.close()
 
     def close(self) -> None:
-        """Give back the session's part of the memory budget (its slot pool was closed first)."""
+        """Give back the session's part of the memory budget (its slot pool was closed first) and withdraw the
+        reads it announced to the tile cache."""
+        if self.forecast is not None:
+            self.forecast.close()
         if self.account is not None:
             self.account.close()
 
@@ -198,7 +204,11 @@ class Session:
 
         Returns the batch without its pixels (they are in the message or the slot now, never held twice), the
         message, and the pixels' size in bytes."""
-        built = self._build(samples, labels, piece)
+        try:
+            built = self._build(samples, labels, piece)
+        finally:
+            if self.forecast is not None and piece is None:
+                self.forecast.done(samples[0].index)
         nbytes = built.images.numel() * built.images.element_size()
         t0 = time.perf_counter()
         tensor: pb.Tensor | None = None  # None: the pixels travel as bytes in the message
@@ -238,6 +248,8 @@ class Session:
                 return
             labels = [self.plan.label_index(s.record) for s in samples]
             if not view.pieces_per_sample:
+                if self.forecast is not None:
+                    self.forecast.ahead(start)
                 yield sequence, self.cursor.cursor, samples, labels, None
                 sequence += 1
                 continue

@@ -2,9 +2,9 @@
 
 from loader_service.sampling.candidates import CandidateCache, Candidates, SlideGeometry
 from loader_service.sampling.elastic import ResumeStages, ShardMap
-from loader_service.sampling.plan import EpochPlan, Sample, ShardCursor, sample_rng, sample_scale
+from loader_service.sampling.plan import EpochPlan, Sample, ShardCursor, reads_by_mpp, sample_rng, sample_scale
 from loader_service.sampling.spec import BALANCES, MODES, SamplingSpec
 
 __all__ = ["BALANCES", "MODES", "CandidateCache", "Candidates", "EpochPlan", "ResumeStages", "Sample",
-           "SamplingSpec", "ShardCursor", "ShardMap", "SlideGeometry", "sample_rng",
+           "SamplingSpec", "ShardCursor", "ShardMap", "SlideGeometry", "reads_by_mpp", "sample_rng",
            "sample_scale"]

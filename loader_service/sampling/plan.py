@@ -34,7 +34,7 @@ from loader_service.sampling.streams import StreamBatch
 if TYPE_CHECKING:
     from loader_service.annotations import SessionAnnotations
 
-__all__ = ["Sample", "EpochPlan", "ShardCursor", "sample_rng"]
+__all__ = ["Sample", "EpochPlan", "ShardCursor", "sample_rng", "reads_by_mpp"]
 
 _SALT_SAMPLE = 0x5A17  # distinct streams for sampling and augmentation (augment draws its own)
 _SALT_ORDER = 0x0D3E
@@ -76,6 +76,14 @@ def sample_scale(sample: Sample) -> float:
     if sample.mpp > 0 and info.mpp and abs(sample.mpp - info.mpp * level.downsample) > 1e-9 * sample.mpp:
         return sample.mpp / info.mpp
     return level.downsample
+
+
+def reads_by_mpp(sample: Sample) -> bool:
+    """Whether the sample is read at a target mpp (``Slide.read_region_mpp``), not as a level's own pixels."""
+    info = sample.record.info
+    if info is None or sample.mpp <= 0:
+        return False
+    return sample.mpp != (info.mpp or 0.0) * info.levels[sample.level].downsample
 
 
 class EpochPlan:
