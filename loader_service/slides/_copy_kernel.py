@@ -18,7 +18,7 @@ import numpy as np
 
 from loader_service._numba_jit import eager_jit
 
-__all__ = ["copy_pieces", "PIECE_FIELDS"]
+__all__ = ["copy_pieces", "plan_pieces", "PIECE_FIELDS"]
 
 #: the columns of ``pieces``: destination patch, tile height, tile width, source row and column in the tile,
 #: destination row and column in the patch, piece height and width (pixels of 3 bytes)
@@ -48,8 +48,16 @@ def _memcpy_intrinsic():  # type: ignore[no-untyped-def]
 _memcpy = _memcpy_intrinsic()
 
 
-@eager_jit("void(int64, int64, int64, int64[::1], int64[:, ::1])")
-def _copy(out_address, height, width, addresses, pieces):  # type: ignore[no-untyped-def]
+@eager_jit("int64(int64, int64, int64, int64, int64[::1], int64[:, ::1])")
+def _copy(out_address, patches, height, width, addresses, pieces):  # type: ignore[no-untyped-def]
+    """Every piece checked first (returns the first bad one's index, nothing copied), then copied (-1)."""
+    for k in range(pieces.shape[0]):
+        patch, th, tw, sy, sx, dy, dx, h, w = (pieces[k, 0], pieces[k, 1], pieces[k, 2], pieces[k, 3],
+                                               pieces[k, 4], pieces[k, 5], pieces[k, 6], pieces[k, 7], pieces[k, 8])
+        if not (0 <= patch < patches and h >= 0 and w >= 0 and sy >= 0 and sx >= 0 and sy + h <= th
+                and sx + w <= tw and dy >= 0 and dx >= 0 and dy + h <= height and dx + w <= width
+                and addresses[k] != 0):
+            return k
     for k in range(pieces.shape[0]):
         patch, tw, sy, sx, dy, dx, h, w = (pieces[k, 0], pieces[k, 2], pieces[k, 3], pieces[k, 4],
                                            pieces[k, 5], pieces[k, 6], pieces[k, 7], pieces[k, 8])
@@ -59,33 +67,67 @@ def _copy(out_address, height, width, addresses, pieces):  # type: ignore[no-unt
             _memcpy(dst, src, w * 3)
             src += tw * 3
             dst += width * 3
+    return -1
 
 
-def copy_pieces(out: np.ndarray, addresses: np.ndarray, pieces: np.ndarray, rows_per_patch: int) -> None:
-    """Copy tile pieces into ``out``: a C-contiguous uint8 (patches, height, width, 3) buffer.
+@eager_jit("Tuple((int64[:, ::1], int64[::1], int64[::1]))(int64[::1], int64[::1], int64[::1], int64, int64, int64, "
+           "int64, int64, int64, int64)")
+def _plan(xs, ys, rows, width, height, th, tw, across, level_w, level_h):  # type: ignore[no-untyped-def]
+    n = xs.shape[0]
+    inside = np.zeros(n, np.bool_)
+    total = 0
+    for p in range(n):
+        x, y = xs[p], ys[p]
+        if x >= 0 and y >= 0 and x + width <= level_w and y + height <= level_h:
+            inside[p] = True
+            total += ((x + width - 1) // tw - x // tw + 1) * ((y + height - 1) // th - y // th + 1)
+    pieces = np.empty((total, 9), np.int64)
+    tiles = np.empty(total, np.int64)
+    outside = np.empty(n - inside.sum(), np.int64)
+    k = j = 0
+    for p in range(n):
+        if not inside[p]:
+            outside[j] = p
+            j += 1
+            continue
+        x, y = xs[p], ys[p]
+        for ty in range(y // th, (y + height - 1) // th + 1):
+            y0, y1 = max(y, ty * th), min(y + height, ty * th + th)
+            for tx in range(x // tw, (x + width - 1) // tw + 1):
+                x0, x1 = max(x, tx * tw), min(x + width, tx * tw + tw)
+                pieces[k, 0], pieces[k, 1], pieces[k, 2] = rows[p], th, tw
+                pieces[k, 3], pieces[k, 4], pieces[k, 5], pieces[k, 6] = y0 - ty * th, x0 - tx * tw, y0 - y, x0 - x
+                pieces[k, 7], pieces[k, 8] = y1 - y0, x1 - x0
+                tiles[k] = ty * across + tx
+                k += 1
+    return pieces, tiles, outside
+
+
+def plan_pieces(xs: np.ndarray, ys: np.ndarray, rows: np.ndarray, width: int, height: int, tile: tuple[int, int],
+                across: int, level: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pieces (:data:`PIECE_FIELDS`, patch = its row) of patches of ``width`` x ``height`` at ``(xs, ys)``
+    on a grid of ``tile`` (height, width) tiles ``across`` tiles wide, the tile index of each piece, and the
+    indices of the patches that reach outside the ``level`` (width, height): those have no pieces."""
+    return _plan(np.ascontiguousarray(xs, np.int64), np.ascontiguousarray(ys, np.int64),
+                 np.ascontiguousarray(rows, np.int64), width, height, tile[0], tile[1], across, level[0], level[1])
+
+
+def copy_pieces(out: np.ndarray, addresses: np.ndarray, pieces: np.ndarray) -> None:
+    """Copy tile pieces into ``out``: a C-contiguous, writable uint8 (patches, height, width, 3) buffer.
 
     ``addresses[k]``: the data address of piece k's tile, a C-contiguous uint8 (tile_h, tile_w, 3) array the
     caller keeps alive; ``pieces[k]``: the fields of :data:`PIECE_FIELDS`. Raises ValueError (nothing copied)
     when a piece reaches outside its tile or its patch.
     """
-    if out.dtype != np.uint8 or out.ndim != 4 or out.shape[3] != 3 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous uint8 (n, h, w, 3) array, got {out.dtype} {out.shape}")
-    if not out.flags.writeable:
-        raise ValueError("out must be writable")
-    if out.shape[1] != rows_per_patch:
-        raise ValueError(f"out has {out.shape[1]} rows per patch, expected {rows_per_patch}")
-    n, height, width = out.shape[:3]
+    if out.dtype != np.uint8 or out.ndim != 4 or out.shape[3] != 3 or not out.flags.c_contiguous \
+            or not out.flags.writeable:
+        raise ValueError(f"out must be a C-contiguous, writable uint8 (n, h, w, 3) array, got {out.dtype} {out.shape}")
     pieces = np.ascontiguousarray(pieces, dtype=np.int64)
     addresses = np.ascontiguousarray(addresses, dtype=np.int64)
     if pieces.ndim != 2 or pieces.shape[1] != len(PIECE_FIELDS) or addresses.shape != (pieces.shape[0],):
         raise ValueError(f"pieces must be (k, {len(PIECE_FIELDS)}) with one address each")
-    if pieces.shape[0] == 0:
-        return
-    patch, th, tw, sy, sx, dy, dx, h, w = pieces.T
-    ok = ((patch >= 0) & (patch < n) & (h >= 0) & (w >= 0) & (sy >= 0) & (sx >= 0) & (sy + h <= th)
-          & (sx + w <= tw) & (dy >= 0) & (dx >= 0) & (dy + h <= height) & (dx + w <= width) & (addresses != 0))
-    if not ok.all():
-        bad = int(np.flatnonzero(~ok)[0])
+    n, height, width = out.shape[:3]
+    bad = _copy(int(out.ctypes.data), n, height, width, addresses, pieces)
+    if bad >= 0:
         raise ValueError(f"piece {bad} {dict(zip(PIECE_FIELDS, pieces[bad].tolist()))} reaches outside its tile "
-                         f"or its {height}x{width} patch")
-    _copy(int(out.ctypes.data), height, width, addresses, pieces)
+                         f"or its {height}x{width} patch (or has no tile)")

@@ -245,18 +245,6 @@ def _white_outside(out: np.ndarray, x: int, y: int, width: int, height: int, ix0
         out[iy0 - y : iy1 - y, ix1 - x :] = 255
 
 
-def _tiles_of(xs: np.ndarray, ys: np.ndarray, width: int, height: int, th: int, tw: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every (patch, tile row, tile column) that patches of ``width`` x ``height`` at ``(xs, ys)`` touch on a
-    grid of ``th`` x ``tw`` tiles, patch by patch, as three arrays."""
-    tx0, ty0 = xs // tw, ys // th
-    ntx, nty = (xs + width - 1) // tw - tx0 + 1, (ys + height - 1) // th - ty0 + 1
-    counts = ntx * nty
-    patch = np.repeat(np.arange(xs.size), counts)
-    k = np.arange(patch.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    return patch, ty0[patch] + k // ntx[patch], tx0[patch] + k % ntx[patch]
-
-
 class TiffSlide(Slide):
     """A slide read by the fast path. Create through :func:`open_slide`."""
 
@@ -433,42 +421,38 @@ class TiffSlide(Slide):
         self._check_level(level)
         if out.dtype != np.uint8 or out.ndim != 4 or out.shape[1:] != (height, width, 3) or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous uint8 (n, {height}, {width}, 3) array, got {out.dtype} {out.shape}")
-        xs, ys, rows = (np.asarray(a, np.int64) for a in (xs, ys, rows))
         if self._fd < 0:
             raise SlideReadError(self.path, "the slide is closed", "open it again")
-        lv = self._levels[level]
-        th, tw = lv.decoder.scaled_shape(1)
-        inside = (xs >= 0) & (ys >= 0) & (xs + width <= lv.info.width) & (ys + height <= lv.info.height)
-        for k in np.flatnonzero(~inside).tolist():
-            self._read_into(level, 1, int(xs[k]), int(ys[k]), width, height, out[rows[k]])
-        if not inside.any() or not (width and height):
+        if not (width and height):
             return
-        xs, ys, rows = xs[inside], ys[inside], rows[inside]
-        patch, ty, tx = _tiles_of(xs, ys, width, height, th, tw)
-        px, py = xs[patch], ys[patch]
-        sx0, sy0 = np.maximum(px, tx * tw), np.maximum(py, ty * th)
-        sx1, sy1 = np.minimum(px + width, tx * tw + tw), np.minimum(py + height, ty * th + th)
-        unique, which = np.unique(ty * lv.tiles_across + tx, return_inverse=True)
-        tiles, addresses = self._tiles_addressed(level, unique.tolist())
-        from ._copy_kernel import copy_pieces  # numba: imported on first use
+        from ._copy_kernel import copy_pieces, plan_pieces  # numba: imported on first use
 
-        pieces = np.stack([rows[patch], np.full_like(patch, th), np.full_like(patch, tw), sy0 - ty * th,
-                           sx0 - tx * tw, sy0 - py, sx0 - px, sy1 - sy0, sx1 - sx0], axis=1)
-        copy_pieces(out, np.asarray(addresses, np.int64)[which], pieces, height)
-        del tiles  # referenced until the copy has read them
+        lv = self._levels[level]
+        tile = lv.decoder.scaled_shape(1)
+        pieces, tiles, outside = plan_pieces(xs, ys, rows, width, height, tile, lv.tiles_across,
+                                             (lv.info.width, lv.info.height))
+        for k in outside.tolist():
+            self._read_into(level, 1, int(xs[k]), int(ys[k]), width, height, out[int(rows[k])])
+        if not tiles.size:
+            return
+        unique, which = np.unique(tiles, return_inverse=True)
+        held, addresses = self._tiles_addressed(level, unique.tolist())
+        copy_pieces(out, np.asarray(addresses, np.int64)[which], pieces)
+        del held  # referenced until the copy has read them
 
     def tile_keys(self, level: int, xs: np.ndarray, ys: np.ndarray, width: int, height: int
                   ) -> tuple[list[tuple[object, ...]], int]:
         """The tile-cache keys :meth:`read_patches` of these patches would look up (each once; patches reaching
         outside the level are left out), and the decoded size of one tile: what a forecast announces."""
         self._check_level(level)
+        from ._copy_kernel import plan_pieces  # numba: imported on first use
+
         lv = self._levels[level]
-        th, tw = lv.decoder.scaled_shape(1)
-        xs, ys = np.asarray(xs, np.int64), np.asarray(ys, np.int64)
-        inside = (xs >= 0) & (ys >= 0) & (xs + width <= lv.info.width) & (ys + height <= lv.info.height)
-        _, ty, tx = _tiles_of(xs[inside], ys[inside], width, height, th, tw)
+        tile = lv.decoder.scaled_shape(1)
+        _, tiles, _ = plan_pieces(xs, ys, np.zeros(len(xs), np.int64), width, height, tile, lv.tiles_across,
+                                  (lv.info.width, lv.info.height))
         ident = self._identity
-        return [(ident, level, i, 1) for i in np.unique(ty * lv.tiles_across + tx).tolist()], th * tw * 3
+        return [(ident, level, i, 1) for i in np.unique(tiles).tolist()], tile[0] * tile[1] * 3
 
     def _tiles_addressed(self, level: int, indices: list[int]) -> tuple[list[np.ndarray], list[int]]:
         """The decoded full-scale tiles (cached or decoded now, as a region read decodes them) and their addresses."""
