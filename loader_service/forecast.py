@@ -8,7 +8,9 @@ on a slide 1.6x the cache, 1.4 -> ~0.7 tile decodes per patch (docs/benchmarks.m
 
 How far ahead: batch after batch while the distinct announced tiles fit in ``share`` of the cache (a window
 that holds more than the cache only makes the cache evict tiles that are also wanted) and at most
-``max_batches`` ahead. Each batch is withdrawn once built (read, failed or substituted alike), and everything
+``max_batches`` ahead. Sessions share that room evenly: with n sessions forecasting at once (the ranks of a
+job on one node), each announces at most 1/n of it (counted per batch, so a tile announced by two of its
+batches counts twice), so that none of them takes the cache and leaves the others' tiles unstored. Each batch is withdrawn once built (read, failed or substituted alike), and everything
 when the session ends. Only plain level reads are announced (patches with no locality region, read at a
 level's own pixels from the TIFF fast path); the others read as before. Announcements are hints: a wrong or
 missing one costs cache hits, never pixels.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Hashable
 from pathlib import Path
 
@@ -32,6 +35,10 @@ __all__ = ["TileForecast"]
 log = logging.getLogger(__name__)
 
 _Announced = list[tuple[list[Hashable], int]]  # (keys, decoded bytes of one of their tiles) per slide and level
+
+
+_forecasting: weakref.WeakKeyDictionary[TileCache, int] = weakref.WeakKeyDictionary()  # cache -> sessions forecasting
+_forecasting_lock = threading.Lock()
 
 
 class TileForecast:
@@ -49,8 +56,11 @@ class TileForecast:
         self._room = int(share * cache.capacity)
         self._next = 0  # shard index of the first sample not announced yet
         self._announced: dict[int, _Announced] = {}  # batch start -> what was announced for it
+        self._bytes = 0  # decoded bytes announced by this session (a tile once per batch that reads it)
         self._lock = threading.Lock()
         self._closed = False
+        with _forecasting_lock:
+            _forecasting[cache] = _forecasting.get(cache, 0) + 1
 
     def ahead(self, start: int) -> None:
         """The batch starting at shard index ``start`` is next: announce it and the ones after it while the cache
@@ -60,24 +70,43 @@ class TileForecast:
                 return
             self._next = max(self._next, start)
             stop = self._plan.shard_length
+            sessions = _forecasting.get(self._cache, 1)
             while (self._next < stop and len(self._announced) < self._max_batches
-                   and self._cache.expected_bytes < self._room):
+                   and self._cache.expected_bytes < self._room
+                   and (sessions == 1 or self._bytes < self._room // sessions)):
                 count = min(self._batch_size, stop - self._next)
-                self._announced[self._next] = self._announce(self._plan.samples(self._next, self._next + count))
+                try:
+                    samples = self._plan.samples_ahead(self._next, self._next + count)
+                except Exception as err:  # noqa: BLE001 - the batch's own draw reports it; stop forecasting
+                    log.debug("forecast stopped at shard index %d: %s", self._next, err)
+                    self._next = stop
+                    return
+                self._announced[self._next] = announced = self._announce(samples)
+                self._bytes += sum(len(keys) * nbytes for keys, nbytes in announced)
                 self._next += count
 
     def done(self, start: int) -> None:
         """The batch starting at ``start`` was built (or failed): withdraw its announced reads."""
         with self._lock:
             announced = self._announced.pop(start, None)
+            self._bytes -= sum(len(keys) * nbytes for keys, nbytes in announced or ())
         for keys, nbytes in announced or ():
             self._cache.expected_done(keys, nbytes)
 
     def close(self) -> None:
         """Withdraw everything still announced; later calls do nothing."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             announced, self._announced = self._announced, {}
+            self._bytes = 0
+        with _forecasting_lock:
+            left = _forecasting.get(self._cache, 1) - 1
+            if left > 0:
+                _forecasting[self._cache] = left
+            else:
+                _forecasting.pop(self._cache, None)
         for groups in announced.values():
             for keys, nbytes in groups:
                 self._cache.expected_done(keys, nbytes)

@@ -98,3 +98,41 @@ def test_announced_reads_save_decodes_and_change_no_pixel(dataset_dir: Path, wor
         assert list(a["x"]) == list(b["x"]) and list(a["y"]) == list(b["y"])
         assert torch.equal(a["images"], b["images"])
     assert results[64][1] < 0.9 * results[0][1], f"tile decodes: {results[64][1]} announced vs {results[0][1]} LRU"
+
+
+def test_concurrent_sessions_share_the_forecast_and_lose_nothing(dataset_dir: Path) -> None:
+    """Four sessions at once (the ranks of a job) through a small cache: with announced reads each gets the
+    pixels it gets alone, the tile decodes of all of them together are no more than with plain LRU, and
+    nothing stays announced."""
+    import threading
+
+    def run(port: int) -> list[list[dict]]:
+        out: list[list[dict]] = [[] for _ in range(4)]
+
+        def one(rank: int) -> None:
+            config = StreamConfig(dataset="train", batch_size=16, patch_size=256, samples_per_epoch=1024, seed=9,
+                                  level=0, timeout_s=120, transport="grpc", augment=None)
+            with LoaderClient(f"127.0.0.1:{port}", timeout_s=60) as client, \
+                    client.stream(config, rank=rank, world_size=4) as stream:
+                out[rank] = list(stream)
+
+        threads = [threading.Thread(target=one, args=(r,)) for r in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        return out
+
+    misses = {}
+    got = {}
+    for batches_ahead in (0, 64):
+        cfg = make_config(dataset_dir, tile_cache_bytes=16 * 2**20, forecast_batches=batches_ahead)
+        with LoaderServer(cfg) as srv:
+            got[batches_ahead] = run(srv.port)
+            misses[batches_ahead] = srv.tile_cache.stats().misses
+            assert srv.tile_cache.expected_bytes == 0
+    for rank in range(4):
+        assert len(got[0][rank]) == len(got[64][rank]) == 16
+        for a, b in zip(got[0][rank], got[64][rank]):
+            assert torch.equal(a["images"], b["images"])
+    assert misses[64] <= misses[0], f"tile decodes: {misses[64]} announced vs {misses[0]} LRU"

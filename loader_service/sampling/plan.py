@@ -110,6 +110,7 @@ class EpochPlan:
         if not records:
             split = f" in split {spec.split!r}" if spec.split else ""
             raise InvalidRequest(f"dataset {index.name} has no usable slides{split}; check the manifest and the server log")
+        self._ahead: dict[tuple[int, int], list[Sample]] = {}  # drawn by samples_ahead, for one later samples()
         self.skipped: list[str] = []  # "slide_id: why" of the slides this session leaves out
         self.skipped_reasons: list[str] = []
         self._slides: list[tuple[SlideRecord, Candidates]] = []
@@ -289,6 +290,9 @@ class EpochPlan:
     # --- public ------------------------------------------------------------------------------------------
     def samples(self, start: int, stop: int) -> list[Sample]:
         """``[sample(i) for i in range(start, stop)]``; in random mode drawn as one batch, outside the GIL."""
+        kept = self._ahead.pop((start, stop), None)
+        if kept is not None:
+            return kept
         spec = self.spec
         if spec.mode != "random" or spec.whole_slide or spec.patches_per_region > 1 or stop - start < 2:
             return [self.sample(i) for i in range(start, stop)]
@@ -300,6 +304,13 @@ class EpochPlan:
             drawn = self._make(i, g, slide, x, y, False, None)
             out.append(self.substitute(drawn, 1, "quarantined") if drawn.record.path in self.avoid else drawn)
         return out
+
+    def samples_ahead(self, start: int, stop: int) -> list[Sample]:
+        """:meth:`samples`, also kept for the next ``samples(start, stop)``: a forecast looks at batches before
+        they are built (``loader_service.forecast``), and each is drawn once."""
+        drawn = self.samples(start, stop)
+        self._ahead[(start, stop)] = drawn
+        return drawn
 
     def sample(self, shard_index: int) -> Sample:
         if not 0 <= shard_index < self.shard_length:

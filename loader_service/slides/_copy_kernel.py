@@ -70,8 +70,8 @@ def _copy(out_address, patches, height, width, addresses, pieces):  # type: igno
     return -1
 
 
-@eager_jit("Tuple((int64[:, ::1], int64[::1], int64[::1]))(int64[::1], int64[::1], int64[::1], int64, int64, int64, "
-           "int64, int64, int64, int64)")
+@eager_jit("Tuple((int64[:, ::1], int64[::1], int64[::1], int64[::1]))(int64[::1], int64[::1], int64[::1], int64, "
+           "int64, int64, int64, int64, int64, int64)")
 def _plan(xs, ys, rows, width, height, th, tw, across, level_w, level_h):  # type: ignore[no-untyped-def]
     n = xs.shape[0]
     inside = np.zeros(n, np.bool_)
@@ -100,14 +100,25 @@ def _plan(xs, ys, rows, width, height, th, tw, across, level_w, level_h):  # typ
                 pieces[k, 7], pieces[k, 8] = y1 - y0, x1 - x0
                 tiles[k] = ty * across + tx
                 k += 1
-    return pieces, tiles, outside
+    order = np.argsort(tiles)
+    unique = np.empty(total, np.int64)
+    which = np.empty(total, np.int64)  # piece -> its tile's position in unique
+    u = -1
+    for i in range(total):
+        t = tiles[order[i]]
+        if u < 0 or unique[u] != t:
+            u += 1
+            unique[u] = t
+        which[order[i]] = u
+    return pieces, unique[:u + 1].copy(), which, outside
 
 
 def plan_pieces(xs: np.ndarray, ys: np.ndarray, rows: np.ndarray, width: int, height: int, tile: tuple[int, int],
-                across: int, level: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                across: int, level: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The pieces (:data:`PIECE_FIELDS`, patch = its row) of patches of ``width`` x ``height`` at ``(xs, ys)``
-    on a grid of ``tile`` (height, width) tiles ``across`` tiles wide, the tile index of each piece, and the
-    indices of the patches that reach outside the ``level`` (width, height): those have no pieces."""
+    on a grid of ``tile`` (height, width) tiles ``across`` tiles wide; the distinct tile indices they touch
+    (sorted); for each piece the position of its tile in those; and the indices of the patches that reach
+    outside the ``level`` (width, height): those have no pieces."""
     return _plan(np.ascontiguousarray(xs, np.int64), np.ascontiguousarray(ys, np.int64),
                  np.ascontiguousarray(rows, np.int64), width, height, tile[0], tile[1], across, level[0], level[1])
 

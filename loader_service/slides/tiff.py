@@ -429,13 +429,12 @@ class TiffSlide(Slide):
 
         lv = self._levels[level]
         tile = lv.decoder.scaled_shape(1)
-        pieces, tiles, outside = plan_pieces(xs, ys, rows, width, height, tile, lv.tiles_across,
-                                             (lv.info.width, lv.info.height))
+        pieces, unique, which, outside = plan_pieces(xs, ys, rows, width, height, tile, lv.tiles_across,
+                                                     (lv.info.width, lv.info.height))
         for k in outside.tolist():
             self._read_into(level, 1, int(xs[k]), int(ys[k]), width, height, out[int(rows[k])])
-        if not tiles.size:
+        if not unique.size:
             return
-        unique, which = np.unique(tiles, return_inverse=True)
         held, addresses = self._tiles_addressed(level, unique.tolist())
         copy_pieces(out, np.asarray(addresses, np.int64)[which], pieces)
         del held  # referenced until the copy has read them
@@ -449,10 +448,10 @@ class TiffSlide(Slide):
 
         lv = self._levels[level]
         tile = lv.decoder.scaled_shape(1)
-        _, tiles, _ = plan_pieces(xs, ys, np.zeros(len(xs), np.int64), width, height, tile, lv.tiles_across,
-                                  (lv.info.width, lv.info.height))
+        unique = plan_pieces(xs, ys, np.zeros(len(xs), np.int64), width, height, tile, lv.tiles_across,
+                             (lv.info.width, lv.info.height))[1]
         ident = self._identity
-        return [(ident, level, i, 1) for i in np.unique(tiles).tolist()], tile[0] * tile[1] * 3
+        return [(ident, level, i, 1) for i in unique.tolist()], tile[0] * tile[1] * 3
 
     def _tiles_addressed(self, level: int, indices: list[int]) -> tuple[list[np.ndarray], list[int]]:
         """The decoded full-scale tiles (cached or decoded now, as a region read decodes them) and their addresses."""
