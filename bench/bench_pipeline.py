@@ -71,6 +71,13 @@ def stage_seconds(metrics_url: str) -> dict[str, float]:
     return {stage: float(value) for stage, value in found}
 
 
+def tile_lookups(metrics_url: str) -> tuple[float, float]:
+    """The service's cumulative tile-cache (hits, misses): a miss is a tile decode."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    found = dict(re.findall(r'^wsi_loader_tile_cache_(hits|misses)_total ([0-9.e+-]+)$', text, re.M))
+    return float(found.get("hits", 0.0)), float(found.get("misses", 0.0))
+
+
 def _cpu_seconds(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
@@ -90,6 +97,7 @@ def served(manifest: Path, cores: int, seconds: float, extra: tuple[str, ...] = 
         service = psutil.Process(proc.pid)  # taskset execs the service: same pid
         for transport in transports:
             before = stage_seconds(info["metrics"])
+            lookups_before = tile_lookups(info["metrics"])
             cpu_before = _cpu_seconds(service)
             # the trainer shares the same N cores as the service: (b) pins its whole process tree too
             cmd = ["taskset", "-c", cpus, *python_cmd(
@@ -104,6 +112,9 @@ def served(manifest: Path, cores: int, seconds: float, extra: tuple[str, ...] = 
             rates[f"{transport}_cpu_ms_per_patch"] = {"service": 1e3 * (_cpu_seconds(service) - cpu_before) / patches,
                                                       "trainer": 1e3 * float(result["cpu_s"]) / patches}
             rates[transport] = float(result["tiles_per_s"])
+            hits, misses = (b - a for a, b in zip(lookups_before, tile_lookups(info["metrics"])))
+            rates[f"{transport}_decodes_per_patch"] = misses / patches  # over the whole trainer run
+            rates[f"{transport}_lookups_per_patch"] = (hits + misses) / patches
             rates[f"{transport}_ms_per_patch"] = {st: 1e3 * (after.get(st, 0.0) - before.get(st, 0.0)) / patches
                                                   for st in STAGES}
     return rates
@@ -160,6 +171,7 @@ def main() -> None:
             runs: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
             profiles: dict[str, list[dict[str, float]]] = {"grpc": [], "shm": []}
             cpu: dict[str, list[dict[str, float]]] = {"grpc": [], "shm": []}
+            decodes: dict[str, list[float]] = {"grpc": [], "shm": []}
             for _ in range(args.repeats):
                 runs["a"].append(codec(slide, cores))
                 runs["b"].append(baseline(slide, cores, args.seconds, augment=not args.no_augment))
@@ -169,11 +181,13 @@ def main() -> None:
                 for transport in profiles:
                     profiles[transport].append(svc[f"{transport}_ms_per_patch"])
                     cpu[transport].append(svc[f"{transport}_cpu_ms_per_patch"])
+                    decodes[transport].append(svc[f"{transport}_decodes_per_patch"])
             row: dict[str, Any] = {"cores": cores, **{k: median(v) for k, v in runs.items()}}
             row["profile_ms_per_patch"] = {t: {st: median([p[st] for p in ps]) for st in STAGES}
                                            for t, ps in profiles.items()}
             row["cpu_ms_per_patch"] = {t: {role: median([c[role] for c in cs]) for role in ("service", "trainer")}
                                        for t, cs in cpu.items()}
+            row["tile_decodes_per_patch"] = {t: median(d) for t, d in decodes.items()}
             row["c_over_b"], row["c_over_a"], row["d_over_b"] = row["c"] / row["b"], row["c"] / row["a"], row["d"] / row["b"]
             rows.append(row)
             print(f"{cores:2d} cores  (a) codec {row['a']:7.0f}  (b) DataLoader+OpenSlide {row['b']:7.0f}  "
@@ -184,7 +198,8 @@ def main() -> None:
                 spent = "  ".join(f"{st} {ms:.2f}" for st, ms in stages.items())
                 used = row["cpu_ms_per_patch"][transport]
                 print(f"         service thread-ms per patch ({transport}): {spent};  CPU-ms per patch: "
-                      f"service {used['service']:.2f}, trainer {used['trainer']:.2f}", flush=True)
+                      f"service {used['service']:.2f}, trainer {used['trainer']:.2f};  tile decodes per patch "
+                      f"{row['tile_decodes_per_patch'][transport]:.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.png:

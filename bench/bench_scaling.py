@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -66,8 +67,8 @@ def top_frames(raw: Path, n: int) -> list[tuple[str, int, int]]:
 
 
 def measure(port: int, pid: int, augment: str, transport: str, seconds: float, rate: int,
-            py_spy: str | None, tmp: Path, tree: str = "this") -> dict[str, Any]:
-    cmd = python_cmd("trainer_client.cli", "bench", "--endpoint", f"127.0.0.1:{port}", "--dataset", "bench",
+            py_spy: str | None, tmp: Path, tree: str = "this", client_prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    cmd = [*client_prefix] + python_cmd("trainer_client.cli", "bench", "--endpoint", f"127.0.0.1:{port}", "--dataset", "bench",
                      "--transport", transport, "--batch-size", "64", "--patch-size", "256",
                      "--seconds", str(seconds + 4), "--consume", "none", "--credits", "4")
     if augment == "none":
@@ -97,6 +98,17 @@ def measure(port: int, pid: int, augment: str, transport: str, seconds: float, r
     return row
 
 
+def pinned(workers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``taskset`` prefixes: the service on ``workers`` cores, the trainer on the others (none left: refused)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) <= workers:
+        raise SystemExit(f"--pin needs more cores than --workers {workers} (this machine lets us use {len(cores)}): "
+                         "the trainer gets the rest")
+    mine = ",".join(str(c) for c in cores[:workers])
+    rest = ",".join(str(c) for c in cores[workers:])
+    return ("taskset", "-c", mine), ("taskset", "-c", rest)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -109,6 +121,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0,
                         help="also print the N functions most often holding the GIL (self samples)")
     parser.add_argument("--raw-dir", type=Path, help="keep py-spy's raw (collapsed) profiles here")
+    parser.add_argument("--pin", action="store_true",
+                        help="service on the first --workers cores, trainer on the rest, so that no core runs more "
+                             "busy threads than the measured ones: py-spy counts a GIL holder that other runnable "
+                             "threads keep off the CPU as holding the GIL (docs/benchmarks.md)")
     parser.add_argument("--baseline-tree", type=Path,
                         help="a checkout of the previous code (e.g. `git worktree add /tmp/base 150188a`): each "
                              "case is run on its service too, alternately with this tree's, and the ratios printed")
@@ -128,15 +144,16 @@ def main() -> None:
         for workers in args.workers:
             svc = ("--manifest", f"bench={manifest}", "--metrics-port", "-1", "--device", "cpu",
                    "--workers", str(workers))
+            service_prefix, client_prefix = pinned(workers) if args.pin else ((), ())
             for augment, transport in CASES:
                 if args.cases and f"{augment}+{transport}" not in args.cases:
                     continue
                 pair = []
                 for tree, root in trees:  # the same case on each tree, one after the other
-                    with service(*svc, env={"PYTHONPATH": root}, cwd=root) as (port, proc):
-                        row = {"workers": workers, "tree": tree,
+                    with service(*svc, env={"PYTHONPATH": root}, cwd=root, prefix=service_prefix) as (port, proc):
+                        row = {"workers": workers, "tree": tree, "pinned": args.pin,
                                **measure(port, proc.pid, augment, transport, args.seconds, args.rate, args.py_spy,
-                                         raw_dir, tree)}
+                                         raw_dir, tree, client_prefix)}
                     rows.append(row)
                     pair.append(row)
                     _print_row(row)

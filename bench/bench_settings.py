@@ -3,8 +3,8 @@
 On one synthetic 16384² pyramidal JPEG slide (bench_decode.make_bench_slide), every variant's service and its
 `trainer-client bench` are pinned to the same cores (bench_pipeline.served, with the variant's flags after its
 own); the variants run in turn, repeated, so that drift of a noisy machine hits them alike. Prints, per
-variant, the median patches/s and service CPU-ms per patch, and the ratio of each median to the first
-variant's.
+variant, the median patches/s, service CPU-ms per patch and tile decodes per patch (tile-cache misses, from
+the service's metrics), and the ratio of each median to the first variant's.
 
     python -m bench.bench_settings --variant "--workers 2" --variant "--workers 1" --variant "--workers 3" \\
         [--cores 2] [--repeats 3] [--seconds 6] [--augment] [--transport shm]
@@ -36,7 +36,7 @@ def main() -> None:
     from bench.bench_decode import make_bench_slide
 
     extra = () if args.augment else ("--no-augment",)
-    runs: dict[str, list[tuple[float, float]]] = {v: [] for v in args.variant}
+    runs: dict[str, list[tuple[float, float, float]]] = {v: [] for v in args.variant}
     with tempfile.TemporaryDirectory() as tmp:
         slide = make_bench_slide(tmp, args.size)
         manifest = Path(tmp) / "manifest.csv"
@@ -45,15 +45,18 @@ def main() -> None:
             for variant in args.variant:
                 got = served(manifest, args.cores, args.seconds, extra, service_flags=tuple(shlex.split(variant)),
                              transports=(args.transport,))
-                row = (got[args.transport], got[f"{args.transport}_cpu_ms_per_patch"]["service"])
+                row = (got[args.transport], got[f"{args.transport}_cpu_ms_per_patch"]["service"],
+                       got[f"{args.transport}_decodes_per_patch"])
                 runs[variant].append(row)
-                print(f"run {rep}  {variant:30s} {row[0]:7.0f} patches/s  {row[1]:.3f} CPU-ms/patch", flush=True)
+                print(f"run {rep}  {variant:30s} {row[0]:7.0f} patches/s  {row[1]:.3f} CPU-ms/patch  "
+                      f"{row[2]:.2f} tile decodes/patch", flush=True)
     ref = median([r[0] for r in runs[args.variant[0]]])
     print(f"medians of {args.repeats} on {args.cores} cores ({args.transport}, "
           f"{'pathology' if args.augment else 'no augmentation'}):")
     for variant, rows in runs.items():
-        rate, cpu = median([r[0] for r in rows]), median([r[1] for r in rows])
-        print(f"  {variant:30s} {rate:7.0f} patches/s  {cpu:.3f} CPU-ms/patch  x{rate / ref:.2f}")
+        rate, cpu, decodes = (median([r[k] for r in rows]) for k in range(3))
+        print(f"  {variant:30s} {rate:7.0f} patches/s  {cpu:.3f} CPU-ms/patch  {decodes:.2f} tile decodes/patch  "
+              f"x{rate / ref:.2f}")
 
 
 if __name__ == "__main__":

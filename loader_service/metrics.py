@@ -36,6 +36,7 @@ METRIC_NAMES = (
     "wsi_loader_tile_cache_bytes",
     "wsi_loader_tile_cache_capacity_bytes",
     "wsi_loader_tile_cache_hit_ratio",
+    "wsi_loader_tile_cache_announced_bytes",
     "wsi_loader_shm_slots",
     "wsi_loader_shm_slots_reclaimed_total",
     "wsi_loader_cuda_slots",
@@ -78,6 +79,11 @@ class _LiveCollector(Collector):
             yield GaugeMetricFamily("wsi_loader_tile_cache_bytes", "Bytes held by the decoded-tile cache", value=stats.bytes)
             yield GaugeMetricFamily(
                 "wsi_loader_tile_cache_capacity_bytes", "Capacity of the decoded-tile cache", value=stats.capacity
+            )
+            yield GaugeMetricFamily(
+                "wsi_loader_tile_cache_announced_bytes",
+                "Decoded size of the tiles that sessions announced they will read next (kept before other tiles)",
+                value=getattr(stats, "announced_bytes", 0),
             )
             lookups = stats.hits + stats.misses
             yield GaugeMetricFamily(

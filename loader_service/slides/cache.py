@@ -22,9 +22,10 @@ class CacheStats:
     capacity: int
     evictions: int
     entries: int = 0
+    announced_bytes: int = 0  # decoded size of the distinct tiles with reads announced (TileCache.expect)
 
     def __post_init__(self) -> None:
-        for name in ("hits", "misses", "bytes", "capacity", "evictions", "entries"):
+        for name in ("hits", "misses", "bytes", "capacity", "evictions", "entries", "announced_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
 
@@ -208,6 +209,7 @@ class TileCache:
                 capacity=self._capacity,
                 evictions=self._evictions,
                 entries=len(self._data),
+                announced_bytes=self._expected_bytes,
             )
 
     def __repr__(self) -> str:
