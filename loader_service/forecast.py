@@ -10,8 +10,8 @@ How far ahead: batch after batch while the distinct announced tiles fit in ``sha
 that holds more than the cache only makes the cache evict tiles that are also wanted) and at most
 ``max_batches`` ahead. Sessions share that room evenly: with n sessions forecasting at once (the ranks of a
 job on one node), each announces at most 1/n of it (counted per batch, so a tile announced by two of its
-batches counts twice), so that none of them takes the cache and leaves the others' tiles unstored. Each batch is withdrawn once built (read, failed or substituted alike), and everything
-when the session ends. Only plain level reads are announced (patches with no locality region, read at a
+batches counts twice), so that none of them takes the cache and leaves the others' tiles unstored. Each
+batch is withdrawn once built (read, failed or substituted alike), and everything when the session ends. Only plain level reads are announced (patches with no locality region, read at a
 level's own pixels from the TIFF fast path); the others read as before. Announcements are hints: a wrong or
 missing one costs cache hits, never pixels.
 """

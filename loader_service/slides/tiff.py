@@ -425,7 +425,7 @@ class TiffSlide(Slide):
             raise SlideReadError(self.path, "the slide is closed", "open it again")
         if not (width and height):
             return
-        from ._copy_kernel import copy_pieces, plan_pieces  # numba: imported on first use
+        from ._piece_kernels import copy_pieces, plan_pieces  # numba: imported on first use
 
         lv = self._levels[level]
         tile = lv.decoder.scaled_shape(1)
@@ -444,7 +444,7 @@ class TiffSlide(Slide):
         """The tile-cache keys :meth:`read_patches` of these patches would look up (each once; patches reaching
         outside the level are left out), and the decoded size of one tile: what a forecast announces."""
         self._check_level(level)
-        from ._copy_kernel import plan_pieces  # numba: imported on first use
+        from ._piece_kernels import plan_pieces  # numba: imported on first use
 
         lv = self._levels[level]
         tile = lv.decoder.scaled_shape(1)
@@ -466,11 +466,15 @@ class TiffSlide(Slide):
             decoded = self._decode_many(level, [indices[j] for j in missing])
             for j, tile in zip(missing, decoded):
                 found[j] = tile
+        shape = self._levels[level].decoder.scaled_shape(1) + (3,)
         tiles: list[np.ndarray] = []
         for j, tile in enumerate(found):
             assert tile is not None
+            if tile.shape != shape:  # the copy kernel reads raw memory: never trust a tile of another shape
+                raise SlideReadError(self.path, f"tile {indices[j]} of level {level} decoded to {tile.shape}, "
+                                     f"expected {shape}", level=level, tile=indices[j])
             if addresses[j] == 0:
-                tile = np.ascontiguousarray(tile)
+                tile = np.ascontiguousarray(tile, np.uint8)
                 addresses[j] = data_address(tile)
             tiles.append(tile)
         return tiles, addresses

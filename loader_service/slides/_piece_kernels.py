@@ -1,4 +1,4 @@
-"""One nogil call that copies the tile pieces of many patches into a batch buffer.
+"""Compiled kernels of a batch read: list the tile pieces of many patches, then copy them all without the GIL.
 
 A 256² patch on 256² tiles is four rectangular pieces of four tiles. Copied with numpy, each piece is a
 Python statement that builds two views and holds the GIL for part of the strided copy (measured: 40 % of a
