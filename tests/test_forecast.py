@@ -136,3 +136,25 @@ def test_concurrent_sessions_share_the_forecast_and_lose_nothing(dataset_dir: Pa
         for a, b in zip(got[0][rank], got[64][rank]):
             assert torch.equal(a["images"], b["images"])
     assert misses[64] <= misses[0], f"tile decodes: {misses[64]} announced vs {misses[0]} LRU"
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_a_client_that_leaves_mid_epoch_leaves_nothing_announced(dataset_dir: Path, transport: str) -> None:
+    """A trainer that stops reading and closes after two batches: the server withdraws what the session
+    announced (it would otherwise keep tiles nobody reads in the cache for the life of the service)."""
+    import time
+
+    cfg = make_config(dataset_dir, tile_cache_bytes=16 * 2**20)
+    with LoaderServer(cfg) as srv:
+        config = StreamConfig(dataset="train", batch_size=8, patch_size=256, samples_per_epoch=4096, seed=2, level=0,
+                              timeout_s=60, transport=transport, augment=None)
+        with LoaderClient(f"127.0.0.1:{srv.port}", timeout_s=60) as client, client.stream(config) as stream:
+            for k, _ in enumerate(stream):
+                if k == 1:
+                    assert srv.tile_cache.expected_bytes > 0  # the session announced batches ahead
+                    break
+        deadline = time.monotonic() + 30
+        while srv.tile_cache.expected_bytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.tile_cache.expected_bytes == 0
+        assert srv.tile_cache.stats().announced_bytes == 0
