@@ -8,7 +8,7 @@ share / patches/s x 1e6; projected ceiling of one process = 1e6 / (GIL-held us/p
 or cannot attach (ptrace), only patches/s and CPU-ms/patch are reported.
 
     python -m bench.bench_scaling [--seconds 10] [--workers 1 2 4 8 16] [--py-spy PATH]
-        [--baseline-tree DIR] [--cases pathology+shm ...] [--top N] [--raw-dir DIR]
+        [--baseline-tree DIR] [--cases pathology+shm ...] [--top N] [--raw-dir DIR] [--pin] [--credits N]
 
 With ``--baseline-tree`` each case also runs on a service started from another checkout (the code before
 #12), one right after the other, and the ratios are printed.
@@ -67,10 +67,11 @@ def top_frames(raw: Path, n: int) -> list[tuple[str, int, int]]:
 
 
 def measure(port: int, pid: int, augment: str, transport: str, seconds: float, rate: int,
-            py_spy: str | None, tmp: Path, tree: str = "this", client_prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+            py_spy: str | None, tmp: Path, tree: str = "this", client_prefix: tuple[str, ...] = (),
+            credits: int = 4) -> dict[str, Any]:
     cmd = [*client_prefix] + python_cmd("trainer_client.cli", "bench", "--endpoint", f"127.0.0.1:{port}", "--dataset", "bench",
                      "--transport", transport, "--batch-size", "64", "--patch-size", "256",
-                     "--seconds", str(seconds + 4), "--consume", "none", "--credits", "4")
+                     "--seconds", str(seconds + 4), "--consume", "none", "--credits", str(credits))
     if augment == "none":
         cmd.append("--no-augment")
     result: dict[str, Any] = {}
@@ -121,6 +122,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0,
                         help="also print the N functions most often holding the GIL (self samples)")
     parser.add_argument("--raw-dir", type=Path, help="keep py-spy's raw (collapsed) profiles here")
+    parser.add_argument("--credits", type=int, default=4,
+                        help="batches the trainer lets the service build ahead (1: one batch at a time, so the "
+                             "service runs one batch thread: with --pin --workers 1, no more busy threads than cores)")
     parser.add_argument("--pin", action="store_true",
                         help="service on the first --workers cores, trainer on the rest, so that no core runs more "
                              "busy threads than the measured ones: py-spy counts a GIL holder that other runnable "
@@ -153,7 +157,7 @@ def main() -> None:
                     with service(*svc, env={"PYTHONPATH": root}, cwd=root, prefix=service_prefix) as (port, proc):
                         row = {"workers": workers, "tree": tree, "pinned": args.pin,
                                **measure(port, proc.pid, augment, transport, args.seconds, args.rate, args.py_spy,
-                                         raw_dir, tree, client_prefix)}
+                                         raw_dir, tree, client_prefix, args.credits)}
                     rows.append(row)
                     pair.append(row)
                     _print_row(row)

@@ -8,7 +8,8 @@ on a slide 1.6x the cache, 1.4 -> ~0.7 tile decodes per patch (docs/benchmarks.m
 
 How far ahead: batch after batch while the distinct announced tiles fit in ``share`` of the cache (a window
 that holds more than the cache only makes the cache evict tiles that are also wanted) and at most
-``max_batches`` ahead. Sessions share that room evenly: with n sessions forecasting at once (the ranks of a
+``max_batches`` ahead, growing by at most a few batches per batch built (so the first batch is not delayed
+by drawing the whole window). Sessions share that room evenly: with n sessions forecasting at once (the ranks of a
 job on one node), each announces at most 1/n of it (counted per batch, so a tile announced by two of its
 batches counts twice), so that none of them takes the cache and leaves the others' tiles unstored. Each
 batch is withdrawn once built (read, failed or substituted alike), and everything when the session ends. Only plain level reads are announced (patches with no locality region, read at a
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 _Announced = list[tuple[list[Hashable], int]]  # (keys, decoded bytes of one of their tiles) per slide and level
 
 
+#: batches announced at most per call of ahead() (one call per batch built): the window grows by a few batches
+#: per batch instead of being drawn all at once before the first batch, which would delay it
+_BATCHES_PER_CALL = 4
 _forecasting: weakref.WeakKeyDictionary[TileCache, int] = weakref.WeakKeyDictionary()  # cache -> sessions forecasting
 _forecasting_lock = threading.Lock()
 
@@ -71,9 +75,11 @@ class TileForecast:
             self._next = max(self._next, start)
             stop = self._plan.shard_length
             sessions = _forecasting.get(self._cache, 1)
-            while (self._next < stop and len(self._announced) < self._max_batches
-                   and self._cache.expected_bytes < self._room
-                   and (sessions == 1 or self._bytes < self._room // sessions)):
+            for _ in range(_BATCHES_PER_CALL):
+                if not (self._next < stop and len(self._announced) < self._max_batches
+                        and self._cache.expected_bytes < self._room
+                        and (sessions == 1 or self._bytes < self._room // sessions)):
+                    return
                 count = min(self._batch_size, stop - self._next)
                 try:
                     samples = self._plan.samples_ahead(self._next, self._next + count)
