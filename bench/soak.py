@@ -376,6 +376,7 @@ def _report(series: dict[str, list[float]], results: Counter[tuple[str, str]], m
         "no session left open": metrics.get("wsi_loader_active_sessions", 0.0) == 0,
         "in-flight budget all given back": metrics.get("wsi_loader_inflight_bytes", 0.0) == 0,
         "credits gauge back to 0": metrics.get("wsi_loader_credits_available", 0.0) == 0,
+        "announced tile reads all withdrawn": metrics.get("wsi_loader_tile_cache_announced_bytes", -1.0) == 0,
         "/dev/shm: service segments gone while serving": not left_serving,
         "/dev/shm: none after stop": not left_stopped,
         "service exited 0 on SIGTERM": service_rc == 0,
