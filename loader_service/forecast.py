@@ -4,7 +4,8 @@ Every sample is a pure function of (seed, epoch, index), so a session knows the 
 long before it reads them. A random 256² patch touches ~4 tiles; when the slides hold more decoded tiles than
 the cache, plain LRU keeps an arbitrary capacity/size share of them and most of a patch's tiles are decoded
 again. With a forecast the cache keeps the tiles that are about to be read instead (``TileCache.expect``):
-on a slide 1.6x the cache, 1.4 -> ~0.7 tile decodes per patch (docs/benchmarks.md, "Announced reads").
+on a slide 1.6x the cache, 1.26 -> 0.72 tile decodes per patch (docs/benchmarks.md, "Batch reads and
+announced reads").
 
 How far ahead: batch after batch while the distinct announced tiles fit in ``share`` of the cache (a window
 that holds more than the cache only makes the cache evict tiles that are also wanted) and at most

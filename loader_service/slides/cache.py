@@ -57,7 +57,7 @@ class TileCache:
     "wanted": eviction takes the least recently used tile nobody announced first, a wanted tile only when
     none is left, and a tile nobody announced is then not stored at all. Under random access over more tiles
     than fit, plain LRU keeps an arbitrary ~capacity/size share; announced reads keep the ones about to be
-    used (docs/benchmarks.md: 1.4 -> 0.7 decodes per patch on a slide 1.6x the cache).
+    used (docs/benchmarks.md: 1.26 -> 0.72 decodes per patch on a slide 1.6x the cache).
     """
 
     def __init__(self, capacity_bytes: int) -> None:
