@@ -359,12 +359,6 @@ class TiffSlide(Slide):
                 f"{int(lv.offsets[index])}) could not be decoded: {err}",
             ) from err
 
-    def _fetch(self, level: int, index: int, scale: int, dst: np.ndarray, src: tuple[slice, slice]) -> None:
-        tile = self._decode_uncached(level, index, scale)
-        if self._cache is not None:
-            self._cache.put((self._identity, level, index, scale), tile)
-        dst[...] = tile[src]
-
     def _read_into(self, level: int, scale: int, x: int, y: int, width: int, height: int, out: np.ndarray) -> None:
         if self._fd < 0:
             raise SlideReadError(self.path, "the slide is closed", "open it again")
@@ -401,14 +395,8 @@ class TiffSlide(Slide):
                                    (src_rows, slice(sx0 - px, sx1 - px))))
         if not misses:
             return
-        batched = self._pool.batched_jpeg if self._pool is not None else None
-        if batched is not None and batchable(lv.decoder, scale) and self._fetch_batched(batched, level, misses):
-            return
-        if self._pool is not None and len(misses) > 1 and not DecodePool.in_worker():
-            self._pool.run_all([partial(self._fetch, level, i, scale, dst, src) for i, dst, src in misses])
-        else:
-            for i, dst, src in misses:
-                self._fetch(level, i, scale, dst, src)
+        for (_, dst, src), tile in zip(misses, self._decode_many(level, [i for i, _, _ in misses], scale)):
+            dst[...] = tile[src]
 
     def read_patches(self, level: int, xs: np.ndarray, ys: np.ndarray, width: int, height: int, out: np.ndarray,
                      rows: np.ndarray) -> None:
@@ -463,7 +451,7 @@ class TiffSlide(Slide):
             found, addresses = [None] * len(keys), [0] * len(keys)
         missing = [j for j, t in enumerate(found) if t is None]
         if missing:
-            decoded = self._decode_many(level, [indices[j] for j in missing])
+            decoded = self._decode_many(level, [indices[j] for j in missing], 1)
             for j, tile in zip(missing, decoded):
                 found[j] = tile
         shape = self._levels[level].decoder.scaled_shape(1) + (3,)
@@ -479,21 +467,22 @@ class TiffSlide(Slide):
             tiles.append(tile)
         return tiles, addresses
 
-    def _decode_many(self, level: int, indices: list[int]) -> list[np.ndarray]:
-        """Decode (and cache) full-scale tiles: batched JPEG when chosen, else on the pool or this thread."""
+    def _decode_many(self, level: int, indices: list[int], scale: int) -> list[np.ndarray]:
+        """Decode (and cache) tiles of a read at 1/``scale``: batched JPEG when chosen, else on the pool (several
+        tiles, not already on a pool thread) or this thread. The one decode path of region and batch reads."""
         lv = self._levels[level]
         batched = self._pool.batched_jpeg if self._pool is not None else None
         tiles: list[np.ndarray] | None = None
-        if batched is not None and batchable(lv.decoder, 1):
+        if batched is not None and batchable(lv.decoder, scale):
             tiles = self._decode_batched(batched, level, indices)
         if tiles is None:
             if self._pool is not None and len(indices) > 1 and not DecodePool.in_worker():
-                tiles = self._pool.run_all([partial(self._decode_uncached, level, i, 1) for i in indices])
+                tiles = self._pool.run_all([partial(self._decode_uncached, level, i, scale) for i in indices])
             else:
-                tiles = [self._decode_uncached(level, i, 1) for i in indices]
+                tiles = [self._decode_uncached(level, i, scale) for i in indices]
         if self._cache is not None:
             for i, tile in zip(indices, tiles):
-                self._cache.put((self._identity, level, i, 1), tile)
+                self._cache.put((self._identity, level, i, scale), tile)
         return tiles
 
     def _decode_batched(self, batched: BatchedJpegDecoder, level: int, indices: list[int]) -> list[np.ndarray] | None:
@@ -509,20 +498,6 @@ class TiffSlide(Slide):
             log.debug("%s: batched decode of %d tiles of level %d failed (%s); decoding per tile", self.path, len(present), level, err)
             return None
         return [np.full(lv.decoder.scaled_shape(1) + (3,), 255, np.uint8) if p is None else next(decoded) for p in payloads]
-
-    def _fetch_batched(
-        self, batched: BatchedJpegDecoder, level: int, misses: list[tuple[int, np.ndarray, tuple[slice, slice]]]
-    ) -> bool:
-        """Decode a region's missing JPEG tiles in one batched call; False -> use the per-tile path
-        (which also names the tile when one is corrupt)."""
-        tiles = self._decode_batched(batched, level, [index for index, _, _ in misses])
-        if tiles is None:
-            return False
-        for (index, dst, src), tile in zip(misses, tiles):
-            if self._cache is not None:
-                self._cache.put((self._identity, level, index, 1), tile)
-            dst[...] = tile[src]
-        return True
 
     def tile_layout(self, level: int) -> dict[str, Any]:
         """Tile grid facts for tools/benchmarks: counts, offsets and byte counts arrays."""
