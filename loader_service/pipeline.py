@@ -154,10 +154,11 @@ class BatchBuilder:
             for i, r in enumerate(resampled) if r]
         plain = [i for i, r in enumerate(resampled) if not r]
         opened: dict[Path, Slide] = {}
-        batched = [i for i in plain if samples[i].region is None and not reads_by_mpp(samples[i])]
-        if len(batched) > 1:
-            tasks.extend(self._patch_tasks(samples, batched, array, opened))
-            plain = [i for i in plain if samples[i].region is not None or reads_by_mpp(samples[i])]
+        by_level = [i for i in plain if samples[i].region is None and not reads_by_mpp(samples[i])]
+        if len(by_level) > 1:
+            tasks.extend(self._patch_tasks(samples, by_level, array, opened))
+            taken = set(by_level)
+            plain = [i for i in plain if i not in taken]
         for group in _region_groups([samples[i] for i in plain]):
             idx = [plain[g] for g in group]
             if len(idx) == 1:
