@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
                                start_http_server)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from loader_service.slides import CacheStats
 
 __all__ = ["Metrics", "MetricsEndpoint", "METRIC_NAMES", "SLIDE_FAILURE_REASONS"]
 
@@ -55,19 +57,11 @@ METRIC_NAMES = (
 SLIDE_FAILURE_REASONS = ("outside_roots", "unreadable", "no_tissue")
 
 
-@dataclass(frozen=True)
-class _CacheStatsView:
-    hits: int
-    misses: int
-    bytes: int
-    capacity: int
-
-
 class _LiveCollector(Collector):
     """Reads values that live elsewhere (tile cache, shared-memory pools) at scrape time."""
 
     def __init__(self) -> None:
-        self._cache: Callable[[], Any] | None = None
+        self._cache: Callable[[], CacheStats] | None = None
         self._shm: Callable[[], tuple[int, int]] | None = None
         self._cuda: Callable[[], tuple[int, int]] | None = None
 
@@ -83,7 +77,7 @@ class _LiveCollector(Collector):
             yield GaugeMetricFamily(
                 "wsi_loader_tile_cache_announced_bytes",
                 "Decoded size of the tiles that sessions announced they will read next (kept before other tiles)",
-                value=getattr(stats, "announced_bytes", 0),
+                value=stats.announced_bytes,
             )
             lookups = stats.hits + stats.misses
             yield GaugeMetricFamily(
@@ -181,7 +175,7 @@ class Metrics:
         r.register(self._live)
         self._lock = threading.Lock()
 
-    def watch_tile_cache(self, stats: Callable[[], Any]) -> None:
+    def watch_tile_cache(self, stats: Callable[[], CacheStats]) -> None:
         self._live._cache = stats
 
     def watch_shm(self, slots: Callable[[], tuple[int, int]]) -> None:
