@@ -79,19 +79,9 @@ class TileCache:
     def capacity(self) -> int:
         return self._capacity
 
-    def _touch(self, key: Hashable) -> None:
-        (self._wanted if key in self._expected else self._idle).move_to_end(key)
-
     def get(self, key: Hashable) -> np.ndarray | None:
         """The cached array for ``key`` (counted as a hit), or None (counted as a miss)."""
-        with self._lock:
-            entry = self._data.get(key)
-            if entry is None:
-                self._misses += 1
-                return None
-            self._touch(key)
-            self._hits += 1
-            return entry[0]
+        return self.get_many_addressed([key])[0][0]
 
     def get_many(self, keys: list[Hashable]) -> list[np.ndarray | None]:
         """:meth:`get` of each key, under one lock (the tiles of one region read)."""
