@@ -35,7 +35,7 @@ from loader_service.stain_request import StainFitter
 from loader_service.sampling import CandidateCache, EpochPlan, Sample
 from loader_service.session import Session
 from loader_service.handoff import HandoffPool
-from loader_service.slides import DecodePool, SlideError, TileCache
+from loader_service.slides import DecodePool, SlideError, TileCache, warm_up_read_kernels
 from loader_service.tissue import TissueMaskCache
 from loader_service.transport.cuda_ipc import CudaSlotPool, cuda_ipc_available
 from loader_service.transport.shm import ShmRegistry, SlotPool, probe_is_visible, reclaim_orphans
@@ -130,9 +130,10 @@ class LoaderServer:
         log.info("listening on %s (port %d)%s; preparing datasets", cfg.listen, self.port,
                  f", metrics at {self.metrics_endpoint.url}" if self.metrics_endpoint else "")
         if not cfg.synthetic:
-            self.readiness.not_ready("starting: compiling the sampling and CPU augmentation kernels")
+            self.readiness.not_ready("starting: compiling the sampling, batch-read and CPU augmentation kernels")
             started = time.perf_counter()
-            warm_up_streams()  # the batch draws run on every device
+            warm_up_streams()  # the batch draws and batch reads run on every device
+            warm_up_read_kernels()
             if self.device.type == "cpu":
                 warm_up_cpu_kernels()  # compile or load them now, not on the first batch
                 warm_up_stain_kernels()

@@ -29,7 +29,7 @@ from .errors import SlideOpenError, SlideReadError
 from .info import LevelInfo, SlideInfo
 from .pool import DecodePool
 
-__all__ = ["TiffSlide", "NotFastPathFile", "parse_mpp", "MPP_PLAUSIBLE"]
+__all__ = ["TiffSlide", "NotFastPathFile", "parse_mpp", "MPP_PLAUSIBLE", "warm_up_read_kernels"]
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,11 @@ def _parse(path: str, file_size: int) -> tuple[SlideInfo, list[_Level]]:
         mpp_y=mpp_y,
     )
     return info, levels
+
+
+def warm_up_read_kernels() -> None:
+    """Compile (or load from numba's cache) the batch-read kernels now rather than on the first batch read."""
+    from . import _piece_kernels  # noqa: F401 - its kernels are compiled when it is imported
 
 
 def _white_outside(out: np.ndarray, x: int, y: int, width: int, height: int, ix0: int, iy0: int, ix1: int,
