@@ -200,6 +200,45 @@ def blur_kernel(src: Any, k: Any, ry: Any, rx: Any, dest: Any, out_f: Any, out_u
                         urow[x] = np.uint8(min(max(np.rint(out[x] * k255), zero), k255))
 
 
+@_jit("void(float32[:, :, :, ::1], float32[:, ::1], int64[::1], int64[:, ::1], int64[:, ::1], int64[::1], "
+      "uint8[:, :, :, ::1])")
+def blur_reflect_kernel(src: Any, k: Any, radius: Any, ry: Any, rx: Any, dest: Any, out_u8: Any) -> None:
+    """:func:`blur_kernel` of images with halos of their own, reflected at the edges, rounded to uint8: image n
+    (halo r = radius[n], kernel k[n, :2r+1]) reads padded row y from src row ry[r, y] and padded column x from
+    src column rx[r, x], and goes to out_u8[dest[n]]. The same sums in the same order as blur_kernel, per image."""
+    n_images, channels, h, w = src.shape[0], src.shape[1], src.shape[2], src.shape[3]
+    row = np.empty(rx.shape[1], np.float32)
+    acc = np.empty((h, w), np.float32)
+    out = np.empty(w, np.float32)
+    for n in range(n_images):
+        kn, r = k[n], radius[n]
+        taps = 2 * r + 1
+        ryn, rxn = ry[r], rx[r]
+        for ch in range(channels):
+            plane = src[n, ch]
+            for y in range(h):
+                srow, arow = plane[y], acc[y]
+                for x in range(w + 2 * r):
+                    row[x] = srow[rxn[x]]
+                for x in range(w):
+                    arow[x] = row[x] * kn[0]
+                for t in range(1, taps):
+                    kt = kn[t]
+                    for x in range(w):
+                        arow[x] = arow[x] + row[x + t] * kt
+            for y in range(h):
+                a0 = acc[ryn[y]]
+                for x in range(w):
+                    out[x] = a0[x] * kn[0]
+                for t in range(1, taps):
+                    kt, at = kn[t], acc[ryn[y + t]]
+                    for x in range(w):
+                        out[x] = out[x] + at[x] * kt
+                urow = out_u8[dest[n], ch, y]  # pipeline._to_uint8
+                for x in range(w):
+                    urow[x] = np.uint8(min(max(np.rint(out[x] * k255), zero), k255))
+
+
 @_jit("void(uint8[:, :, :, ::1], uint8[:, :, :, ::1])")
 def to_planar_kernel(src: Any, out: Any) -> None:
     """uint8 (N, H, W, 3) -> (N, 3, H, W): the channel de-interleave of an unaugmented batch."""

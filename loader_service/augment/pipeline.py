@@ -215,11 +215,7 @@ def _augment_batch_cpu(batch: torch.Tensor, params: list[AugmentParams], layout:
     if f is None:
         return out
     blurred = np.flatnonzero(radius > 0)  # sample of each row of f
-    for r in np.unique(radius[blurred]).tolist():
-        rows = np.flatnonzero(radius[blurred] == r)
-        sub = f if len(rows) == len(blurred) else f.index_select(0, torch.from_numpy(rows))
-        samples = blurred[rows]
-        cpu_kernels.blur_reflected_into(sub, ParamsBatch(table[samples]), samples.tolist(), out)
+    cpu_kernels.blur_reflected_into(f, ParamsBatch(table[blurred]), blurred, out)  # each with its own halo
     return out
 
 
