@@ -51,7 +51,7 @@ class InlineExecutor(Executor):
         return future
 
 
-def child(augment: bool, seconds: float, warmup: float, batch_size: int) -> None:
+def child(augment: bool, seconds: float, warmup: float, batch_size: int, slide_size: int = 8192) -> None:
     """Serve one session on this thread; print READY after the warm-up, then a JSON line after ``seconds``."""
     from loader_service.config import DatasetConfig, ServiceConfig
     from loader_service.requests import parse_open
@@ -64,7 +64,7 @@ def child(augment: bool, seconds: float, warmup: float, batch_size: int) -> None
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        manifest = write_synthetic_dataset(tmp, n_slides=4, size=8192, seed=0)  # as bench_scaling
+        manifest = write_synthetic_dataset(tmp, n_slides=4, size=slide_size, seed=0)  # as bench_scaling
         cfg = ServiceConfig(datasets=(DatasetConfig("bench", manifest),), data_roots=(tmp,), listen="127.0.0.1:0",
                             metrics_port=-1, workers=1, device="cpu", tissue_cache_dir=tmp / ".tissue")
         with LoaderServer(cfg) as server:
@@ -104,10 +104,11 @@ def child(augment: bool, seconds: float, warmup: float, batch_size: int) -> None
     print(json.dumps({"patches_s": patches / elapsed, "cpu_ms_per_patch": cpu / patches * 1e3}), flush=True)
 
 
-def measure(augment: str, seconds: float, rate: int, py_spy: str | None, raw: Path, batch_size: int) -> dict[str, Any]:
+def measure(augment: str, seconds: float, rate: int, py_spy: str | None, raw: Path, batch_size: int,
+            slide_size: int = 8192, warmup: float = 4.0) -> dict[str, Any]:
     """Run the child and sample it with py-spy for ``seconds``; the row bench_scaling prints."""
     cmd = [sys.executable, "-m", "bench.gil_serial", "--child", "--augment", augment, "--seconds", str(seconds + 2),
-           "--batch-size", str(batch_size)]
+           "--batch-size", str(batch_size), "--slide-size", str(slide_size), "--warmup", str(warmup)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -132,21 +133,23 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=int, default=1000, help="py-spy samples per second")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--slide-size", type=int, default=8192, help="side of the 4 synthetic slides (pixels)")
     parser.add_argument("--py-spy", help="path of py-spy (the dev extra installs it)")
     parser.add_argument("--top", type=int, default=0, help="also print the N functions most often holding the GIL")
     parser.add_argument("--raw-dir", type=Path, help="keep py-spy's raw profiles here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--warmup", type=float, default=4.0, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=float, default=4.0, help="seconds of batches before the measurement")
     args = parser.parse_args()
     if args.child:
-        child(args.augment[0] == "pathology", args.seconds, args.warmup, args.batch_size)
+        child(args.augment[0] == "pathology", args.seconds, args.warmup, args.batch_size, args.slide_size)
         return
     with tempfile.TemporaryDirectory() as tmp_dir:
         raw_dir = args.raw_dir or Path(tmp_dir)
         raw_dir.mkdir(parents=True, exist_ok=True)
         for augment in args.augment:
             raw = raw_dir / f"serial-{augment}.txt"
-            row = measure(augment, args.seconds, args.rate, args.py_spy, raw, args.batch_size)
+            row = measure(augment, args.seconds, args.rate, args.py_spy, raw, args.batch_size, args.slide_size,
+                          args.warmup)
             gil = (f"GIL {row['gil_share']:5.1%}  {row['gil_us_per_patch']:6.1f} us/patch  "
                    f"ceiling {row['ceiling_patches_s']:7.0f}/s" if "gil_share" in row else row["py_spy_error"])
             print(f"serial  {augment:9s} shm  {row['patches_s']:7.1f} patches/s  "
