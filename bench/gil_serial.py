@@ -53,6 +53,8 @@ class InlineExecutor(Executor):
 
 def child(augment: bool, seconds: float, warmup: float, batch_size: int, slide_size: int = 8192) -> None:
     """Serve one session on this thread; print READY after the warm-up, then a JSON line after ``seconds``."""
+    import torch
+
     from loader_service.config import DatasetConfig, ServiceConfig
     from loader_service.requests import parse_open
     from loader_service.server import LoaderServer
@@ -67,6 +69,7 @@ def child(augment: bool, seconds: float, warmup: float, batch_size: int, slide_s
         manifest = write_synthetic_dataset(tmp, n_slides=4, size=slide_size, seed=0)  # as bench_scaling
         cfg = ServiceConfig(datasets=(DatasetConfig("bench", manifest),), data_roots=(tmp,), listen="127.0.0.1:0",
                             metrics_port=-1, workers=1, device="cpu", tissue_cache_dir=tmp / ".tissue")
+        torch.set_num_threads(cfg.torch_threads)  # as the service's entry point does (one intra-op thread)
         with LoaderServer(cfg) as server:
             config = StreamConfig(dataset="bench", batch_size=batch_size, patch_size=256, augment=augment,
                                   samples_per_epoch=10**7)

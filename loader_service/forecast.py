@@ -7,14 +7,16 @@ again. With a forecast the cache keeps the tiles that are about to be read inste
 on a slide 1.6x the cache, 1.26 -> 0.72 tile decodes per patch (docs/benchmarks.md, "Batch reads and
 announced reads").
 
-How far ahead: batch after batch while the distinct announced tiles fit in ``share`` of the cache (a window
-that holds more than the cache only makes the cache evict tiles that are also wanted) and at most
-``max_batches`` ahead, growing by at most a few batches per batch built (so the first batch is not delayed
-by drawing the whole window). Sessions share that room evenly: with n sessions forecasting at once (the ranks of a
-job on one node), each announces at most 1/n of it (counted per batch, so a tile announced by two of its
-batches counts twice), so that none of them takes the cache and leaves the others' tiles unstored. Each
-batch is withdrawn once built (read, failed or substituted alike), and everything when the session ends. Only plain level reads are announced (patches with no locality region, read at a
-level's own pixels from the TIFF fast path); the others read as before. Announcements are hints: a wrong or
+How far ahead: chunk after chunk of up to 4 batches while the distinct announced tiles fit in ``share`` of the
+cache (a window that holds more than the cache only makes the cache evict tiles that are also wanted) and at most
+``max_batches`` ahead, one chunk per batch built (so the first batch is not delayed by drawing the whole
+window). A chunk's tiles are worked out and announced in one call per slide, and withdrawn together once its
+last batch is built (read, failed or substituted alike): the forecast's Python cost is per slide and call, not
+per batch. Sessions share the room evenly: with n sessions forecasting at once (the ranks of a job on one
+node), each announces at most 1/n of it (counted per chunk, so a tile announced by two chunks counts twice),
+so that none of them takes the cache and leaves the others' tiles unstored. Everything is withdrawn when the
+session ends. Only plain level reads are announced (patches with no locality region, read at a level's own
+pixels from the TIFF fast path); the others read as before. Announcements are hints: a wrong or
 missing one costs cache hits, never pixels.
 """
 
@@ -46,6 +48,19 @@ _forecasting: weakref.WeakKeyDictionary[TileCache, int] = weakref.WeakKeyDiction
 _forecasting_lock = threading.Lock()
 
 
+class _Chunk:
+    """The tiles announced for a few consecutive batches, withdrawn once all of them are built."""
+
+    def __init__(self, announced: _Announced, batches: int) -> None:
+        self.announced = announced
+        self.left = batches  # batches of the chunk not built yet
+        self.nbytes = sum(len(keys) * nbytes for keys, nbytes in announced)
+
+    def withdraw(self, cache: TileCache) -> None:
+        for keys, nbytes in self.announced:
+            cache.expected_done(keys, nbytes)
+
+
 class TileForecast:
     """The announced tiles of one session's coming batches. Thread-safe: :meth:`ahead` runs on the session's
     thread, :meth:`done` on the batch threads."""
@@ -60,8 +75,9 @@ class TileForecast:
         self._batch_size, self._max_batches = batch_size, max_batches
         self._room = int(share * cache.capacity)
         self._next = 0  # shard index of the first sample not announced yet
-        self._announced: dict[int, _Announced] = {}  # batch start -> what was announced for it
-        self._bytes = 0  # decoded bytes announced by this session (a tile once per batch that reads it)
+        self._announced: dict[int, _Chunk] = {}  # batch start -> the chunk announced with it
+        self._bytes = 0  # decoded bytes announced by this session (a tile once per chunk that reads it)
+        self._per_batch = 0  # bytes the last chunk announced per batch: what the next one's batches will add
         self._lock = threading.Lock()
         self._closed = False
         with _forecasting_lock:
@@ -69,36 +85,53 @@ class TileForecast:
 
     def ahead(self, start: int) -> None:
         """The batch starting at shard index ``start`` is next: announce it and the ones after it while the cache
-        has room (batches before ``start`` that were never announced are not announced any more)."""
+        has room (batches before ``start`` that were never announced are not announced any more).
+
+        Up to :data:`_BATCHES_PER_CALL` batches are announced together, as one chunk: their tiles are worked out
+        and announced in one call per slide, and withdrawn together once the last of them is built. The Python
+        cost of a forecast is per slide and call, so chunks make it a quarter of what it is batch by batch."""
         with self._lock:
             if self._closed:
                 return
             self._next = max(self._next, start)
             stop = self._plan.shard_length
             sessions = _forecasting.get(self._cache, 1)
+            starts: list[int] = []
+            drawn: list[Sample] = []
             for _ in range(_BATCHES_PER_CALL):
-                if not (self._next < stop and len(self._announced) < self._max_batches
-                        and self._cache.expected_bytes < self._room
-                        and (sessions == 1 or self._bytes < self._room // sessions)):
-                    return
+                pending = len(starts) * self._per_batch  # the chunk's bytes, estimated from the last one
+                if not (self._next < stop and len(self._announced) + len(starts) < self._max_batches
+                        and self._cache.expected_bytes + pending < self._room
+                        and (sessions == 1 or self._bytes + pending < self._room // sessions)):
+                    break
                 count = min(self._batch_size, stop - self._next)
                 try:
-                    samples = self._plan.samples_ahead(self._next, self._next + count)
+                    drawn.extend(self._plan.samples_ahead(self._next, self._next + count))
                 except Exception as err:  # noqa: BLE001 - the batch's own draw reports it; stop forecasting
                     log.debug("forecast stopped at shard index %d: %s", self._next, err)
                     self._next = stop
-                    return
-                self._announced[self._next] = announced = self._announce(samples)
-                self._bytes += sum(len(keys) * nbytes for keys, nbytes in announced)
+                    break
+                starts.append(self._next)
                 self._next += count
+            if not starts:
+                return
+            chunk = _Chunk(self._announce(drawn), len(starts))
+            self._per_batch = chunk.nbytes // len(starts)
+            self._bytes += chunk.nbytes
+            for batch in starts:
+                self._announced[batch] = chunk
 
     def done(self, start: int) -> None:
-        """The batch starting at ``start`` was built (or failed): withdraw its announced reads."""
+        """The batch starting at ``start`` was built (or failed): withdraw its chunk's reads once it is the last."""
         with self._lock:
-            announced = self._announced.pop(start, None)
-            self._bytes -= sum(len(keys) * nbytes for keys, nbytes in announced or ())
-        for keys, nbytes in announced or ():
-            self._cache.expected_done(keys, nbytes)
+            chunk = self._announced.pop(start, None)
+            if chunk is None:
+                return
+            chunk.left -= 1
+            if chunk.left:
+                return
+            self._bytes -= chunk.nbytes
+        chunk.withdraw(self._cache)
 
     def close(self) -> None:
         """Withdraw everything still announced; later calls do nothing."""
@@ -114,9 +147,8 @@ class TileForecast:
                 _forecasting[self._cache] = left
             else:
                 _forecasting.pop(self._cache, None)
-        for groups in announced.values():
-            for keys, nbytes in groups:
-                self._cache.expected_done(keys, nbytes)
+        for chunk in {id(c): c for c in announced.values()}.values():
+            chunk.withdraw(self._cache)
 
     @property
     def batches_ahead(self) -> int:

@@ -401,6 +401,39 @@ def test_read_patches_equal_region_reads(name: str, setup: str, request: pytest.
         assert cache.stats().misses > 0
 
 
+def test_read_patches_of_several_slides_equals_region_reads(tiff_jpeg_ycbcr: FixtureSlide, tiff_lzw: FixtureSlide,
+                                                             tiff_jpeg_rgb: FixtureSlide) -> None:
+    """One read of patches from several slides and levels (one cache lookup, one copy) equals reading each patch
+    alone, cold and warm, with a shared cache and without one."""
+    from loader_service.slides import read_patches_of
+
+    rng = np.random.default_rng(5)
+    paths = [tiff_jpeg_ycbcr.path, tiff_lzw.path, tiff_jpeg_rgb.path]
+    for cache in (TileCache(256 * 1024**2), None):
+        slides = [open_slide(p, backend="tiff", cache=cache) for p in paths]
+        try:
+            size, n = 128, 30
+            reads, want, row = [], {}, 0
+            rows_all = rng.permutation(n * 4)
+            for slide, level in [(slides[0], 0), (slides[1], 0), (slides[0], 1), (slides[2], 0)]:
+                lv = slide.info.levels[level]
+                xs = rng.integers(-size // 2, lv.width, n)
+                ys = rng.integers(-size // 2, lv.height, n)
+                rows = rows_all[row:row + n]
+                row += n
+                reads.append((slide, level, xs, ys, rows))
+                for x, y, r in zip(xs.tolist(), ys.tolist(), rows.tolist()):
+                    want[r] = slide.read_region(level, x, y, size, size)
+            for _ in ("cold", "warm"):
+                out = np.zeros((n * 4, size, size, 3), np.uint8)
+                read_patches_of(reads, size, size, out)
+                for r, expected in want.items():
+                    np.testing.assert_array_equal(out[r], expected)
+        finally:
+            for slide in slides:
+                slide.close()
+
+
 def test_read_patches_rejects_a_wrong_buffer(tiff_lzw: FixtureSlide) -> None:
     with open_slide(tiff_lzw.path, backend="tiff") as slide:
         xs = ys = np.zeros(2, np.int64)

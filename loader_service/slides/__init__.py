@@ -16,7 +16,7 @@ from .errors import SlideError, SlideOpenError, SlideReadError
 from .info import LevelInfo, SlideInfo
 from .pool import DecodePool, available_cores
 from .openslide_backend import OpenSlideSlide
-from .tiff import NotFastPathFile, TiffSlide, warm_up_read_kernels
+from .tiff import NotFastPathFile, TiffSlide, read_patches_of, warm_up_read_kernels
 
 __all__ = [
     "BadTiles",
@@ -36,6 +36,7 @@ __all__ = [
     "slide_identity",
     "TiffSlide",
     "OpenSlideSlide",
+    "read_patches_of",
     "warm_up_read_kernels",
 ]
 

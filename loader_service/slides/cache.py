@@ -9,7 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TileCache", "CacheStats", "data_address"]
+__all__ = ["TileCache", "CacheStats", "data_address", "KEY_LOW_BITS"]
+
+#: bits of a tile key below the slide's :meth:`TileCache.key_base` (level: 6 bits, scale: 4, tile index: 30)
+KEY_LOW_BITS = 40
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,10 @@ class TileCache:
     """A cache of decoded tiles bounded by the sum of the arrays' ``nbytes``: least recently used first,
     except tiles that reads to come have announced.
 
-    Keys are built by the slides: ``(slide identity, level, tile index, scale)`` where the
-    identity is ``(path, mtime_ns, size)``, so a file rewritten in place is not served stale.
+    Keys are built by the slides. A TIFF slide's tile is one int: :meth:`key_base` of its identity
+    ``(path, mtime_ns, size)`` (so a file rewritten in place is not served stale) plus
+    ``(level << 34) | (scale << 30) | tile index``. An int is hashed and compared without the nested tuple a
+    ``(identity, level, index, scale)`` key costs each time, and a batch's keys come from numpy in one call.
     Stored arrays are made read-only. All methods are thread-safe. A tile larger than the whole
     capacity is not stored. ``capacity_bytes=0`` disables caching (every lookup is a miss).
 
@@ -73,7 +78,19 @@ class TileCache:
         self._hits = 0
         self._misses = 0
         self._evictions = 0
+        self._bases: dict[Hashable, int] = {}  # slide identity -> its key base (see key_base)
         self._lock = threading.Lock()
+
+    def key_base(self, identity: Hashable) -> int:
+        """A number of the slide identity's own, shifted left by :data:`KEY_LOW_BITS`: its tiles' keys are this
+        plus numbers below ``2**KEY_LOW_BITS``. The same identity always gets the same base (a slide opened again
+        finds its tiles). Each distinct identity is remembered for the cache's life: one small dict entry per
+        slide file (version) ever opened, never reused, so keys of two files can never meet."""
+        with self._lock:
+            base = self._bases.get(identity)
+            if base is None:
+                base = self._bases[identity] = len(self._bases) << KEY_LOW_BITS
+            return base
 
     @property
     def capacity(self) -> int:

@@ -29,7 +29,7 @@ from .errors import SlideOpenError, SlideReadError
 from .info import LevelInfo, SlideInfo
 from .pool import DecodePool
 
-__all__ = ["TiffSlide", "NotFastPathFile", "parse_mpp", "MPP_PLAUSIBLE", "warm_up_read_kernels"]
+__all__ = ["TiffSlide", "NotFastPathFile", "parse_mpp", "MPP_PLAUSIBLE", "read_patches_of", "warm_up_read_kernels"]
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,71 @@ def _parse(path: str, file_size: int) -> tuple[SlideInfo, list[_Level]]:
     return info, levels
 
 
+def read_patches_of(reads: list[tuple[TiffSlide, int, np.ndarray, np.ndarray, np.ndarray]], width: int, height: int,
+                    out: np.ndarray) -> None:
+    """:meth:`TiffSlide.read_patches` of several reads ``(slide, level, xs, ys, rows)`` into one batch buffer, as one.
+
+    Each read's tile lists are worked out as arrays (a compiled call per read); the tile cache is asked once for
+    the tiles of all of them (per cache: the service's slides share one); the missing tiles are decoded as
+    :meth:`TiffSlide.read_region` decodes them, slide by slide; and one compiled call without the GIL copies
+    every piece of every patch. The same pixels as ``read_region`` per patch; patches reaching outside their
+    level are read one by one. The fixed Python cost is per batch, not per slide: a batch of random patches
+    from a large archive touches as many slides as it has patches.
+    """
+    if out.dtype != np.uint8 or out.ndim != 4 or out.shape[1:] != (height, width, 3) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous uint8 (n, {height}, {width}, 3) array, got {out.dtype} {out.shape}")
+    if not (width and height):
+        return
+    from ._piece_kernels import copy_pieces, plan_pieces  # numba: imported on first use
+
+    planned: list[tuple[TiffSlide, int, np.ndarray, np.ndarray, np.ndarray]] = []  # slide, level, unique, which, pieces
+    for slide, level, xs, ys, rows in reads:
+        slide._check_level(level)
+        if slide._fd < 0:
+            raise SlideReadError(slide.path, "the slide is closed", "open it again")
+        lv = slide._levels[level]
+        pieces, unique, which, outside = plan_pieces(xs, ys, rows, width, height, lv.decoder.scaled_shape(1),
+                                                     lv.tiles_across, (lv.info.width, lv.info.height))
+        for k in outside.tolist():
+            slide._read_into(level, 1, int(xs[k]), int(ys[k]), width, height, out[int(rows[k])])
+        if unique.size:
+            planned.append((slide, level, unique, which, pieces))
+    if not planned:
+        return
+    looked_up = _look_up(planned)
+    held: list[list[np.ndarray]] = []
+    addresses: list[int] = []
+    which_all: list[np.ndarray] = []
+    for (slide, level, unique, which, _), (found, found_at) in zip(planned, looked_up):
+        tiles, at = slide._tiles_addressed(level, unique, found, found_at)
+        held.append(tiles)
+        which_all.append(which + len(addresses))
+        addresses.extend(at)
+    pieces = planned[0][4] if len(planned) == 1 else np.concatenate([p[4] for p in planned])
+    which = which_all[0] if len(planned) == 1 else np.concatenate(which_all)
+    copy_pieces(out, np.asarray(addresses, np.int64)[which], pieces)
+    del held  # referenced until the copy has read them
+
+
+def _look_up(planned: list[tuple[TiffSlide, int, np.ndarray, np.ndarray, np.ndarray]]
+             ) -> list[tuple[list[np.ndarray | None], list[int]]]:
+    """Each read's cached tiles and addresses, asking each tile cache once for all the reads that use it."""
+    keys = [slide._keys(level, unique) for slide, level, unique, _, _ in planned]
+    results: list[tuple[list[np.ndarray | None], list[int]]] = [([None] * len(k), [0] * len(k)) for k in keys]
+    caches: dict[int, tuple[TileCache, list[int]]] = {}  # id(cache) -> (cache, the reads using it)
+    for n, (slide, _, _, _, _) in enumerate(planned):
+        if slide._cache is not None:
+            caches.setdefault(id(slide._cache), (slide._cache, []))[1].append(n)
+    for cache, reads in caches.values():
+        found, at = cache.get_many_addressed([key for n in reads for key in keys[n]])
+        start = 0
+        for n in reads:
+            stop = start + len(keys[n])
+            results[n] = (found[start:stop], at[start:stop])
+            start = stop
+    return results
+
+
 def warm_up_read_kernels() -> None:
     """Compile (or load from numba's cache) the batch-read kernels now rather than on the first batch read."""
     from . import _piece_kernels  # noqa: F401 - its kernels are compiled when it is imported
@@ -261,6 +326,10 @@ class TiffSlide(Slide):
             if st.st_size == 0:
                 raise SlideOpenError(path, "the file is empty")
             info, levels = _parse(path, st.st_size)
+            if len(levels) > 64 or any(lv.tiles_across * lv.tiles_down > 1 << 30 for lv in levels):
+                raise SlideOpenError(path, f"{len(levels)} levels of up to "
+                                     f"{max(lv.tiles_across * lv.tiles_down for lv in levels)} tiles: the fast path "
+                                     "keys tiles by 6 bits of level and 30 of tile index")
         except BaseException:
             os.close(fd)
             raise
@@ -271,6 +340,7 @@ class TiffSlide(Slide):
         self._pool = pool
         self._bad_tiles = bad_tiles
         self._identity: tuple[str, int, int] = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+        self._key_base = cache.key_base(self._identity) if cache is not None else 0  # see _key
         self._close_lock = threading.Lock()
         self._grids: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}  # (level, scale) -> tile grid
         if pool is not None and pool.jpeg_choice is None:
@@ -338,9 +408,13 @@ class TiffSlide(Slide):
             self._bad_tiles.add((self._identity, level, index), reason)
         return SlideReadError(self.path, reason, level=level, tile=index)
 
+    def _key(self, level: int, index: int, scale: int) -> int:
+        """The tile's key in the shared cache (``TileCache.key_base``): one int, unique to this file version."""
+        return self._key_base | (level << 34) | (scale << 30) | index
+
     def decode_tile(self, level: int, index: int, scale: int = 1) -> np.ndarray:
         """One tile as RGB (cached when the slide has a cache). Mainly for tools and tests."""
-        key = (self._identity, level, index, scale)
+        key = self._key(level, index, scale)
         if self._cache is not None:
             tile = self._cache.get(key)
             if tile is not None:
@@ -380,10 +454,10 @@ class TiffSlide(Slide):
             return
         if iy0 > y or iy1 < y + height or ix0 > x or ix1 < x + width:
             _white_outside(out, x, y, width, height, ix0, iy0, ix1, iy1)
-        ident = self._identity
+        first = self._key(level, 0, scale)
         rows = [(ty, ty * th, max(iy0, ty * th), min(iy1, ty * th + th)) for ty in range(iy0 // th, (iy1 - 1) // th + 1)]
         cols = [(tx, tx * tw, max(ix0, tx * tw), min(ix1, tx * tw + tw)) for tx in range(ix0 // tw, (ix1 - 1) // tw + 1)]
-        keys = [(ident, level, ty * across + tx, scale) for ty, _, _, _ in rows for tx, _, _, _ in cols]
+        keys = [first + ty * across + tx for ty, _, _, _ in rows for tx, _, _, _ in cols]
         cache = self._cache
         tiles = cache.get_many(keys) if cache is not None else [None] * len(keys)
         misses: list[tuple[int, np.ndarray, tuple[slice, slice]]] = []
@@ -405,35 +479,12 @@ class TiffSlide(Slide):
 
     def read_patches(self, level: int, xs: np.ndarray, ys: np.ndarray, width: int, height: int, out: np.ndarray,
                      rows: np.ndarray) -> None:
-        """Patches of one size: patch k at ``(xs[k], ys[k])`` of ``level`` into ``out[rows[k]]``, one batch.
-
-        The tile lists of all patches are worked out as arrays, the cache is asked once, the missing tiles are
-        decoded as :meth:`read_region` decodes them, and one compiled call without the GIL copies every piece:
-        the same pixels as ``read_region`` per patch. Patches reaching outside the level are read one by one.
-        """
-        self._check_level(level)
-        if out.dtype != np.uint8 or out.ndim != 4 or out.shape[1:] != (height, width, 3) or not out.flags.c_contiguous:
-            raise ValueError(f"out must be a C-contiguous uint8 (n, {height}, {width}, 3) array, got {out.dtype} {out.shape}")
-        if self._fd < 0:
-            raise SlideReadError(self.path, "the slide is closed", "open it again")
-        if not (width and height):
-            return
-        from ._piece_kernels import copy_pieces, plan_pieces  # numba: imported on first use
-
-        lv = self._levels[level]
-        tile = lv.decoder.scaled_shape(1)
-        pieces, unique, which, outside = plan_pieces(xs, ys, rows, width, height, tile, lv.tiles_across,
-                                                     (lv.info.width, lv.info.height))
-        for k in outside.tolist():
-            self._read_into(level, 1, int(xs[k]), int(ys[k]), width, height, out[int(rows[k])])
-        if not unique.size:
-            return
-        held, addresses = self._tiles_addressed(level, unique.tolist())
-        copy_pieces(out, np.asarray(addresses, np.int64)[which], pieces)
-        del held  # referenced until the copy has read them
+        """Patches of one size: patch k at ``(xs[k], ys[k])`` of ``level`` into ``out[rows[k]]``, one batch
+        (:func:`read_patches_of`, the same for several slides at once)."""
+        read_patches_of([(self, level, xs, ys, rows)], width, height, out)
 
     def tile_keys(self, level: int, xs: np.ndarray, ys: np.ndarray, width: int, height: int
-                  ) -> tuple[list[tuple[object, ...]], int]:
+                  ) -> tuple[list[int], int]:
         """The tile-cache keys :meth:`read_patches` of these patches would look up (each once; patches reaching
         outside the level are left out), and the decoded size of one tile: what a forecast announces."""
         self._check_level(level)
@@ -443,17 +494,25 @@ class TiffSlide(Slide):
         tile = lv.decoder.scaled_shape(1)
         unique = plan_pieces(xs, ys, np.zeros(len(xs), np.int64), width, height, tile, lv.tiles_across,
                              (lv.info.width, lv.info.height))[1]
-        ident = self._identity
-        return [(ident, level, i, 1) for i in unique.tolist()], tile[0] * tile[1] * 3
+        return self._keys(level, unique), tile[0] * tile[1] * 3
 
-    def _tiles_addressed(self, level: int, indices: list[int]) -> tuple[list[np.ndarray], list[int]]:
-        """The decoded full-scale tiles (cached or decoded now, as a region read decodes them) and their addresses."""
-        ident = self._identity
-        keys = [(ident, level, i, 1) for i in indices]
-        if self._cache is not None:
-            found, addresses = self._cache.get_many_addressed(keys)
-        else:
-            found, addresses = [None] * len(keys), [0] * len(keys)
+    def _keys(self, level: int, indices: np.ndarray) -> list[int]:
+        """:meth:`_key` of full-scale tiles of one level, from an int64 array: one numpy call while they fit."""
+        first = self._key(level, 0, 1)
+        if first < 1 << 62:
+            return (indices + first).tolist()
+        return [first + i for i in indices.tolist()]
+
+    def _tiles_addressed(self, level: int, unique: np.ndarray, found: list[np.ndarray | None] | None = None,
+                         addresses: list[int] | None = None) -> tuple[list[np.ndarray], list[int]]:
+        """The decoded full-scale tiles (cached or decoded now, as a region read decodes them) and their addresses;
+        ``found``/``addresses``: what the cache already gave for ``_keys(level, unique)`` (else it is asked here)."""
+        indices = unique.tolist()
+        if found is None or addresses is None:
+            if self._cache is not None:
+                found, addresses = self._cache.get_many_addressed(self._keys(level, unique))
+            else:
+                found, addresses = [None] * len(indices), [0] * len(indices)
         missing = [j for j, t in enumerate(found) if t is None]
         if missing:
             decoded = self._decode_many(level, [indices[j] for j in missing], 1)
@@ -487,7 +546,7 @@ class TiffSlide(Slide):
                 tiles = [self._decode_uncached(level, i, scale) for i in indices]
         if self._cache is not None:
             for i, tile in zip(indices, tiles):
-                self._cache.put((self._identity, level, i, scale), tile)
+                self._cache.put(self._key(level, i, scale), tile)
         return tiles
 
     def _decode_batched(self, batched: BatchedJpegDecoder, level: int, indices: list[int]) -> list[np.ndarray] | None:
