@@ -239,6 +239,27 @@ def blur_reflect_kernel(src: Any, k: Any, radius: Any, ry: Any, rx: Any, dest: A
                     urow[x] = np.uint8(min(max(np.rint(out[x] * k255), zero), k255))
 
 
+@_jit("void(float64[:, ::1], int64, int64, int64[:, ::1])")
+def geometry_kernel(table: Any, h: int, w: int, maps: Any) -> None:
+    """cpu_kernels.geometry_maps of every row of a parameter table (flip_h, flip_v, rot90_k in columns 0..2):
+    the quarter turn as an affine index map, then the flips negate and shift its halves."""
+    for n in range(table.shape[0]):
+        k = np.int64(table[n, 2])
+        if k == 0:
+            p0, pi, pj, q0, qi, qj = 0, 1, 0, 0, 0, 1
+        elif k == 1:
+            p0, pi, pj, q0, qi, qj = 0, 0, 1, w - 1, -1, 0
+        elif k == 2:
+            p0, pi, pj, q0, qi, qj = h - 1, -1, 0, w - 1, 0, -1
+        else:
+            p0, pi, pj, q0, qi, qj = h - 1, 0, -1, 0, 1, 0
+        if table[n, 1] != 0.0:  # flip_v
+            p0, pi, pj = h - 1 - p0, -pi, -pj
+        if table[n, 0] != 0.0:  # flip_h
+            q0, qi, qj = w - 1 - q0, -qi, -qj
+        maps[n, 0], maps[n, 1], maps[n, 2], maps[n, 3], maps[n, 4], maps[n, 5] = p0, pi, pj, q0, qi, qj
+
+
 @_jit("void(uint8[:, :, :, ::1], uint8[:, :, :, ::1])")
 def to_planar_kernel(src: Any, out: Any) -> None:
     """uint8 (N, H, W, 3) -> (N, 3, H, W): the channel de-interleave of an unaugmented batch."""

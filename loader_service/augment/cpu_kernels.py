@@ -39,20 +39,12 @@ __all__ = ["pointwise", "coefficients", "blur", "blur_reflected_into", "to_plana
 
 def geometry_maps(params: Sequence[AugmentParams], image_hw: tuple[int, int]) -> np.ndarray:
     """(N, 6) int64 ``(a, b, c, d, e, f)``: augmented pixel ``(i, j)`` of sample n shows raw pixel
-    ``(a + b*i + c*j, d + e*i + f*j)`` (flips and quarter turns are affine index maps; the batch at once,
-    the same maps as ``geometry.aug_to_raw_point``)."""
-    h, w = image_hw
+    ``(a + b*i + c*j, d + e*i + f*j)`` (flips and quarter turns are affine index maps; the batch at once, in
+    one compiled call, the same maps as ``geometry.aug_to_raw_point``)."""
     table = params_table(params)
-    keys = table[:, [2, 1, 0]].astype(np.int64)  # rot90_k, flip_v, flip_h
-    # (p, q) before the flips, as affine maps of (i, j), for rot90_k = 0..3: rows (p0, pi, pj, q0, qi, qj)
-    turns = np.array([(0, 1, 0, 0, 0, 1), (0, 0, 1, w - 1, -1, 0),
-                      (h - 1, -1, 0, w - 1, 0, -1), (h - 1, 0, -1, 0, 1, 0)], np.int64)
-    maps = turns[keys[:, 0]]
-    flip_v, flip_h = keys[:, 1].astype(bool), keys[:, 2].astype(bool)
-    maps[flip_v, :3] = -maps[flip_v, :3]
-    maps[flip_v, 0] += h - 1
-    maps[flip_h, 3:] = -maps[flip_h, 3:]
-    maps[flip_h, 3] += w - 1
+    maps = np.empty((len(table), 6), np.int64)
+    _compiled().geometry_kernel(np.array(table, np.float64, order="C"), image_hw[0], image_hw[1], maps)  # a copy:
+    # a ParamsBatch's table is read-only, which the kernel's signature is not
     return maps
 
 
@@ -124,9 +116,17 @@ def _kernels_of(params: Sequence[AugmentParams]) -> np.ndarray:
 
 def _gaussian_rows(sigma: np.ndarray, radius: int) -> np.ndarray:
     """``gaussian_kernel`` of each sigma (> 0, all with this radius), as rows of one float32 array."""
-    t = np.arange(-radius, radius + 1, dtype=np.float64)
-    g = np.exp(-(t * t)[None, :] / (2.0 * sigma * sigma)[:, None])
+    g = np.exp(_minus_t_squared(radius)[None, :] / (2.0 * sigma * sigma)[:, None])
     return np.ascontiguousarray((g / g.sum(axis=1, keepdims=True)).astype(np.float32))
+
+
+@functools.lru_cache(maxsize=64)
+def _minus_t_squared(radius: int) -> np.ndarray:
+    """``-(t * t)`` for t = -radius..radius in float64, as ``gaussian_kernel`` computes it (cached, read-only)."""
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    out = -(t * t)
+    out.flags.writeable = False
+    return out
 
 
 def blur(xp: torch.Tensor, params: Sequence[AugmentParams]) -> torch.Tensor:
@@ -158,13 +158,21 @@ def blur_reflected_into(f: torch.Tensor, params: Sequence[AugmentParams], dest: 
         return
     top = int(radius.max())
     kernels = np.zeros((n, 2 * top + 1), np.float32)
-    ry, rx = np.zeros((top + 1, h + 2 * top), np.int64), np.zeros((top + 1, w + 2 * top), np.int64)
     for r in np.unique(radius).tolist():  # a few distinct halos per batch
         rows = radius == r
         kernels[rows, :2 * r + 1] = _gaussian_rows(table[rows, 13], r)
-        ry[r, :h + 2 * r], rx[r, :w + 2 * r] = _reflected(r, h), _reflected(r, w)
-    _compiled().blur_reflect_kernel(np.ascontiguousarray(f.numpy()), kernels, radius, ry, rx,
-                                    np.asarray(dest, dtype=np.int64), out_u8.numpy())
+    _compiled().blur_reflect_kernel(np.ascontiguousarray(f.numpy()), kernels, radius, _reflect_table(top, h),
+                                    _reflect_table(top, w), np.asarray(dest, dtype=np.int64), out_u8.numpy())
+
+
+@functools.lru_cache(maxsize=64)
+def _reflect_table(top: int, size: int) -> np.ndarray:
+    """Row r (1..top): :func:`_reflected` ``(r, size)``, then zeros (a few sizes and halos recur: cached; never
+    written, but writable: the kernel's signature takes mutable arrays)."""
+    table = np.zeros((top + 1, size + 2 * top), np.int64)
+    for r in range(1, top + 1):
+        table[r, :size + 2 * r] = _reflected(r, size)
+    return table
 
 
 @functools.lru_cache(maxsize=64)
