@@ -12,6 +12,10 @@ or cannot attach (ptrace), only patches/s and CPU-ms/patch are reported.
 
 With ``--baseline-tree`` each case also runs on a service started from another checkout (the code before
 #12), one right after the other, and the ratios are printed.
+
+py-spy counts too much GIL time when the service has more busy threads than the machine has cores
+(``bench.bench_pyspy_gil``), which is always the case on 2 cores: there, ``bench.gil_serial`` measures the same
+patch path on one thread instead.
 """
 
 from __future__ import annotations

@@ -156,6 +156,41 @@ def pointwise_kernel(src: Any, geo: Any, colour: Any, hed: Any, do_colour: bool,
                     o[2, i, j] = np.uint8(min(max(np.rint(bb[j] * k255), zero), k255))
 
 
+@numba.njit(nogil=True, inline="always")
+def _blur_along_x(plane: Any, rx: Any, cols: int, kn: Any, taps: int, w: int, row: Any, acc: Any) -> None:
+    """acc[y, x] = sum over t of row[x + t] * kn[t], in t order, where row is src row y padded by the index map
+    rx (its first ``cols`` entries): every src row once, since a padded row is a copy of one."""
+    for y in range(plane.shape[0]):
+        srow, arow = plane[y], acc[y]
+        for x in range(cols):
+            row[x] = srow[rx[x]]
+        for x in range(w):
+            arow[x] = row[x] * kn[0]
+        for t in range(1, taps):
+            kt = kn[t]
+            for x in range(w):
+                arow[x] = arow[x] + row[x + t] * kt
+
+
+@numba.njit(nogil=True, inline="always")
+def _blur_along_y(acc: Any, ry: Any, y: int, kn: Any, taps: int, w: int, out: Any) -> None:
+    """out = output row y: sum over t of acc[ry[y + t]] * kn[t], in t order."""
+    a0 = acc[ry[y]]
+    for x in range(w):
+        out[x] = a0[x] * kn[0]
+    for t in range(1, taps):
+        kt, at = kn[t], acc[ry[y + t]]
+        for x in range(w):
+            out[x] = out[x] + at[x] * kt
+
+
+@numba.njit(nogil=True, inline="always")
+def _round_into(out: Any, urow: Any, w: int) -> None:
+    """pipeline._to_uint8 of one row: round half to even of x*255, clamp."""
+    for x in range(w):
+        urow[x] = np.uint8(min(max(np.rint(out[x] * k255), zero), k255))
+
+
 @_jit("void(float32[:, :, :, ::1], float32[:, ::1], int64[::1], int64[::1], int64[::1], float32[:, :, :, ::1], "
       "uint8[:, :, :, ::1])")
 def blur_kernel(src: Any, k: Any, ry: Any, rx: Any, dest: Any, out_f: Any, out_u8: Any) -> None:
@@ -171,33 +206,15 @@ def blur_kernel(src: Any, k: Any, ry: Any, rx: Any, dest: Any, out_f: Any, out_u
     for n in range(n_images):
         kn = k[n]
         for ch in range(channels):
-            plane = src[n, ch]
-            for y in range(plane.shape[0]):
-                srow, arow = plane[y], acc[y]
-                for x in range(rx.shape[0]):
-                    row[x] = srow[rx[x]]
-                for x in range(w):
-                    arow[x] = row[x] * kn[0]
-                for t in range(1, taps):
-                    kt = kn[t]
-                    for x in range(w):
-                        arow[x] = arow[x] + row[x + t] * kt
+            _blur_along_x(src[n, ch], rx, rx.shape[0], kn, taps, w, row, acc)
             for y in range(h):
-                a0 = acc[ry[y]]
-                for x in range(w):
-                    out[x] = a0[x] * kn[0]
-                for t in range(1, taps):
-                    kt, at = kn[t], acc[ry[y + t]]
-                    for x in range(w):
-                        out[x] = out[x] + at[x] * kt
+                _blur_along_y(acc, ry, y, kn, taps, w, out)
                 if dest[n] < 0:
                     drow = out_f[n, ch, y]
                     for x in range(w):
                         drow[x] = out[x]
-                else:  # pipeline._to_uint8
-                    urow = out_u8[dest[n], ch, y]
-                    for x in range(w):
-                        urow[x] = np.uint8(min(max(np.rint(out[x] * k255), zero), k255))
+                else:
+                    _round_into(out, out_u8[dest[n], ch, y], w)
 
 
 @_jit("void(float32[:, :, :, ::1], float32[:, ::1], int64[::1], int64[:, ::1], int64[:, ::1], int64[::1], "
@@ -212,31 +229,11 @@ def blur_reflect_kernel(src: Any, k: Any, radius: Any, ry: Any, rx: Any, dest: A
     out = np.empty(w, np.float32)
     for n in range(n_images):
         kn, r = k[n], radius[n]
-        taps = 2 * r + 1
-        ryn, rxn = ry[r], rx[r]
         for ch in range(channels):
-            plane = src[n, ch]
+            _blur_along_x(src[n, ch], rx[r], w + 2 * r, kn, 2 * r + 1, w, row, acc)
             for y in range(h):
-                srow, arow = plane[y], acc[y]
-                for x in range(w + 2 * r):
-                    row[x] = srow[rxn[x]]
-                for x in range(w):
-                    arow[x] = row[x] * kn[0]
-                for t in range(1, taps):
-                    kt = kn[t]
-                    for x in range(w):
-                        arow[x] = arow[x] + row[x + t] * kt
-            for y in range(h):
-                a0 = acc[ryn[y]]
-                for x in range(w):
-                    out[x] = a0[x] * kn[0]
-                for t in range(1, taps):
-                    kt, at = kn[t], acc[ryn[y + t]]
-                    for x in range(w):
-                        out[x] = out[x] + at[x] * kt
-                urow = out_u8[dest[n], ch, y]  # pipeline._to_uint8
-                for x in range(w):
-                    urow[x] = np.uint8(min(max(np.rint(out[x] * k255), zero), k255))
+                _blur_along_y(acc, ry[r], y, kn, 2 * r + 1, w, out)
+                _round_into(out, out_u8[dest[n], ch, y], w)
 
 
 @_jit("void(float64[:, ::1], int64, int64, int64[:, ::1])")
