@@ -283,8 +283,9 @@ class BatchBuilder:
                 self._read_sample(samples[i], params[i], array[i])
             except SampleFailed as one:
                 failed[i] = one
-        if err.reason == "read":  # the box read did read the tile: count it so, not as already known
-            same = [i for i, one in failed.items() if one.tile == err.tile] or sorted(failed)[:1]
+        if err.reason == "read":  # the read did read the tile: count it so, not as already known
+            mine = [i for i in sorted(failed) if failed[i].record.path == err.record.path]  # a task reads many slides
+            same = [i for i in mine if failed[i].tile == err.tile] or mine[:1] or sorted(failed)[:1]
             for i in same[:1]:
                 failed[i] = err
         return failed
