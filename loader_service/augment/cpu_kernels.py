@@ -167,18 +167,12 @@ def blur_reflected_into(f: torch.Tensor, params: Sequence[AugmentParams], dest: 
 
 @functools.lru_cache(maxsize=64)
 def _reflect_table(top: int, size: int) -> np.ndarray:
-    """Row r (1..top): :func:`_reflected` ``(r, size)``, then zeros (a few sizes and halos recur: cached; never
-    written, but writable: the kernel's signature takes mutable arrays)."""
+    """Row r (1..top): ``reflect_indices(-r, size + r, size)``, then zeros (a few sizes and halos recur: cached;
+    never written, but writable: the kernel's signature takes mutable arrays)."""
     table = np.zeros((top + 1, size + 2 * top), np.int64)
     for r in range(1, top + 1):
-        table[r, :size + 2 * r] = _reflected(r, size)
+        table[r, :size + 2 * r] = reflect_indices(-r, size + r, size).numpy()
     return table
-
-
-@functools.lru_cache(maxsize=64)
-def _reflected(r: int, size: int) -> np.ndarray:
-    """``reflect_indices(-r, size + r, size)`` as an int64 array (a few sizes recur: cached; never written)."""
-    return reflect_indices(-r, size + r, size).numpy().astype(np.int64)
 
 
 def to_planar(x_u8: torch.Tensor) -> torch.Tensor:

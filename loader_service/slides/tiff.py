@@ -503,16 +503,11 @@ class TiffSlide(Slide):
             return (indices + first).tolist()
         return [first + i for i in indices.tolist()]
 
-    def _tiles_addressed(self, level: int, unique: np.ndarray, found: list[np.ndarray | None] | None = None,
-                         addresses: list[int] | None = None) -> tuple[list[np.ndarray], list[int]]:
-        """The decoded full-scale tiles (cached or decoded now, as a region read decodes them) and their addresses;
-        ``found``/``addresses``: what the cache already gave for ``_keys(level, unique)`` (else it is asked here)."""
+    def _tiles_addressed(self, level: int, unique: np.ndarray, found: list[np.ndarray | None],
+                         addresses: list[int]) -> tuple[list[np.ndarray], list[int]]:
+        """The decoded full-scale tiles and their addresses, given what the cache gave for ``_keys(level, unique)``
+        (``_look_up``): the missing ones decoded now, as a region read decodes them."""
         indices = unique.tolist()
-        if found is None or addresses is None:
-            if self._cache is not None:
-                found, addresses = self._cache.get_many_addressed(self._keys(level, unique))
-            else:
-                found, addresses = [None] * len(indices), [0] * len(indices)
         missing = [j for j, t in enumerate(found) if t is None]
         if missing:
             decoded = self._decode_many(level, [indices[j] for j in missing], 1)
