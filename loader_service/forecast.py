@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Hashable
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ __all__ = ["TileForecast"]
 
 log = logging.getLogger(__name__)
 
-_Announced = list[tuple[list[Hashable], int]]  # (keys, decoded bytes of one of their tiles) per slide and level
+_Announced = list[tuple[np.ndarray, int]]  # (int64 keys, decoded bytes of one of their tiles) per slide and level
 
 
 #: batches announced at most per call of ahead() (one call per batch built): the window grows by a few batches

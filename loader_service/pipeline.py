@@ -430,8 +430,8 @@ class BatchBuilder:
             images = images.permute(0, 2, 3, 1)
         images = _placed(images, on_device)
         t2 = time.perf_counter()
-        self.metrics.stage_seconds.labels(stage="read").observe(t1 - t0)
-        self.metrics.stage_seconds.labels(stage="augment").observe(t2 - t1)
+        self.metrics.stage["read"].observe(t1 - t0)
+        self.metrics.stage["augment"].observe(t2 - t1)
         built = BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, {"read": t1 - t0, "augment": t2 - t1})
         if context:
             pending = iter(raw_context)  # read above, one tensor per scale in order
@@ -486,7 +486,7 @@ class BatchBuilder:
             images = images.permute(0, 2, 3, 1)
         images = _placed(images, on_device)
         self.metrics.samples_decoded.inc(1 if piece.index == 0 else 0)
-        self.metrics.stage_seconds.labels(stage="read").observe(time.perf_counter() - t0)
+        self.metrics.stage["read"].observe(time.perf_counter() - t0)
         built = BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, piece=piece)
         if raw_context:
             pending = iter(raw_context)  # read with the piece, one tensor per scale in order

@@ -17,6 +17,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import torch
+from prometheus_client import Counter
 
 from loader_service.budget import BudgetAccount
 from loader_service.forecast import TileForecast
@@ -154,6 +155,7 @@ class Session:
         self.completed = False  # the end-of-epoch message was handed to gRPC
         self._built = Wakeup()  # set as each build ends (GIL-free hand-off, see loader_service.handoff)
         self.forecast = forecast  # announces the tiles of the coming batches to the tile cache
+        self._counted: tuple[Counter, Counter, Counter] | None = None  # see _count
 
     def use_shm(self, pool: SlotPool) -> None:
         self.pool = self.gate.slots = pool
@@ -360,11 +362,16 @@ class Session:
             self._built.close()  # a build still running sets it later: a closed Wakeup ignores that
 
     def _count(self, built: BuiltBatch, nbytes: int, serialize_s: float, send_s: float) -> None:
-        self.metrics.stage_seconds.labels(stage="serialize").observe(serialize_s)
-        self.metrics.stage_seconds.labels(stage="send").observe(send_s)
-        self.metrics.patches.labels(dataset=self.request.dataset, transport=self.transport).inc(len(built.samples))
-        self.metrics.bytes.labels(transport=self.transport).inc(nbytes)
-        self.metrics.batches.labels(transport=self.transport).inc()
+        self.metrics.stage["serialize"].observe(serialize_s)
+        self.metrics.stage["send"].observe(send_s)
+        counted = self._counted
+        if counted is None:  # the session's children of the labelled counters, looked up once
+            counted = self._counted = (self.metrics.patches.labels(dataset=self.request.dataset, transport=self.transport),
+                                       self.metrics.bytes.labels(transport=self.transport),
+                                       self.metrics.batches.labels(transport=self.transport))
+        counted[0].inc(len(built.samples))
+        counted[1].inc(nbytes)
+        counted[2].inc()
 
 
 def check_open(message: pb.StreamRequest | None) -> pb.OpenSession:

@@ -17,6 +17,7 @@ index), so sharding and cursors behave exactly as with independent draws.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,18 @@ class Sample:
     region: Rect4 | None = None  # locality sampling: the region this patch was cut from (contains the patch)
     substituted: str = ""  # why this replaces the index's own draw ("quarantined", a failure reason); "" = it is
     attempt: int = 0  # 0: the index's own draw; n: its n-th substitute draw (EpochPlan.substitute)
+
+
+_SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Sample))
+
+
+def _new_sample(fields: dict[str, Any]) -> Sample:
+    """``Sample(**fields)`` without the 13 ``object.__setattr__`` calls of a frozen dataclass's ``__init__``
+    (per patch, in the service's hot loop): the instance gets ``fields``, every field's value, as its
+    ``__dict__`` (``tests/test_batch_draws.py`` compares such samples with ``Sample(...)`` field by field)."""
+    sample = object.__new__(Sample)
+    object.__setattr__(sample, "__dict__", fields)
+    return sample
 
 
 def sample_scale(sample: Sample) -> float:
@@ -299,11 +312,24 @@ class EpochPlan:
         if not 0 <= start <= stop <= self.shard_length:
             raise IndexError(f"shard indices {start}..{stop - 1} outside 0..{self.shard_length - 1}")
         global_indices = [self._shards.global_index(i) for i in range(start, stop)]
+        templates: dict[int, tuple[dict[str, Any], bool]] = {}  # slide -> (its samples' fields, avoided)
         out = []
         for i, g, (slide, x, y) in zip(range(start, stop), global_indices, self._random_rows(global_indices)):
-            drawn = self._make(i, g, slide, x, y, False, None)
-            out.append(self.substitute(drawn, 1, "quarantined") if drawn.record.path in self.avoid else drawn)
+            template = templates.get(slide)
+            if template is None:
+                template = templates[slide] = self._template(slide)
+            drawn = _new_sample({**template[0], "index": i, "global_index": g, "x": x, "y": y})
+            out.append(self.substitute(drawn, 1, "quarantined") if template[1] else drawn)
         return out
+
+    def _template(self, slide: int) -> tuple[dict[str, Any], bool]:
+        """The fields :meth:`_make` gives every random sample of ``slide`` but index and place, and whether the
+        slide is avoided."""
+        record, cands = self._slides[slide]
+        geo = cands.geometry
+        fields = {"record": record, "level": geo.level, "mpp": geo.mpp, "width": self.spec.patch_size,
+                  "height": self.spec.height, "padding": False, "region": None, "substituted": "", "attempt": 0}
+        return fields, record.path in self.avoid
 
     def samples_ahead(self, start: int, stop: int) -> list[Sample]:
         """:meth:`samples`, also kept for the next ``samples(start, stop)``: a forecast looks at batches before

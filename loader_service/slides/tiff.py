@@ -263,38 +263,59 @@ def read_patches_of(reads: list[tuple[TiffSlide, int, np.ndarray, np.ndarray, np
             planned.append((slide, level, unique, which, pieces))
     if not planned:
         return
-    looked_up = _look_up(planned)
-    held: list[list[np.ndarray]] = []
-    addresses: list[int] = []
-    which_all: list[np.ndarray] = []
-    for (slide, level, unique, which, _), (found, found_at) in zip(planned, looked_up):
-        tiles, at = slide._tiles_addressed(level, unique, found, found_at)
-        held.append(tiles)
-        which_all.append(which + len(addresses))
-        addresses.extend(at)
-    pieces = planned[0][4] if len(planned) == 1 else np.concatenate([p[4] for p in planned])
-    which = which_all[0] if len(planned) == 1 else np.concatenate(which_all)
-    copy_pieces(out, np.asarray(addresses, np.int64)[which], pieces)
-    del held  # referenced until the copy has read them
+    starts = np.cumsum([0] + [len(p[2]) for p in planned]).tolist()  # each read's first tile in the addresses
+    pinned: list[tuple[TileCache, np.ndarray]] = []  # (cache, slots) acquired: released once copied
+    try:
+        addresses, held = _tile_addresses(planned, starts, pinned)
+        pieces = planned[0][4] if len(planned) == 1 else np.concatenate([p[4] for p in planned])
+        which = planned[0][3] if len(planned) == 1 else np.concatenate([p[3] + s for p, s in zip(planned, starts)])
+        copy_pieces(out, addresses[which], pieces)
+        del held  # referenced until the copy has read them
+    finally:
+        for cache, slots in pinned:
+            cache.release(slots)
 
 
-def _look_up(planned: list[tuple[TiffSlide, int, np.ndarray, np.ndarray, np.ndarray]]
-             ) -> list[tuple[list[np.ndarray | None], list[int]]]:
-    """Each read's cached tiles and addresses, asking each tile cache once for all the reads that use it."""
-    keys = [slide._keys(level, unique) for slide, level, unique, _, _ in planned]
-    results: list[tuple[list[np.ndarray | None], list[int]]] = [([None] * len(k), [0] * len(k)) for k in keys]
+def _tile_addresses(planned: list[tuple[TiffSlide, int, np.ndarray, np.ndarray, np.ndarray]], starts: list[int],
+                    pinned: list[tuple[TileCache, np.ndarray]]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The data addresses of the tiles of every read (read n's ``unique`` from ``starts[n]`` on), and the tiles
+    decoded now.
+
+    Each tile cache is asked once for the tiles of all the reads that use it (``TileCache.acquire``: one
+    compiled call; the tiles it found stay pinned until the caller releases ``pinned``). Only the missing
+    tiles cost Python work: they are decoded as a region read decodes them, read by read."""
+    sizes = [len(p[2]) for p in planned]
+    addresses = np.zeros(starts[-1], np.int64)
+    missing = np.ones(starts[-1], np.bool_)
     caches: dict[int, tuple[TileCache, list[int]]] = {}  # id(cache) -> (cache, the reads using it)
     for n, (slide, _, _, _, _) in enumerate(planned):
         if slide._cache is not None:
             caches.setdefault(id(slide._cache), (slide._cache, []))[1].append(n)
     for cache, reads in caches.values():
-        found, at = cache.get_many_addressed([key for n in reads for key in keys[n]])
-        start = 0
-        for n in reads:
-            stop = start + len(keys[n])
-            results[n] = (found[start:stop], at[start:stop])
-            start = stop
-    return results
+        keys = [planned[n][0]._keys(planned[n][1], planned[n][2]) for n in reads]
+        slots, at, nbytes = cache.acquire(keys[0] if len(keys) == 1 else np.concatenate(keys))
+        pinned.append((cache, slots))
+        want = np.repeat([planned[n][0]._tile_nbytes(planned[n][1]) for n in reads], [sizes[n] for n in reads])
+        usable = (at != 0) & (nbytes == want)  # the copy kernel reads raw memory: only tiles of the read's shape
+        if len(reads) == 1 and starts[reads[0]] == 0 and sizes[reads[0]] == starts[-1]:
+            addresses[:] = at
+            missing[:] = ~usable
+        else:
+            position = np.concatenate([np.arange(starts[n], starts[n] + sizes[n]) for n in reads])
+            addresses[position] = at
+            missing[position] = ~usable
+    held: list[np.ndarray] = []
+    if not missing.any():
+        return addresses, held
+    for n, (slide, level, unique, _, _) in enumerate(planned):
+        lacking = np.flatnonzero(missing[starts[n]:starts[n + 1]])
+        if lacking.size:
+            tiles = slide._decode_many(level, unique[lacking].tolist(), 1)
+            for j, tile in zip(lacking.tolist(), tiles):
+                tile = np.ascontiguousarray(tile, np.uint8)
+                addresses[starts[n] + j] = data_address(tile)
+                held.append(tile)
+    return addresses, held
 
 
 def warm_up_read_kernels() -> None:
@@ -484,7 +505,7 @@ class TiffSlide(Slide):
         read_patches_of([(self, level, xs, ys, rows)], width, height, out)
 
     def tile_keys(self, level: int, xs: np.ndarray, ys: np.ndarray, width: int, height: int
-                  ) -> tuple[list[int], int]:
+                  ) -> tuple[np.ndarray, int]:
         """The tile-cache keys :meth:`read_patches` of these patches would look up (each once; patches reaching
         outside the level are left out), and the decoded size of one tile: what a forecast announces."""
         self._check_level(level)
@@ -496,35 +517,14 @@ class TiffSlide(Slide):
                              (lv.info.width, lv.info.height))[1]
         return self._keys(level, unique), tile[0] * tile[1] * 3
 
-    def _keys(self, level: int, indices: np.ndarray) -> list[int]:
-        """:meth:`_key` of full-scale tiles of one level, from an int64 array: one numpy call while they fit."""
-        first = self._key(level, 0, 1)
-        if first < 1 << 62:
-            return (indices + first).tolist()
-        return [first + i for i in indices.tolist()]
+    def _keys(self, level: int, indices: np.ndarray) -> np.ndarray:
+        """:meth:`_key` of full-scale tiles of one level, from an int64 array of their indices (one numpy call)."""
+        return indices + self._key(level, 0, 1)
 
-    def _tiles_addressed(self, level: int, unique: np.ndarray, found: list[np.ndarray | None],
-                         addresses: list[int]) -> tuple[list[np.ndarray], list[int]]:
-        """The decoded full-scale tiles and their addresses, given what the cache gave for ``_keys(level, unique)``
-        (``_look_up``): the missing ones decoded now, as a region read decodes them."""
-        indices = unique.tolist()
-        missing = [j for j, t in enumerate(found) if t is None]
-        if missing:
-            decoded = self._decode_many(level, [indices[j] for j in missing], 1)
-            for j, tile in zip(missing, decoded):
-                found[j] = tile
-        shape = self._levels[level].decoder.scaled_shape(1) + (3,)
-        tiles: list[np.ndarray] = []
-        for j, tile in enumerate(found):
-            assert tile is not None
-            if tile.shape != shape:  # the copy kernel reads raw memory: never trust a tile of another shape
-                raise SlideReadError(self.path, f"tile {indices[j]} of level {level} decoded to {tile.shape}, "
-                                     f"expected {shape}", level=level, tile=indices[j])
-            if addresses[j] == 0:
-                tile = np.ascontiguousarray(tile, np.uint8)
-                addresses[j] = data_address(tile)
-            tiles.append(tile)
-        return tiles, addresses
+    def _tile_nbytes(self, level: int) -> int:
+        """The decoded size of one full-scale tile of ``level``."""
+        th, tw = self._levels[level].decoder.scaled_shape(1)
+        return th * tw * 3
 
     def _decode_many(self, level: int, indices: list[int], scale: int) -> list[np.ndarray]:
         """Decode (and cache) tiles of a read at 1/``scale``: batched JPEG when chosen, else on the pool (several
@@ -539,9 +539,12 @@ class TiffSlide(Slide):
                 tiles = self._pool.run_all([partial(self._decode_uncached, level, i, scale) for i in indices])
             else:
                 tiles = [self._decode_uncached(level, i, scale) for i in indices]
+        shape = lv.decoder.scaled_shape(scale) + (3,)
+        for i, tile in zip(indices, tiles):
+            if tile.shape != shape:  # batch reads copy from raw memory: never cache a tile of another shape
+                raise self._damaged(level, i, f"tile {i} of level {level} decoded to {tile.shape}, expected {shape}")
         if self._cache is not None:
-            for i, tile in zip(indices, tiles):
-                self._cache.put(self._key(level, i, scale), tile)
+            self._cache.put_many(np.asarray(indices, np.int64) + self._key(level, 0, scale), tiles)
         return tiles
 
     def _decode_batched(self, batched: BatchedJpegDecoder, level: int, indices: list[int]) -> list[np.ndarray] | None:
