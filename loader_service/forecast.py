@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from loader_service.dataset import SlideHandles, SlideRecord
-from loader_service.sampling import EpochPlan, Sample, reads_by_mpp
+from loader_service.sampling import EpochPlan, Sample, SampleRun, reads_by_mpp
 from loader_service.slides import TileCache
 
 __all__ = ["TileForecast"]
@@ -96,7 +96,7 @@ class TileForecast:
             stop = self._plan.shard_length
             sessions = _forecasting.get(self._cache, 1)
             starts: list[int] = []
-            drawn: list[Sample] = []
+            drawn: list[list[Sample]] = []  # each batch's samples
             for _ in range(_BATCHES_PER_CALL):
                 pending = len(starts) * self._per_batch  # the chunk's bytes, estimated from the last one
                 if not (self._next < stop and len(self._announced) + len(starts) < self._max_batches
@@ -105,7 +105,7 @@ class TileForecast:
                     break
                 count = min(self._batch_size, stop - self._next)
                 try:
-                    drawn.extend(self._plan.samples_ahead(self._next, self._next + count))
+                    drawn.append(self._plan.samples_ahead(self._next, self._next + count))
                 except Exception as err:  # noqa: BLE001 - the batch's own draw reports it; stop forecasting
                     log.debug("forecast stopped at shard index %d: %s", self._next, err)
                     self._next = stop
@@ -155,24 +155,44 @@ class TileForecast:
         with self._lock:
             return len(self._announced)
 
-    def _announce(self, samples: list[Sample]) -> _Announced:
-        groups: dict[tuple[Path, int, int, int], tuple[SlideRecord, list[int], list[int]]] = {}
-        for s in samples:
-            if s.region is None and not reads_by_mpp(s):
-                _, xs, ys = groups.setdefault((s.record.path, s.level, s.width, s.height), (s.record, [], []))
-                xs.append(s.x)
-                ys.append(s.y)
+    def _announce(self, batches: list[list[Sample]]) -> _Announced:
         announced: _Announced = []
-        for (_, level, width, height), (record, xs, ys) in groups.items():
+        for record, level, width, height, xs, ys in _level_reads(batches):
             try:
                 slide = self._handles.for_record(record)
                 tile_keys = getattr(slide, "tile_keys", None)
                 if tile_keys is None:  # not the TIFF fast path: its reads are not batched either
                     continue
-                keys, nbytes = tile_keys(level, np.asarray(xs, np.int64), np.asarray(ys, np.int64), width, height)
+                keys, nbytes = tile_keys(level, xs, ys, width, height)
             except Exception as err:  # noqa: BLE001 - a hint only: the read itself reports the failure
                 log.debug("no forecast for %s: %s", record.slide_id, err)
                 continue
             self._cache.expect(keys, nbytes)
             announced.append((keys, nbytes))
         return announced
+
+
+def _level_reads(batches: list[list[Sample]]) -> list[tuple[SlideRecord, int, int, int, np.ndarray, np.ndarray]]:
+    """The plain level reads of the batches' samples, per slide, level and size: ``(record, level, width,
+    height, xs, ys)``. Grouped with arrays when every batch is a :class:`SampleRun`, sample by sample otherwise."""
+    if batches and all(isinstance(b, SampleRun) for b in batches):
+        runs: list[SampleRun] = batches  # type: ignore[assignment]
+        slide = np.concatenate([r.slide for r in runs])
+        xs, ys = np.concatenate([r.x for r in runs]), np.concatenate([r.y for r in runs])
+        order = np.argsort(slide, kind="stable")
+        cuts = np.flatnonzero(np.diff(slide[order])) + 1
+        reads = {k: v for r in runs for k, v in r.reads.items()}
+        out = []
+        for rows in np.split(order, cuts):
+            record, level = reads[int(slide[rows[0]])]
+            out.append((record, level, runs[0].width, runs[0].height, xs[rows], ys[rows]))
+        return out
+    groups: dict[tuple[Path, int, int, int], tuple[SlideRecord, list[int], list[int]]] = {}
+    for batch in batches:
+        for s in batch:
+            if s.region is None and not reads_by_mpp(s):
+                _, gx, gy = groups.setdefault((s.record.path, s.level, s.width, s.height), (s.record, [], []))
+                gx.append(s.x)
+                gy.append(s.y)
+    return [(record, level, width, height, np.asarray(gx, np.int64), np.asarray(gy, np.int64))
+            for (_, level, width, height), (record, gx, gy) in groups.items()]

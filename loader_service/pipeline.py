@@ -25,16 +25,14 @@ from PIL import Image
 
 from loader_service.augment.stain import StainConfig, normalise_batch
 from loader_service.context import ContextScale, build_context, context_sample
-from loader_service.augment import (AugmentConfig, AugmentParams, Rect, augment_batch, draw_params, draw_params_batch,
-                                    params_table,
-                                    render_piece,
-                                    resample_rect, to_nchw, to_output)
+from loader_service.augment import (AugmentConfig, AugmentParams, ParamsBatch, Rect, augment_batch, draw_params,
+                                    draw_params_batch, params_table, render_piece, resample_rect, to_nchw, to_output)
 from loader_service.dataset import SlideHandles
 from loader_service.errors import OutOfRange, SlideFailure
 from loader_service.handoff import Wakeup
 from loader_service.failures import FailureBudget, SampleFailed, sample_failed
 from loader_service.metrics import Metrics
-from loader_service.sampling import Sample, reads_by_mpp
+from loader_service.sampling import Sample, SampleRun, reads_by_mpp
 from loader_service.slides import DecodePool, MppOutOfRange, Slide, SlideError, TiffSlide, read_patches_of
 from loader_service.slides.base import MPP_TOLERANCE
 from loader_service.views import PieceSpec
@@ -147,19 +145,24 @@ class BatchBuilder:
         shape = (len(samples), first.height, first.width, 3)
         buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         array = buffer.numpy()
+        run = isinstance(samples, SampleRun) and len(samples) > 1 and not _any_resampled(params)
         params = params or [AugmentParams()] * len(samples)
-        table = params_table(params)
-        resampled = ((table[:, 14] != 1.0) | (table[:, 15] != 0.0) | (table[:, 16] != 0.0)).tolist()
-        tasks: list[tuple[list[int], Callable[[], None]]] = [
-            ([i], partial(self._read_resampled, samples[i], params[i], array[i]))
-            for i, r in enumerate(resampled) if r]
-        plain = [i for i, r in enumerate(resampled) if not r]
         opened: dict[Path, Slide] = {}
-        by_level = [i for i in plain if samples[i].region is None and not reads_by_mpp(samples[i])]
-        if len(by_level) > 1:
-            tasks.extend(self._patch_tasks(samples, by_level, array, opened))
-            taken = set(by_level)
-            plain = [i for i in plain if i not in taken]
+        tasks: list[tuple[list[int], Callable[[], None]]] = []
+        plain: list[int] = []
+        if run:
+            tasks = self._run_tasks(samples, array, opened)  # the same reads, grouped with arrays
+        else:
+            table = params_table(params)
+            resampled = ((table[:, 14] != 1.0) | (table[:, 15] != 0.0) | (table[:, 16] != 0.0)).tolist()
+            tasks = [([i], partial(self._read_resampled, samples[i], params[i], array[i]))
+                     for i, r in enumerate(resampled) if r]
+            plain = [i for i, r in enumerate(resampled) if not r]
+            by_level = [i for i in plain if samples[i].region is None and not reads_by_mpp(samples[i])]
+            if len(by_level) > 1:
+                tasks.extend(self._patch_tasks(samples, by_level, array, opened))
+                taken = set(by_level)
+                plain = [i for i in plain if i not in taken]
         for group in _region_groups([samples[i] for i in plain]):
             idx = [plain[g] for g in group]
             if len(idx) == 1:
@@ -200,7 +203,22 @@ class BatchBuilder:
             tasks.append((part, partial(self._read_patches, samples, list(groups.values()), array, opened, inline)))
         return tasks
 
-    def _read_patches(self, samples: list[Sample], groups: list[list[int]], array: np.ndarray,
+    def _run_tasks(self, run: SampleRun, array: np.ndarray, opened: dict[Path, Slide]
+                   ) -> list[tuple[list[int], Callable[[], None]]]:
+        """:meth:`_patch_tasks` of every sample of a :class:`SampleRun`, its rows grouped by slide with arrays."""
+        n = len(run)
+        parts = self._chunk_count(n)
+        inline = n > self.workers
+        tasks: list[tuple[list[int], Callable[[], None]]] = []
+        for k in range(parts):
+            lo, hi = n * k // parts, n * (k + 1) // parts
+            slides = run.slide[lo:hi]
+            order = np.argsort(slides, kind="stable")
+            groups = np.split(order + lo, np.flatnonzero(np.diff(slides[order])) + 1)
+            tasks.append((list(range(lo, hi)), partial(self._read_patches, run, groups, array, opened, inline)))
+        return tasks
+
+    def _read_patches(self, samples: list[Sample], groups: list[list[int]] | list[np.ndarray], array: np.ndarray,
                       opened: dict[Path, Slide], inline: bool) -> None:
         """Patches of several slides and levels (one group of batch rows per slide and level) into their rows of
         the batch buffer, as one read where the slides allow."""
@@ -209,12 +227,15 @@ class BatchBuilder:
         try:
             with DecodePool.inline() if inline else nullcontext():
                 for rows in groups:
-                    first = samples[rows[0]]
+                    first = samples[int(rows[0])]
                     slide = opened.get(first.record.path)
                     if slide is None:
                         slide = opened[first.record.path] = self.handles.for_record(first.record)
-                    xs = np.fromiter((samples[i].x for i in rows), np.int64, len(rows))
-                    ys = np.fromiter((samples[i].y for i in rows), np.int64, len(rows))
+                    if isinstance(samples, SampleRun):
+                        xs, ys = samples.x[rows], samples.y[rows]
+                    else:
+                        xs = np.fromiter((samples[i].x for i in rows), np.int64, len(rows))
+                        ys = np.fromiter((samples[i].y for i in rows), np.int64, len(rows))
                     if isinstance(slide, TiffSlide):
                         fast.append((slide, first.level, xs, ys, np.asarray(rows, np.int64)))
                     else:
@@ -223,7 +244,7 @@ class BatchBuilder:
                 if fast:
                     read_patches_of(fast, first.width, first.height, array)
         except SlideError as err:  # _which_failed reads the patches one by one to tell which fail
-            failing = next((samples[rows[0]] for rows in groups if os.fspath(samples[rows[0]].record.path) == err.path),
+            failing = next((samples[int(rows[0])] for rows in groups if os.fspath(samples[rows[0]].record.path) == err.path),
                            first)
             raise sample_failed(failing.record, err) from err
 
@@ -407,7 +428,11 @@ class BatchBuilder:
                output: OutputSpec, on_device: bool, failures: FailureBudget | None, stain: StainConfig | None,
                context: tuple[ContextScale, ...], context_by_mpp: bool) -> BuiltBatch:
         t0 = time.perf_counter()
-        params = draw_params_batch(augment, seed, epoch, [s.global_index for s in samples]) if augment is not None else []
+        if augment is None:
+            params: list[AugmentParams] = []
+        else:
+            indices = samples.global_index if isinstance(samples, SampleRun) else [s.global_index for s in samples]
+            params = draw_params_batch(augment, seed, epoch, indices)
         pixels, read = self.read_substituting(samples, params, failures)
         raw_context: list[torch.Tensor] = []
         if context:  # a sample whose context fails to read is substituted whole, as a failed image read is
@@ -570,6 +595,16 @@ def _read_upsampled(slide: Slide, f: float, x: int, y: int, w: int, h: int, out:
     resized = Image.fromarray(src).resize((w, h), Image.Resampling.BILINEAR,
                                           box=(box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0))
     np.copyto(out, np.asarray(resized))
+
+
+def _any_resampled(params: list[AugmentParams] | None) -> bool:
+    """Whether any sample's parameters rescale or shift its read (``_read_resampled``), from the table at once."""
+    if not params:
+        return False
+    if isinstance(params, ParamsBatch):
+        t = params.table
+        return bool(((t[:, 14] != 1.0) | (t[:, 15] != 0.0) | (t[:, 16] != 0.0)).any())
+    return any(p.scale != 1.0 or p.crop_shift != (0.0, 0.0) for p in params)
 
 
 def _region_groups(samples: list[Sample]) -> list[list[int]]:

@@ -33,7 +33,7 @@ from .blur import gaussian_kernel
 from .colour import (_LOG2_ADJUST, _MID_GREY, _RGB_TO_YIQ, _YIQ_TO_RGB, GREY_WEIGHTS, HED_FROM_RGB,
                      RGB_FROM_HED)
 from .geometry import aug_to_raw_point, reflect_indices
-from .params import AugmentParams, halos, params_table
+from .params import AugmentParams, halos, params_halos, params_table
 
 __all__ = ["pointwise", "coefficients", "blur", "blur_reflected_into", "to_planar", "geometry_maps", "warm_up"]
 
@@ -62,7 +62,7 @@ def _nhwc_numpy(x_u8: torch.Tensor, layout: str) -> np.ndarray:
     return arr if layout == "NHWC" else arr.transpose(0, 2, 3, 1)
 
 
-def pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams], layout: str, float_for: Sequence[bool],
+def pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams], layout: str, float_for: Sequence[bool] | np.ndarray,
               geometry: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Geometry (when ``geometry``; else ``x_u8`` is already flipped and turned), colour and HED on
     a CPU uint8 batch (``layout`` NHWC or NCHW).
@@ -147,7 +147,7 @@ def blur_reflected_into(f: torch.Tensor, params: Sequence[AugmentParams], dest: 
     ``out_u8[dest[n]]``, in one GIL-free call. Same bits as padding with ``index_select`` then
     ``blur.blur_valid`` and ``_to_uint8``, image by image."""
     table = params_table(params)
-    radius = halos(table)
+    radius = params_halos(params)
     n, _, h, w = f.shape
     if h < 1 or w < 1:
         raise ValueError(f"cannot blur empty images ({h}x{w})")

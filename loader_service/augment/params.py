@@ -226,9 +226,10 @@ def draw_params(config: AugmentConfig, seed: int, epoch: int, index: int) -> Aug
     )
 
 
-def draw_params_batch(config: AugmentConfig, seed: int, epoch: int, indices: Sequence[int]) -> list[AugmentParams]:
+def draw_params_batch(config: AugmentConfig, seed: int, epoch: int, indices: Sequence[int] | np.ndarray
+                      ) -> list[AugmentParams]:
     """``[draw_params(config, seed, epoch, i) for i in indices]``, equal field for field, drawn as one batch:
-    the uniforms in one GIL-free call (``sampling.streams``), the fields as array expressions."""
+    the uniforms in one GIL-free call (``sampling.streams``), the fields in another (``_params_kernel``)."""
     if len(indices) < 2:
         return [draw_params(config, seed, epoch, i) for i in indices]
     from loader_service.sampling.streams import uniforms  # numba: compiled on first use
@@ -236,40 +237,21 @@ def draw_params_batch(config: AugmentConfig, seed: int, epoch: int, indices: Seq
     for name, value in (("seed", seed), ("epoch", epoch)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 0:
             raise ValueError(f"draw_params: {name} must be a non-negative int (got {value!r}).")
-    idx = np.array([int(i) for i in indices], np.int64)
+    idx = indices if isinstance(indices, np.ndarray) and indices.dtype == np.int64 else \
+        np.array([int(i) for i in indices], np.int64)
     if (idx < 0).any():
         raise ValueError(f"draw_params: index must be a non-negative int (got {int(idx.min())}).")
-    u = uniforms([int(seed), int(epoch)], idx, [PARAMS_SALT], _N_UNIFORMS).T
+    from ._params_kernel import params_table_kernel  # numba: compiled on first use
+
+    u = uniforms([int(seed), int(epoch)], idx, [PARAMS_SALT], _N_UNIFORMS)
     c = config
-    lo, hi = c.blur_sigma
-
-    def sym(amplitude: float, v: np.ndarray) -> np.ndarray:  # as draw_params' sym, +0.0 as _finite adds
-        return amplitude * (2.0 * v - 1.0) + 0.0
-
-    n = len(idx)
-    fields: dict[str, Any] = {
-        "flip_h": (u[0] < 0.5) & c.flip, "flip_v": (u[1] < 0.5) & c.flip,
-        "rot90_k": np.minimum((u[2] * 4.0).astype(np.int64), 3) if c.rot90 else np.zeros(n, np.int64),
-        "brightness": 1.0 + sym(c.brightness, u[3]), "contrast": 1.0 + sym(c.contrast, u[4]),
-        "saturation": 1.0 + sym(c.saturation, u[5]), "hue": sym(c.hue, u[6]),
-        "blur_sigma": np.where(u[13] < c.blur_prob, lo + (hi - lo) * u[14], 0.0) + 0.0,
-        # Python's float pow, element by element: numpy's vectorised pow may differ in the last bit
-        "scale": np.array([(1.0 + c.scale) ** e for e in (2.0 * u[16] - 1.0).tolist()]) if c.scale > 0.0
-        else np.ones(n),
-    }
-    alpha = [1.0 + sym(c.hed_sigma, u[7 + k]) for k in range(3)]
-    beta = [sym(c.hed_bias, u[10 + k]) for k in range(3)]
-    shift = [sym(c.crop, u[17]), sym(c.crop, u[18])]
-    table = np.stack([fields["flip_h"], fields["flip_v"], fields["rot90_k"], fields["brightness"],
-                      fields["contrast"], fields["saturation"], fields["hue"], *alpha, *beta, fields["blur_sigma"],
-                      fields["scale"], *shift], axis=1).astype(np.float64)
-    floats = table[:, 3:]
-    if not (np.isfinite(floats).all() and (fields["brightness"] > 0).all() and (fields["contrast"] >= 0).all()
-            and (fields["saturation"] >= 0).all() and (fields["blur_sigma"] <= MAX_BLUR_SIGMA).all()
-            and (np.abs(shift) <= 1.0).all() and (fields["scale"] >= MIN_SCALE).all()
-            and (fields["scale"] <= MAX_SCALE).all()):
+    packed = np.array([c.flip, c.rot90, c.brightness, c.contrast, c.saturation, c.hue, c.hed_sigma, c.hed_bias,
+                       c.blur_prob, *c.blur_sigma, c.scale, c.crop, MAX_BLUR_SIGMA, MIN_SCALE, MAX_SCALE], np.float64)
+    table = np.empty((len(idx), len(TABLE_COLUMNS)), np.float64)
+    halo = np.empty(len(idx), np.int64)
+    if not params_table_kernel(u, packed, table, halo):
         return [draw_params(config, seed, epoch, int(i)) for i in idx]  # raises the per-field error
-    return ParamsBatch(table)
+    return ParamsBatch(table, halo)
 
 
 #: The columns of a parameter table (``ParamsBatch.table``, ``params_table``): one row per sample.
@@ -285,12 +267,21 @@ class ParamsBatch(Sequence[AugmentParams]):
     the batch kernels read ``table`` directly, so a batch costs no per-sample Python objects.
     """
 
-    def __init__(self, table: np.ndarray) -> None:
+    def __init__(self, table: np.ndarray, halo: np.ndarray | None = None) -> None:
         if table.ndim != 2 or table.shape[1] != len(TABLE_COLUMNS):
             raise ValueError(f"a parameter table has {len(TABLE_COLUMNS)} columns, got shape {table.shape}")
         self.table = table
         self.table.setflags(write=False)
+        self._halo = halo  # halos(table), when the maker has it
         self._made: dict[int, AugmentParams] = {}
+
+    @property
+    def halo(self) -> np.ndarray:
+        """``halos(self.table)``, computed once."""
+        if self._halo is None:
+            self._halo = halos(self.table)
+            self._halo.setflags(write=False)
+        return self._halo
 
     def __len__(self) -> int:
         return len(self.table)
@@ -338,6 +329,11 @@ def params_table(params: Sequence[AugmentParams]) -> np.ndarray:
     return np.array([(p.flip_h, p.flip_v, p.rot90_k, p.brightness, p.contrast, p.saturation, p.hue, *p.hed_alpha,
                       *p.hed_beta, p.blur_sigma, p.scale, *p.crop_shift) for p in params],
                     np.float64).reshape(len(params), len(TABLE_COLUMNS))
+
+
+def params_halos(params: Sequence[AugmentParams]) -> np.ndarray:
+    """:func:`halos` of the parameters' table (a :class:`ParamsBatch` keeps its own)."""
+    return params.halo if isinstance(params, ParamsBatch) else halos(params_table(params))
 
 
 def halos(table: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from . import cpu_kernels
 from .blur import blur_valid, gaussian_kernel
 from .colour import apply_colour, apply_hed, colour_coefficients, hed_coefficients
 from .geometry import apply_geometry, aug_rect_to_raw, reflect_indices
-from .params import AugmentParams, ParamsBatch, Rect, halos, params_table
+from .params import AugmentParams, ParamsBatch, Rect, params_halos, params_table
 from .resample import resample_rect
 
 __all__ = [
@@ -210,12 +210,13 @@ def _augment_batch_cpu(batch: torch.Tensor, params: list[AugmentParams], layout:
     """:func:`augment_batch` on the CPU: one fused pass (geometry to uint8) for samples without blur,
     the same pass to float32 then the blur for the others. Same bits as the torch ops."""
     table = params_table(params)
-    radius = halos(table)
-    out, f = cpu_kernels.pointwise(batch, params, layout, (radius > 0).tolist(), geometry=True)
+    radius = params_halos(params)
+    blur = radius > 0
+    out, f = cpu_kernels.pointwise(batch, params, layout, blur, geometry=True)
     if f is None:
         return out
-    blurred = np.flatnonzero(radius > 0)  # sample of each row of f
-    cpu_kernels.blur_reflected_into(f, ParamsBatch(table[blurred]), blurred, out)  # each with its own halo
+    blurred = np.flatnonzero(blur)  # sample of each row of f
+    cpu_kernels.blur_reflected_into(f, ParamsBatch(table[blurred], radius[blurred]), blurred, out)  # own halos
     return out
 
 

@@ -91,6 +91,14 @@ class ShardMap:
             return owner + (first + position) * world
         return position if self._unread is None else int(self._unread[position])
 
+    def global_indices(self, start: int, stop: int) -> np.ndarray:
+        """:meth:`global_index` of shard indices ``start..stop-1``, as one int64 array."""
+        position = self.rank + np.arange(start, stop, dtype=np.int64) * self.world_size
+        if self._one_shard is not None:
+            owner, first, world = self._one_shard
+            return owner + (first + position) * world
+        return position if self._unread is None else self._unread[position]
+
 
 def _one_shard_left(epoch_length: int, resume: ResumeStages) -> tuple[int, int, int] | None:
     """(rank, cursor, world) when the stages left one rank's shard only: a single stage in which every other

@@ -35,7 +35,7 @@ from loader_service.sampling.streams import StreamBatch
 if TYPE_CHECKING:
     from loader_service.annotations import SessionAnnotations
 
-__all__ = ["Sample", "EpochPlan", "ShardCursor", "sample_rng", "reads_by_mpp"]
+__all__ = ["Sample", "SampleRun", "EpochPlan", "ShardCursor", "sample_rng", "reads_by_mpp"]
 
 _SALT_SAMPLE = 0x5A17  # distinct streams for sampling and augmentation (augment draws its own)
 _SALT_ORDER = 0x0D3E
@@ -67,6 +67,26 @@ class Sample:
     region: Rect4 | None = None  # locality sampling: the region this patch was cut from (contains the patch)
     substituted: str = ""  # why this replaces the index's own draw ("quarantined", a failure reason); "" = it is
     attempt: int = 0  # 0: the index's own draw; n: its n-th substitute draw (EpochPlan.substitute)
+
+
+class SampleRun(list[Sample]):
+    """Random patches drawn together (:meth:`EpochPlan.samples`): the list of :class:`Sample`, and what a batch
+    read and a forecast need of them as arrays, so that they group and place the patches without a Python step
+    per sample: ``slide`` (the plan's slide index of each sample), ``x``, ``y``, ``global_index`` (int64),
+    ``width``, ``height``
+    and ``reads``: each slide's ``(record, level)``. Every sample of a run is a plain level read (no locality
+    region, read at its level's own pixels, not by mpp).
+
+    Only :meth:`EpochPlan.samples` makes one, and never with substitutes in it; anything that changes the list
+    makes a plain ``list`` of it first (``list(run)``), so the arrays always describe the samples."""
+
+    slide: np.ndarray
+    global_index: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    width: int
+    height: int
+    reads: dict[int, tuple[SlideRecord, int]]
 
 
 _SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Sample))
@@ -290,15 +310,14 @@ class EpochPlan:
         x, y = self._slides[slide][1].cells[position - self._offsets[slide]]
         return slide, int(x), int(y)
 
-    def _random_rows(self, global_indices: list[int]) -> list[list[int]]:
+    def _random_rows(self, global_indices: np.ndarray) -> np.ndarray:
         """:meth:`_random_sample` of many indices in one GIL-free call: (slide, x, y) rows, the same values."""
         if self._stream is None:
             self._stream = StreamBatch(
                 [self.spec.seed, self.epoch], [_SALT_SAMPLE], self._cdf, [c.cells for _, c in self._slides],
                 np.array([(c.geometry.width, c.geometry.height) for _, c in self._slides], np.int64))
-        rows = self._stream.places(np.array(global_indices, np.int64), self.spec.patch_size, self.spec.height,
+        return self._stream.places(global_indices, self.spec.patch_size, self.spec.height,
                                    self._jitter)
-        return rows.tolist()
 
     # --- public ------------------------------------------------------------------------------------------
     def samples(self, start: int, stop: int) -> list[Sample]:
@@ -311,25 +330,38 @@ class EpochPlan:
             return [self.sample(i) for i in range(start, stop)]
         if not 0 <= start <= stop <= self.shard_length:
             raise IndexError(f"shard indices {start}..{stop - 1} outside 0..{self.shard_length - 1}")
-        global_indices = [self._shards.global_index(i) for i in range(start, stop)]
-        templates: dict[int, tuple[dict[str, Any], bool]] = {}  # slide -> (its samples' fields, avoided)
-        out = []
-        for i, g, (slide, x, y) in zip(range(start, stop), global_indices, self._random_rows(global_indices)):
+        global_array = self._shards.global_indices(start, stop)
+        global_indices = global_array.tolist()
+        rows = self._random_rows(global_array)
+        templates: dict[int, tuple[dict[str, Any], bool, bool]] = {}  # slide -> see _template
+        out = SampleRun()
+        avoided = False
+        for i, g, (slide, x, y) in zip(range(start, stop), global_indices, rows.tolist()):
             template = templates.get(slide)
             if template is None:
                 template = templates[slide] = self._template(slide)
             drawn = _new_sample({**template[0], "index": i, "global_index": g, "x": x, "y": y})
-            out.append(self.substitute(drawn, 1, "quarantined") if template[1] else drawn)
+            if template[1]:
+                avoided = True
+                drawn = self.substitute(drawn, 1, "quarantined")
+            out.append(drawn)
+        if avoided or not all(t[2] for t in templates.values()):
+            return list(out)  # substitutes (other slides), or reads by mpp: no arrays
+        out.slide, out.x, out.y = rows[:, 0].copy(), rows[:, 1].copy(), rows[:, 2].copy()
+        out.global_index = global_array
+        out.reads = {slide: (t[0]["record"], t[0]["level"]) for slide, t in templates.items()}
+        out.width, out.height = self.spec.patch_size, self.spec.height
         return out
 
-    def _template(self, slide: int) -> tuple[dict[str, Any], bool]:
-        """The fields :meth:`_make` gives every random sample of ``slide`` but index and place, and whether the
-        slide is avoided."""
+    def _template(self, slide: int) -> tuple[dict[str, Any], bool, bool]:
+        """The fields :meth:`_make` gives every random sample of ``slide`` but index and place; whether the
+        slide is avoided; whether its samples are read at their level's own pixels (not by mpp)."""
         record, cands = self._slides[slide]
         geo = cands.geometry
         fields = {"record": record, "level": geo.level, "mpp": geo.mpp, "width": self.spec.patch_size,
                   "height": self.spec.height, "padding": False, "region": None, "substituted": "", "attempt": 0}
-        return fields, record.path in self.avoid
+        return fields, record.path in self.avoid, not reads_by_mpp(_new_sample({**fields, "index": 0,
+                                                                              "global_index": 0, "x": 0, "y": 0}))
 
     def samples_ahead(self, start: int, stop: int) -> list[Sample]:
         """:meth:`samples`, also kept for the next ``samples(start, stop)``: a forecast looks at batches before
