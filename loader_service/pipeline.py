@@ -174,16 +174,17 @@ class BatchBuilder:
             if failures is None:
                 raise err
             failed.update(self._which_failed(samples, params, array, idx, err))
-        samples = list(samples)
-        for i in sorted(failed):  # index order: the same substitutes whatever the thread timing
-            assert failures is not None
-            samples[i], pixels = self._substitute(samples[i], params[i], array[i], failed[i], failures)
-            if pixels is not None:  # whole slides: the substitute has its own size (batches of one)
-                buffer = torch.from_numpy(pixels[None]).pin_memory() if self.device.type == "cuda" \
-                    else torch.from_numpy(pixels[None])
-        quarantined = sum(1 for s in samples if s.substituted == "quarantined")
-        if quarantined:
-            self.metrics.samples_failed.labels(reason="quarantined").inc(quarantined)
+        if failed or not isinstance(samples, SampleRun):  # a run has no substitutes: it stays as it is
+            samples = list(samples)
+            for i in sorted(failed):  # index order: the same substitutes whatever the thread timing
+                assert failures is not None
+                samples[i], pixels = self._substitute(samples[i], params[i], array[i], failed[i], failures)
+                if pixels is not None:  # whole slides: the substitute has its own size (batches of one)
+                    buffer = torch.from_numpy(pixels[None]).pin_memory() if self.device.type == "cuda" \
+                        else torch.from_numpy(pixels[None])
+            quarantined = sum(1 for s in samples if s.substituted == "quarantined")
+            if quarantined:
+                self.metrics.samples_failed.labels(reason="quarantined").inc(quarantined)
         self.metrics.samples_decoded.inc(len(samples))
         return buffer, samples
 
@@ -437,7 +438,7 @@ class BatchBuilder:
         raw_context: list[torch.Tensor] = []
         if context:  # a sample whose context fails to read is substituted whole, as a failed image read is
             raw_context, read = self._read_context(read, params, pixels.numpy(), context, context_by_mpp, failures)
-        if failures is not None:
+        if failures is not None and not isinstance(read, SampleRun):
             labels = [failures.label_of(s.record) if s.substituted else label for s, label in zip(read, labels)]
         samples = read
         t1 = time.perf_counter()
@@ -457,7 +458,8 @@ class BatchBuilder:
         t2 = time.perf_counter()
         self.metrics.stage["read"].observe(t1 - t0)
         self.metrics.stage["augment"].observe(t2 - t1)
-        built = BuiltBatch(images, torch.tensor(labels, dtype=torch.int64), samples, {"read": t1 - t0, "augment": t2 - t1})
+        built = BuiltBatch(images, torch.from_numpy(np.asarray(labels, np.int64)), samples,
+                           {"read": t1 - t0, "augment": t2 - t1})
         if context:
             pending = iter(raw_context)  # read above, one tensor per scale in order
             built.context, built.context_samples = build_context(samples, params, context, context_by_mpp,

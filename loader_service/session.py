@@ -26,7 +26,7 @@ from loader_service.handoff import Wakeup
 from loader_service.metrics import Metrics
 from loader_service.pipeline import BuiltBatch
 from loader_service.requests import SessionRequest
-from loader_service.sampling import EpochPlan, Sample, ShardCursor
+from loader_service.sampling import EpochPlan, Sample, SampleRun, ShardCursor
 from loader_service.transport import batch_response
 from loader_service.transport.cuda_ipc import CudaSlotPool
 from loader_service.transport.shm import SlotBook, SlotPool
@@ -248,7 +248,8 @@ class Session:
             samples = self.cursor.next_batch()
             if samples is None:
                 return
-            labels = [self.plan.label_index(s.record) for s in samples]
+            labels = samples.label if isinstance(samples, SampleRun) else [self.plan.label_index(s.record)
+                                                                            for s in samples]
             if not view.pieces_per_sample:
                 if self.forecast is not None:
                     self.forecast.ahead(start)
@@ -346,7 +347,8 @@ class Session:
                     return
                 self._count(built, nbytes, built.timings.get("serialize", 0.0), sent_s)
                 sent += len(built.samples)
-                substituted += sum(1 for s in built.samples if s.substituted)
+                if not isinstance(built.samples, SampleRun):  # a run has no substitutes
+                    substituted += sum(1 for s in built.samples if s.substituted)
             self.completed = True  # before the yield: the client may hang up as soon as it sees the end
             yield pb.StreamResponse(end=pb.EndOfEpoch(samples=sent, cursor=self.cursor.cursor, substituted=substituted))
         finally:

@@ -330,3 +330,37 @@ def coefficients_kernel(table: Any, grey: Any, yiq_to_rgb: Any, rgb_to_yiq: Any,
             for k in range(1, 3):
                 acc = acc + table[n, 10 + k] * rgb_from_hed[k, j]
             hed[n, j, 3] = np.float32(acc * log2_adjust)
+
+
+@_jit("UniTuple(int64, 4)(float64[:, ::1], int64, int64, boolean[::1], float64[::1], float64[:, ::1], "
+      "float64[:, ::1], float64[:, ::1], float64[:, ::1], float64, float64, int64[:, ::1], float32[:, :, ::1], "
+      "float32[:, :, ::1], int64[::1])")
+def prepare_pointwise_kernel(table: Any, h: int, w: int, float_for: Any, grey: Any, yiq_to_rgb: Any, rgb_to_yiq: Any,
+                             hed_from_rgb: Any, rgb_from_hed: Any, log2_adjust: float, mid_grey: float, maps: Any,
+                             colour: Any, hed: Any, fidx: Any) -> tuple[int, int, int, int]:
+    """Everything cpu_kernels.pointwise works out before its pass, in one call: the geometry maps, whether any
+    sample changes colour or HED and then the coefficients (zeros otherwise, as before), each sample's row of
+    the float output (-1: none). Returns (rot90 parity of every sample, or -1 when they mix; do_colour;
+    do_hed; samples with a float row)."""
+    n = table.shape[0]
+    geometry_kernel(table, h, w, maps)
+    parity = np.int64(table[0, 2]) % 2 if n else 0
+    do_colour = do_hed = False
+    k = 0
+    for i in range(n):
+        if np.int64(table[i, 2]) % 2 != parity:
+            parity = -1 if parity >= 0 else parity
+        if table[i, 3] != 1.0 or table[i, 4] != 1.0 or table[i, 5] != 1.0 or table[i, 6] != 0.0:
+            do_colour = True
+        for c in range(3):
+            if table[i, 7 + c] != 1.0 or table[i, 10 + c] != 0.0:
+                do_hed = True
+        fidx[i] = k if float_for[i] else -1
+        k += 1 if float_for[i] else 0
+    if do_colour or do_hed:
+        coefficients_kernel(table, grey, yiq_to_rgb, rgb_to_yiq, hed_from_rgb, rgb_from_hed, log2_adjust, mid_grey,
+                            colour, hed)
+    else:
+        colour[:] = np.float32(0.0)
+        hed[:] = np.float32(0.0)
+    return parity, np.int64(do_colour), np.int64(do_hed), k

@@ -73,24 +73,30 @@ def pointwise(x_u8: torch.Tensor, params: Sequence[AugmentParams], layout: str, 
     n = len(params)
     src = _nhwc_numpy(x_u8, layout)
     hw = (src.shape[1], src.shape[2])
-    table = params_table(params)
-    sizes = {hw[::-1] if odd else hw for odd in set((table[:, 2] % 2).tolist())} if geometry else {hw}
-    if len(sizes) != 1 or len(float_for) != n or src.shape[0] != n or src.shape[3] != 3 or min(hw) < 1:
-        raise ValueError(f"pointwise: {n} params, {len(float_for)} flags for a batch of shape {src.shape} "
+    table = np.array(params_table(params), np.float64, order="C")  # a copy: the kernel takes writable arrays
+    if not geometry:
+        table[:, :3] = 0.0  # x_u8 is already flipped and turned: identity maps
+    flags = np.ascontiguousarray(float_for, np.bool_)
+    geo = np.empty((n, 6), np.int64)
+    colour, hed = np.empty((n, 3, 4), np.float32), np.empty((n, 3, 4), np.float32)
+    fidx = np.empty(n, np.int64)
+    parity = -2
+    if flags.shape == (n,) and src.shape[0] == n and src.shape[3] == 3 and min(hw) >= 1:
+        parity, do_colour, do_hed, k = _compiled().prepare_pointwise_kernel(
+            table, hw[0], hw[1], flags, GREY_WEIGHTS, _YIQ_TO_RGB, _RGB_TO_YIQ, HED_FROM_RGB, RGB_FROM_HED,
+            _LOG2_ADJUST, _MID_GREY, geo, colour, hed, fidx)
+        if parity == -1 and hw[0] == hw[1]:
+            parity = 0  # mixed quarter turns of square images: one output size
+    if parity < 0:
+        sizes = {hw[::-1] if odd else hw for odd in set((table[:, 2] % 2).tolist())}
+        raise ValueError(f"pointwise: {n} params, {flags.size} flags for a batch of shape {src.shape} "
                          f"({layout}) with output sizes {sorted(sizes)}; need one set of each per image, "
                          "3 channels, non-empty images, and one output size")
-    (oh, ow), = sizes
-    geo = geometry_maps(params if geometry else [AugmentParams()] * n, hw)
-    do_colour = bool((table[:, 3:6] != 1.0).any() or (table[:, 6] != 0.0).any())
-    do_hed = bool((table[:, 7:10] != 1.0).any() or (table[:, 10:13] != 0.0).any())
-    colour, hed = coefficients(table) if do_colour or do_hed else (np.zeros((n, 3, 4), np.float32),) * 2
-    fidx = np.cumsum(float_for, dtype=np.int64) - 1
-    fidx[~np.asarray(float_for, dtype=bool)] = -1
-    k = int(np.count_nonzero(float_for))
+    oh, ow = hw[::-1] if parity else hw
     u8 = torch.empty((n, 3, oh, ow), dtype=torch.uint8)
     f = torch.empty((k, 3, oh, ow), dtype=torch.float32) if k else None
     out_f = f.numpy() if f is not None else np.empty((1, 3, 1, 1), np.float32)
-    _compiled().pointwise_kernel(src, geo, colour, hed, do_colour, do_hed, fidx, u8.numpy(), out_f)
+    _compiled().pointwise_kernel(src, geo, colour, hed, bool(do_colour), bool(do_hed), fidx, u8.numpy(), out_f)
     return u8, f
 
 

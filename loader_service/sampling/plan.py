@@ -16,11 +16,11 @@ index), so sharding and cursors behave exactly as with independent draws.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -69,24 +69,70 @@ class Sample:
     attempt: int = 0  # 0: the index's own draw; n: its n-th substitute draw (EpochPlan.substitute)
 
 
-class SampleRun(list[Sample]):
-    """Random patches drawn together (:meth:`EpochPlan.samples`): the list of :class:`Sample`, and what a batch
-    read and a forecast need of them as arrays, so that they group and place the patches without a Python step
-    per sample: ``slide`` (the plan's slide index of each sample), ``x``, ``y``, ``global_index`` (int64),
-    ``width``, ``height``
-    and ``reads``: each slide's ``(record, level)``. Every sample of a run is a plain level read (no locality
-    region, read at its level's own pixels, not by mpp).
+class SampleRun(Sequence[Sample]):
+    """Random patches drawn together (:meth:`EpochPlan.samples`) as arrays: a sequence of :class:`Sample` whose
+    objects are made only when asked for, so that the service's patch path (read, augment, message) handles a
+    batch without a Python step or object per sample.
 
-    Only :meth:`EpochPlan.samples` makes one, and never with substitutes in it; anything that changes the list
-    makes a plain ``list`` of it first (``list(run)``), so the arrays always describe the samples."""
+    The arrays: ``slide`` (the plan's slide index of each sample), ``x``, ``y``, ``global_index`` and ``label``
+    (the label index), all int64; ``width`` and ``height``; ``start``, the shard index of the first sample; and
+    per slide, ``fields``: what every sample of the slide has in common. Every sample of a run is a plain level
+    read (no locality region, read at its level's own pixels, not by mpp) and none is a substitute; code that
+    changes samples makes a plain ``list`` first (``list(run)``)."""
 
-    slide: np.ndarray
-    global_index: np.ndarray
-    x: np.ndarray
-    y: np.ndarray
-    width: int
-    height: int
-    reads: dict[int, tuple[SlideRecord, int]]
+    def __init__(self, start: int, slide: np.ndarray, global_index: np.ndarray, x: np.ndarray, y: np.ndarray,
+                 label: np.ndarray, fields: dict[int, dict[str, Any]], width: int, height: int) -> None:
+        self.start, self.slide, self.global_index, self.x, self.y, self.label = start, slide, global_index, x, y, label
+        self.fields, self.width, self.height = fields, width, height
+        self._made: list[Sample] | None = None
+
+    @property
+    def reads(self) -> dict[int, tuple[SlideRecord, int]]:
+        """Each slide's ``(record, level)``."""
+        return {slide: (f["record"], f["level"]) for slide, f in self.fields.items()}
+
+    def __len__(self) -> int:
+        return len(self.slide)
+
+    def _one(self, i: int) -> Sample:
+        return _new_sample({**self.fields[int(self.slide[i])], "index": self.start + i,
+                            "global_index": int(self.global_index[i]), "x": int(self.x[i]), "y": int(self.y[i])})
+
+    def samples(self) -> list[Sample]:
+        """Every sample as an object (made once)."""
+        if self._made is None:
+            fields, start = self.fields, self.start
+            self._made = [_new_sample({**fields[s], "index": start + i, "global_index": g, "x": x, "y": y})
+                          for i, (s, g, x, y) in enumerate(zip(self.slide.tolist(), self.global_index.tolist(),
+                                                               self.x.tolist(), self.y.tolist()))]
+        return self._made
+
+    @overload
+    def __getitem__(self, i: int) -> Sample: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Sample]: ...
+
+    def __getitem__(self, i: int | slice) -> Sample | list[Sample]:
+        if isinstance(i, slice) or self._made is not None:
+            return self.samples()[i]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} outside a run of {n}")
+        return self._one(i % n)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, SampleRun)):
+            return self.samples() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"SampleRun({len(self)} samples from shard index {self.start})"
 
 
 _SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Sample))
@@ -168,6 +214,7 @@ class EpochPlan:
                 f"{spec.tissue_threshold}; lower the threshold, the region size or the level"
             )
         self._label_index = index.label_index
+        self._labels_of_slides: np.ndarray | None = None  # see _slide_labels
         self.labels: list[str] = list(index.labels)
         if spec.mode == "random" and not spec.whole_slide:
             self._init_random()
@@ -331,27 +378,24 @@ class EpochPlan:
         if not 0 <= start <= stop <= self.shard_length:
             raise IndexError(f"shard indices {start}..{stop - 1} outside 0..{self.shard_length - 1}")
         global_array = self._shards.global_indices(start, stop)
-        global_indices = global_array.tolist()
         rows = self._random_rows(global_array)
-        templates: dict[int, tuple[dict[str, Any], bool, bool]] = {}  # slide -> see _template
-        out = SampleRun()
-        avoided = False
-        for i, g, (slide, x, y) in zip(range(start, stop), global_indices, rows.tolist()):
-            template = templates.get(slide)
-            if template is None:
-                template = templates[slide] = self._template(slide)
-            drawn = _new_sample({**template[0], "index": i, "global_index": g, "x": x, "y": y})
-            if template[1]:
-                avoided = True
-                drawn = self.substitute(drawn, 1, "quarantined")
-            out.append(drawn)
-        if avoided or not all(t[2] for t in templates.values()):
-            return list(out)  # substitutes (other slides), or reads by mpp: no arrays
-        out.slide, out.x, out.y = rows[:, 0].copy(), rows[:, 1].copy(), rows[:, 2].copy()
-        out.global_index = global_array
-        out.reads = {slide: (t[0]["record"], t[0]["level"]) for slide, t in templates.items()}
-        out.width, out.height = self.spec.patch_size, self.spec.height
-        return out
+        slides = rows[:, 0]
+        templates = {slide: self._template(slide) for slide in np.unique(slides).tolist()}
+        if any(t[1] or not t[2] for t in templates.values()):  # quarantined slides, or reads by mpp: objects
+            out = []
+            for i, g, (slide, x, y) in zip(range(start, stop), global_array.tolist(), rows.tolist()):
+                drawn = _new_sample({**templates[slide][0], "index": i, "global_index": g, "x": x, "y": y})
+                out.append(self.substitute(drawn, 1, "quarantined") if templates[slide][1] else drawn)
+            return out
+        return SampleRun(start, slides.copy(), global_array, rows[:, 1].copy(), rows[:, 2].copy(),
+                         self._slide_labels()[slides], {slide: t[0] for slide, t in templates.items()},
+                         self.spec.patch_size, self.spec.height)
+
+    def _slide_labels(self) -> np.ndarray:
+        """Each of the plan's slides' label index (int64), worked out once."""
+        if self._labels_of_slides is None:
+            self._labels_of_slides = np.array([self.label_index(record) for record, _ in self._slides], np.int64)
+        return self._labels_of_slides
 
     def _template(self, slide: int) -> tuple[dict[str, Any], bool, bool]:
         """The fields :meth:`_make` gives every random sample of ``slide`` but index and place; whether the

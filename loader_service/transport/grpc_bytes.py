@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from loader_service.context import resampled_mpp
+from loader_service.sampling import SampleRun
 from wsi_loader.v1 import loader_pb2 as pb
 
 if TYPE_CHECKING:
@@ -47,6 +49,9 @@ def add_sample_meta(batch: pb.Batch, built: BuiltBatch, labels: list[str]) -> No
         piece = pb.Piece(image_height=p.image_hw[0], image_width=p.image_hw[1], y=p.rect.y, x=p.rect.x,
                          height=p.rect.height, width=p.rect.width, core_y=p.core.y, core_x=p.core.x,
                          core_height=p.core.height, core_width=p.core.width, index=p.index, count=p.count)
+    if piece is None and not built.context_samples and isinstance(built.samples, SampleRun) and len(built.samples):
+        _add_run_meta(batch, built.samples, built.labels.tolist(), labels)
+        return
     add = batch.samples.add
     slide_ids: dict[int, str] = {}
     for i, (sample, label) in enumerate(zip(built.samples, built.labels.tolist())):
@@ -62,6 +67,30 @@ def add_sample_meta(batch: pb.Batch, built: BuiltBatch, labels: list[str]) -> No
         if built.context_samples:
             meta.context.extend(pb.ContextPlace(level=c[i].level, mpp=resampled_mpp(c[i]), x=c[i].x, y=c[i].y,
                                                 size=c[i].width) for c in built.context_samples)
+
+
+def _add_run_meta(batch: pb.Batch, run: SampleRun, label_of: list[int], labels: list[str]) -> None:
+    """:func:`add_sample_meta` of a run (no piece, no context): one template per slide, one compiled call
+    (``_meta_kernel``), one parse."""
+    from ._meta_kernel import MAX_EXTRA_BYTES, encode_run_meta  # numba: imported on first use
+
+    slides, first, which = np.unique(run.slide, return_index=True, return_inverse=True)  # first: a slide's label
+    made = [_template(run.fields[s]["record"].slide_id, run.fields[s]["level"], run.fields[s]["mpp"], run.width,
+                      run.height, labels[label_of[i]], label_of[i]) for s, i in zip(slides.tolist(), first.tolist())]
+    starts = np.cumsum([0] + [len(t) for t in made])
+    templates = np.frombuffer(bytearray(b"".join(made)) or bytearray(1), np.uint8)  # writable, as the kernel takes
+    index = np.arange(run.start, run.start + len(run), dtype=np.int64)
+    out = np.empty(int(starts[-1]) * len(run) + MAX_EXTRA_BYTES * len(run), np.uint8)
+    size = encode_run_meta(templates, starts.astype(np.int64), which.astype(np.int64), run.x,
+                           run.y, index, out)
+    batch.MergeFromString(out[:size].tobytes())
+
+
+@functools.lru_cache(maxsize=4096)
+def _template(slide_id: str, level: int, mpp: float, width: int, height: int, label: str, label_index: int) -> bytes:
+    """The serialised ``SampleMeta`` fields a slide's samples share (x, y and index left out)."""
+    return pb.SampleMeta(slide_id=slide_id, level=level, mpp=mpp, width=width, height=height, label=label,
+                         label_index=label_index).SerializeToString()
 
 
 def batch_response(built: BuiltBatch, sequence: int, cursor_after: int, labels: list[str],
@@ -80,7 +109,8 @@ def batch_response(built: BuiltBatch, sequence: int, cursor_after: int, labels: 
         batch.images.CopyFrom(images)
     fill_tensor(batch.labels, built.labels)
     add_sample_meta(batch, built, labels)
-    batch.substituted.extend(s.index for s in built.samples if s.substituted)
+    if not isinstance(built.samples, SampleRun):  # a run has no substitutes
+        batch.substituted.extend(s.index for s in built.samples if s.substituted)
     if built.masks is not None:
         fill_tensor(batch.masks, built.masks)
     if built.classes is not None:
