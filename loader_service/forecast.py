@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from loader_service.dataset import SlideHandles, SlideRecord
-from loader_service.sampling import EpochPlan, Sample, SampleRun, reads_by_mpp
+from loader_service.sampling import EpochPlan, Sample, SampleRun, group_by_slide, reads_by_mpp
 from loader_service.slides import TileCache
 
 __all__ = ["TileForecast"]
@@ -177,15 +177,16 @@ def _level_reads(batches: list[list[Sample]]) -> list[tuple[SlideRecord, int, in
     height, xs, ys)``. Grouped with arrays when every batch is a :class:`SampleRun`, sample by sample otherwise."""
     if batches and all(isinstance(b, SampleRun) for b in batches):
         runs: list[SampleRun] = batches  # type: ignore[assignment]
-        slide = np.concatenate([r.slide for r in runs])
-        xs, ys = np.concatenate([r.x for r in runs]), np.concatenate([r.y for r in runs])
-        order = np.argsort(slide, kind="stable")
-        cuts = np.flatnonzero(np.diff(slide[order])) + 1
-        reads = {k: v for r in runs for k, v in r.reads.items()}
+        one = len(runs) == 1
+        slide = runs[0].slide if one else np.concatenate([r.slide for r in runs])
+        xs = runs[0].x if one else np.concatenate([r.x for r in runs])
+        ys = runs[0].y if one else np.concatenate([r.y for r in runs])
+        fields = runs[0].fields if one else {k: v for r in runs for k, v in r.fields.items()}
+        grouped = group_by_slide(slide)
         out = []
-        for rows in np.split(order, cuts):
-            record, level = reads[int(slide[rows[0]])]
-            out.append((record, level, runs[0].width, runs[0].height, xs[rows], ys[rows]))
+        for g, s in enumerate(grouped.slides):
+            rows = grouped.rows(g)
+            out.append((fields[s]["record"], fields[s]["level"], runs[0].width, runs[0].height, xs[rows], ys[rows]))
         return out
     groups: dict[tuple[Path, int, int, int], tuple[SlideRecord, list[int], list[int]]] = {}
     for batch in batches:

@@ -141,8 +141,10 @@ class BatchBuilder:
                           failures: FailureBudget | None) -> tuple[torch.Tensor, list[Sample]]:
         """:meth:`read`, and the samples actually read: a sample whose read fails is counted against its slide
         and, with ``on_error='skip'``, replaced by its next substitute draw (``Sample.substituted`` says why)."""
-        first = samples[0]
-        shape = (len(samples), first.height, first.width, 3)
+        if isinstance(samples, SampleRun):
+            shape = (len(samples), samples.height, samples.width, 3)
+        else:
+            shape = (len(samples), samples[0].height, samples[0].width, 3)
         buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         array = buffer.numpy()
         run = isinstance(samples, SampleRun) and len(samples) > 1 and not _any_resampled(params)
@@ -210,43 +212,45 @@ class BatchBuilder:
         n = len(run)
         parts = self._chunk_count(n)
         inline = n > self.workers
-        tasks: list[tuple[list[int], Callable[[], None]]] = []
-        for k in range(parts):
-            lo, hi = n * k // parts, n * (k + 1) // parts
-            slides = run.slide[lo:hi]
-            order = np.argsort(slides, kind="stable")
-            groups = np.split(order + lo, np.flatnonzero(np.diff(slides[order])) + 1)
-            tasks.append((list(range(lo, hi)), partial(self._read_patches, run, groups, array, opened, inline)))
-        return tasks
+        grouped = run.groups(parts)
+        by_part: list[list[np.ndarray]] = [[] for _ in range(parts)]
+        for g, part in enumerate(grouped.parts):
+            by_part[part].append(grouped.rows(g))
+        return [(list(range(n * k // parts, n * (k + 1) // parts)),
+                 partial(self._read_patches, run, groups, array, opened, inline)) for k, groups in enumerate(by_part)]
 
     def _read_patches(self, samples: list[Sample], groups: list[list[int]] | list[np.ndarray], array: np.ndarray,
                       opened: dict[Path, Slide], inline: bool) -> None:
         """Patches of several slides and levels (one group of batch rows per slide and level) into their rows of
         the batch buffer, as one read where the slides allow."""
         fast: list[tuple[TiffSlide, int, np.ndarray, np.ndarray, np.ndarray]] = []
-        first = samples[groups[0][0]]
+        run = samples if isinstance(samples, SampleRun) else None
+        head = samples[int(groups[0][0])] if run is None else run
+        width, height = head.width, head.height
         try:
             with DecodePool.inline() if inline else nullcontext():
                 for rows in groups:
-                    first = samples[int(rows[0])]
-                    slide = opened.get(first.record.path)
-                    if slide is None:
-                        slide = opened[first.record.path] = self.handles.for_record(first.record)
-                    if isinstance(samples, SampleRun):
-                        xs, ys = samples.x[rows], samples.y[rows]
+                    if run is not None:  # the slide's fields and the places as arrays: no Sample made
+                        fields = run.fields[int(run.slide[rows[0]])]
+                        record, level = fields["record"], fields["level"]
+                        xs, ys = run.x[rows], run.y[rows]
                     else:
+                        first = samples[int(rows[0])]
+                        record, level = first.record, first.level
                         xs = np.fromiter((samples[i].x for i in rows), np.int64, len(rows))
                         ys = np.fromiter((samples[i].y for i in rows), np.int64, len(rows))
+                    slide = opened.get(record.path)
+                    if slide is None:
+                        slide = opened[record.path] = self.handles.for_record(record)
                     if isinstance(slide, TiffSlide):
-                        fast.append((slide, first.level, xs, ys, np.asarray(rows, np.int64)))
+                        fast.append((slide, level, xs, ys, np.asarray(rows, np.int64)))
                     else:
-                        slide.read_patches(first.level, xs, ys, first.width, first.height, array,
-                                           np.asarray(rows, np.int64))
+                        slide.read_patches(level, xs, ys, width, height, array, np.asarray(rows, np.int64))
                 if fast:
-                    read_patches_of(fast, first.width, first.height, array)
+                    read_patches_of(fast, width, height, array)
         except SlideError as err:  # _which_failed reads the patches one by one to tell which fail
-            failing = next((samples[int(rows[0])] for rows in groups if os.fspath(samples[rows[0]].record.path) == err.path),
-                           first)
+            failing = next((samples[int(rows[0])] for rows in groups
+                            if os.fspath(samples[int(rows[0])].record.path) == err.path), samples[int(groups[0][0])])
             raise sample_failed(failing.record, err) from err
 
     def _chunk_count(self, tasks: int) -> int:

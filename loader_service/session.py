@@ -210,7 +210,7 @@ class Session:
             built = self._build(samples, labels, piece)
         finally:
             if self.forecast is not None and piece is None:
-                self.forecast.done(samples[0].index)
+                self.forecast.done(samples.start if isinstance(samples, SampleRun) else samples[0].index)
         nbytes = built.images.numel() * built.images.element_size()
         t0 = time.perf_counter()
         tensor: pb.Tensor | None = None  # None: the pixels travel as bytes in the message
@@ -368,9 +368,9 @@ class Session:
         self.metrics.stage["send"].observe(send_s)
         counted = self._counted
         if counted is None:  # the session's children of the labelled counters, looked up once
-            counted = self._counted = (self.metrics.patches.labels(dataset=self.request.dataset, transport=self.transport),
-                                       self.metrics.bytes.labels(transport=self.transport),
-                                       self.metrics.batches.labels(transport=self.transport))
+            m, transport = self.metrics, self.transport
+            counted = self._counted = (m.patches.labels(dataset=self.request.dataset, transport=transport),
+                                       m.bytes.labels(transport=transport), m.batches.labels(transport=transport))
         counted[0].inc(len(built.samples))
         counted[1].inc(nbytes)
         counted[2].inc()

@@ -164,7 +164,7 @@ def blur_reflected_into(f: torch.Tensor, params: Sequence[AugmentParams], dest: 
         return
     top = int(radius.max())
     kernels = np.zeros((n, 2 * top + 1), np.float32)
-    for r in np.unique(radius).tolist():  # a few distinct halos per batch
+    for r in sorted(set(radius.tolist())):  # a few distinct halos per batch
         rows = radius == r
         kernels[rows, :2 * r + 1] = _gaussian_rows(table[rows, 13], r)
     _compiled().blur_reflect_kernel(np.ascontiguousarray(f.numpy()), kernels, radius, _reflect_table(top, h),

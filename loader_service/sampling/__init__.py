@@ -2,10 +2,10 @@
 
 from loader_service.sampling.candidates import CandidateCache, Candidates, SlideGeometry
 from loader_service.sampling.elastic import ResumeStages, ShardMap
-from loader_service.sampling.plan import (EpochPlan, Sample, SampleRun, ShardCursor, reads_by_mpp, sample_rng,
-                                          sample_scale)
+from loader_service.sampling.plan import (EpochPlan, RunGroups, Sample, SampleRun, ShardCursor, group_by_slide,
+                                          reads_by_mpp, sample_rng, sample_scale)
 from loader_service.sampling.spec import BALANCES, MODES, SamplingSpec
 
-__all__ = ["BALANCES", "MODES", "CandidateCache", "Candidates", "EpochPlan", "ResumeStages", "Sample", "SampleRun",
-           "SamplingSpec", "ShardCursor", "ShardMap", "SlideGeometry", "reads_by_mpp", "sample_rng",
+__all__ = ["BALANCES", "MODES", "CandidateCache", "Candidates", "EpochPlan", "ResumeStages", "RunGroups", "Sample", "SampleRun",
+           "SamplingSpec", "ShardCursor", "ShardMap", "SlideGeometry", "group_by_slide", "reads_by_mpp", "sample_rng",
            "sample_scale"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping, Sequence
 import dataclasses
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -35,7 +36,8 @@ from loader_service.sampling.streams import StreamBatch
 if TYPE_CHECKING:
     from loader_service.annotations import SessionAnnotations
 
-__all__ = ["Sample", "SampleRun", "EpochPlan", "ShardCursor", "sample_rng", "reads_by_mpp"]
+__all__ = ["Sample", "SampleRun", "RunGroups", "group_by_slide", "EpochPlan", "ShardCursor", "sample_rng",
+           "reads_by_mpp"]
 
 _SALT_SAMPLE = 0x5A17  # distinct streams for sampling and augmentation (augment draws its own)
 _SALT_ORDER = 0x0D3E
@@ -69,6 +71,33 @@ class Sample:
     attempt: int = 0  # 0: the index's own draw; n: its n-th substitute draw (EpochPlan.substitute)
 
 
+@dataclass(frozen=True)
+class RunGroups:
+    """Rows grouped by slide (:func:`group_by_slide`): group g is rows ``order[starts[g]:starts[g + 1]]`` of
+    slide ``slides[g]`` in part ``parts[g]``; ``inverse[row]`` is the row's group."""
+
+    order: np.ndarray
+    starts: list[int]
+    parts: list[int]
+    slides: list[int]
+    inverse: np.ndarray
+
+    def rows(self, g: int) -> np.ndarray:
+        return self.order[self.starts[g]:self.starts[g + 1]]
+
+
+def group_by_slide(slide: np.ndarray, parts: int = 1) -> RunGroups:
+    """Rows ``0..n-1`` cut into ``parts`` contiguous parts, each part's rows grouped by ``slide`` (int64),
+    slides ascending, rows ascending within a group: one compiled call (``_run_kernels``)."""
+    from loader_service.sampling._run_kernels import group_rows  # numba: imported on first use
+
+    n = len(slide)
+    order, starts, part_of, inverse = (np.empty(size, np.int64) for size in (n, n + 1, n, n))
+    g = group_rows(np.ascontiguousarray(slide, np.int64), max(1, parts), order, starts, part_of, inverse)
+    first = order[starts[:g]]
+    return RunGroups(order, starts[:g + 1].tolist(), part_of[:g].tolist(), slide[first].tolist(), inverse)
+
+
 class SampleRun(Sequence[Sample]):
     """Random patches drawn together (:meth:`EpochPlan.samples`) as arrays: a sequence of :class:`Sample` whose
     objects are made only when asked for, so that the service's patch path (read, augment, message) handles a
@@ -85,6 +114,7 @@ class SampleRun(Sequence[Sample]):
         self.start, self.slide, self.global_index, self.x, self.y, self.label = start, slide, global_index, x, y, label
         self.fields, self.width, self.height = fields, width, height
         self._made: list[Sample] | None = None
+        self._groups: dict[int, RunGroups] = {}  # parts -> groups()
 
     @property
     def reads(self) -> dict[int, tuple[SlideRecord, int]]:
@@ -93,6 +123,13 @@ class SampleRun(Sequence[Sample]):
 
     def __len__(self) -> int:
         return len(self.slide)
+
+    def groups(self, parts: int = 1) -> RunGroups:
+        """The samples grouped by slide within each of ``parts`` contiguous parts (:func:`group_by_slide`; kept)."""
+        found = self._groups.get(parts)
+        if found is None:
+            found = self._groups[parts] = group_by_slide(self.slide, parts)
+        return found
 
     def _one(self, i: int) -> Sample:
         return _new_sample({**self.fields[int(self.slide[i])], "index": self.start + i,
@@ -116,6 +153,7 @@ class SampleRun(Sequence[Sample]):
     def __getitem__(self, i: int | slice) -> Sample | list[Sample]:
         if isinstance(i, slice) or self._made is not None:
             return self.samples()[i]
+        i = operator.index(i)
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"sample {i} outside a run of {n}")
@@ -379,17 +417,19 @@ class EpochPlan:
             raise IndexError(f"shard indices {start}..{stop - 1} outside 0..{self.shard_length - 1}")
         global_array = self._shards.global_indices(start, stop)
         rows = self._random_rows(global_array)
-        slides = rows[:, 0]
-        templates = {slide: self._template(slide) for slide in np.unique(slides).tolist()}
+        slides = rows[:, 0].copy()
+        grouped = group_by_slide(slides)
+        templates = {slide: self._template(slide) for slide in grouped.slides}
         if any(t[1] or not t[2] for t in templates.values()):  # quarantined slides, or reads by mpp: objects
             out = []
             for i, g, (slide, x, y) in zip(range(start, stop), global_array.tolist(), rows.tolist()):
                 drawn = _new_sample({**templates[slide][0], "index": i, "global_index": g, "x": x, "y": y})
                 out.append(self.substitute(drawn, 1, "quarantined") if templates[slide][1] else drawn)
             return out
-        return SampleRun(start, slides.copy(), global_array, rows[:, 1].copy(), rows[:, 2].copy(),
-                         self._slide_labels()[slides], {slide: t[0] for slide, t in templates.items()},
-                         self.spec.patch_size, self.spec.height)
+        run = SampleRun(start, slides, global_array, rows[:, 1].copy(), rows[:, 2].copy(), self._slide_labels()[slides],
+                        {slide: t[0] for slide, t in templates.items()}, self.spec.patch_size, self.spec.height)
+        run._groups[1] = grouped
+        return run
 
     def _slide_labels(self) -> np.ndarray:
         """Each of the plan's slides' label index (int64), worked out once."""

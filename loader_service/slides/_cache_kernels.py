@@ -190,7 +190,8 @@ def _victim(slots, wanted_too):  # type: ignore[no-untyped-def]
 
 @eager_jit(f"int64(int64[::1], int64[::1], int64[::1], {_TABLE}, {_TABLE}, {_TABLE}, int64[::1], int64[::1], "
            "int64[::1], int64[::1])")
-def put_many(keys, addresses, sizes, table, expected, slots, free, counters, out_slot, released):  # type: ignore[no-untyped-def]
+def put_many(keys, addresses, sizes, table, expected, slots, free, counters, out_slot,  # type: ignore[no-untyped-def]
+             released):
     """Store tiles one after the other, as the cache's ``put`` says: ``out_slot[n]`` is the slot of tile n, -1
     when it is not stored, -2 when the key is stored and pinned (kept as it is). The slots whose tiles left the
     cache (evicted or replaced) are ``released[:count]``; returns count. The caller has made room in ``table``

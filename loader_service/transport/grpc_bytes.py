@@ -74,14 +74,15 @@ def _add_run_meta(batch: pb.Batch, run: SampleRun, label_of: list[int], labels: 
     (``_meta_kernel``), one parse."""
     from ._meta_kernel import MAX_EXTRA_BYTES, encode_run_meta  # numba: imported on first use
 
-    slides, first, which = np.unique(run.slide, return_index=True, return_inverse=True)  # first: a slide's label
+    grouped = run.groups()
+    first = grouped.order[grouped.starts[:-1]].tolist()  # a sample of each slide: the slide's label
     made = [_template(run.fields[s]["record"].slide_id, run.fields[s]["level"], run.fields[s]["mpp"], run.width,
-                      run.height, labels[label_of[i]], label_of[i]) for s, i in zip(slides.tolist(), first.tolist())]
+                      run.height, labels[label_of[i]], label_of[i]) for s, i in zip(grouped.slides, first)]
     starts = np.cumsum([0] + [len(t) for t in made])
     templates = np.frombuffer(bytearray(b"".join(made)) or bytearray(1), np.uint8)  # writable, as the kernel takes
     index = np.arange(run.start, run.start + len(run), dtype=np.int64)
     out = np.empty(int(starts[-1]) * len(run) + MAX_EXTRA_BYTES * len(run), np.uint8)
-    size = encode_run_meta(templates, starts.astype(np.int64), which.astype(np.int64), run.x,
+    size = encode_run_meta(templates, starts.astype(np.int64), grouped.inverse, run.x,
                            run.y, index, out)
     batch.MergeFromString(out[:size].tobytes())
 
