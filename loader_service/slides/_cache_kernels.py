@@ -116,6 +116,16 @@ def release(pinned, slots):  # type: ignore[no-untyped-def]
             slots[s, PINS] -= 1
 
 
+@eager_jit(f"void({_TABLE}, {_TABLE}, int64[::1], int64, int64, int64)")
+def _restate(table, slots, counters, key, was, now):  # type: ignore[no-untyped-def]
+    """A stored tile of ``key`` in state ``was`` moves to state ``now``, as the most recently used of them."""
+    j = find(table, key)
+    if j >= 0 and slots[table[j, 1], STATE] == was:
+        s = table[j, 1]
+        counters[CLOCK] += 1
+        slots[s, STATE], slots[s, STAMP] = now, counters[CLOCK]
+
+
 @eager_jit(f"int64(int64[::1], {_TABLE}, {_TABLE}, {_TABLE}, int64[::1])")
 def expect(keys, expected, table, slots, counters):  # type: ignore[no-untyped-def]
     """One more announced read of each key; a stored idle tile becomes wanted (and the most recent of them).
@@ -130,11 +140,7 @@ def expect(keys, expected, table, slots, counters):  # type: ignore[no-untyped-d
         expected[i, 0], expected[i, 1] = key, 1
         counters[EXPECTED] += 1
         new += 1
-        j = find(table, key)
-        if j >= 0 and slots[table[j, 1], STATE] == IDLE:
-            s = table[j, 1]
-            counters[CLOCK] += 1
-            slots[s, STATE], slots[s, STAMP] = WANTED, counters[CLOCK]
+        _restate(table, slots, counters, key, IDLE, WANTED)
     return new
 
 
@@ -153,11 +159,7 @@ def expected_done(keys, expected, table, slots, counters):  # type: ignore[no-un
         _delete(expected, i)
         counters[EXPECTED] -= 1
         gone += 1
-        j = find(table, key)
-        if j >= 0 and slots[table[j, 1], STATE] == WANTED:
-            s = table[j, 1]
-            counters[CLOCK] += 1
-            slots[s, STATE], slots[s, STAMP] = IDLE, counters[CLOCK]
+        _restate(table, slots, counters, key, WANTED, IDLE)
     return gone
 
 
