@@ -17,7 +17,6 @@ index), so sharding and cursors behave exactly as with independent draws.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping, Sequence
-import dataclasses
 import operator
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,9 +172,6 @@ class SampleRun(Sequence[Sample]):
         return f"SampleRun({len(self)} samples from shard index {self.start})"
 
 
-_SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Sample))
-
-
 def _new_sample(fields: dict[str, Any]) -> Sample:
     """``Sample(**fields)`` without the 13 ``object.__setattr__`` calls of a frozen dataclass's ``__init__``
     (per patch, in the service's hot loop): the instance gets ``fields``, every field's value, as its
@@ -253,6 +249,7 @@ class EpochPlan:
             )
         self._label_index = index.label_index
         self._labels_of_slides: np.ndarray | None = None  # see _slide_labels
+        self._templates: dict[int, tuple[dict[str, Any], bool, bool]] = {}  # slide -> _template(slide)
         self.labels: list[str] = list(index.labels)
         if spec.mode == "random" and not spec.whole_slide:
             self._init_random()
@@ -439,7 +436,14 @@ class EpochPlan:
 
     def _template(self, slide: int) -> tuple[dict[str, Any], bool, bool]:
         """The fields :meth:`_make` gives every random sample of ``slide`` but index and place; whether the
-        slide is avoided; whether its samples are read at their level's own pixels (not by mpp)."""
+        slide is avoided; whether its samples are read at their level's own pixels (not by mpp). Kept: they are
+        the plan's (its ``avoid`` is frozen), and nobody writes into the fields (samples copy them)."""
+        found = self._templates.get(slide)
+        if found is None:
+            found = self._templates[slide] = self._new_template(slide)
+        return found
+
+    def _new_template(self, slide: int) -> tuple[dict[str, Any], bool, bool]:
         record, cands = self._slides[slide]
         geo = cands.geometry
         fields = {"record": record, "level": geo.level, "mpp": geo.mpp, "width": self.spec.patch_size,

@@ -81,9 +81,8 @@ def _add_run_meta(batch: pb.Batch, run: SampleRun, label_of: list[int], labels: 
     starts = np.cumsum([0] + [len(t) for t in made])
     templates = np.frombuffer(bytearray(b"".join(made)) or bytearray(1), np.uint8)  # writable, as the kernel takes
     index = np.arange(run.start, run.start + len(run), dtype=np.int64)
-    out = np.empty(int(starts[-1]) * len(run) + MAX_EXTRA_BYTES * len(run), np.uint8)
-    size = encode_run_meta(templates, starts.astype(np.int64), grouped.inverse, run.x,
-                           run.y, index, out)
+    out = np.empty((max(len(t) for t in made) + MAX_EXTRA_BYTES) * len(run), np.uint8)
+    size = encode_run_meta(templates, starts.astype(np.int64), grouped.inverse, run.x, run.y, index, out)
     batch.MergeFromString(out[:size].tobytes())
 
 
