@@ -177,11 +177,9 @@ def _level_reads(batches: list[list[Sample]]) -> list[tuple[SlideRecord, int, in
     height, xs, ys)``. Grouped with arrays when every batch is a :class:`SampleRun`, sample by sample otherwise."""
     if batches and all(isinstance(b, SampleRun) for b in batches):
         runs: list[SampleRun] = batches  # type: ignore[assignment]
-        one = len(runs) == 1
-        slide = runs[0].slide if one else np.concatenate([r.slide for r in runs])
-        xs = runs[0].x if one else np.concatenate([r.x for r in runs])
-        ys = runs[0].y if one else np.concatenate([r.y for r in runs])
-        fields = runs[0].fields if one else {k: v for r in runs for k, v in r.fields.items()}
+        slide = np.concatenate([r.slide for r in runs])
+        xs, ys = np.concatenate([r.x for r in runs]), np.concatenate([r.y for r in runs])
+        fields = {k: v for r in runs for k, v in r.fields.items()}
         grouped = group_by_slide(slide)
         out = []
         for g, s in enumerate(grouped.slides):

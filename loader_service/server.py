@@ -18,7 +18,7 @@ from loader_service.annotations import COLUMN, AnnotationStore, SessionAnnotatio
 from loader_service.annotations.masks import Labeller
 from loader_service.admission import StreamAdmission
 from loader_service._numba_jit import uncached_kernels
-from loader_service.augment import warm_up_cpu_kernels, warm_up_stain_kernels
+from loader_service.augment import warm_up_cpu_kernels, warm_up_param_draws, warm_up_stain_kernels
 from loader_service.sampling.streams import warm_up as warm_up_streams
 from loader_service.budget import MemoryBudget, default_inflight_bytes
 from loader_service.config import ServiceConfig
@@ -37,6 +37,7 @@ from loader_service.session import Session
 from loader_service.handoff import HandoffPool
 from loader_service.slides import DecodePool, SlideError, TileCache, warm_up_read_kernels
 from loader_service.tissue import TissueMaskCache
+from loader_service.transport import warm_up_message_kernels
 from loader_service.transport.cuda_ipc import CudaSlotPool, cuda_ipc_available
 from loader_service.transport.shm import ShmRegistry, SlotPool, probe_is_visible, reclaim_orphans
 from loader_service.jobs import JobRegistry
@@ -130,10 +131,12 @@ class LoaderServer:
         log.info("listening on %s (port %d)%s; preparing datasets", cfg.listen, self.port,
                  f", metrics at {self.metrics_endpoint.url}" if self.metrics_endpoint else "")
         if not cfg.synthetic:
-            self.readiness.not_ready("starting: compiling the sampling, batch-read and CPU augmentation kernels")
+            self.readiness.not_ready("starting: compiling the sampling, batch-read, batch-message and CPU augmentation kernels")
             started = time.perf_counter()
-            warm_up_streams()  # the batch draws and batch reads run on every device
+            warm_up_streams()  # the batch draws, reads and messages run on every device
+            warm_up_param_draws()
             warm_up_read_kernels()
+            warm_up_message_kernels()
             if self.device.type == "cpu":
                 warm_up_cpu_kernels()  # compile or load them now, not on the first batch
                 warm_up_stain_kernels()

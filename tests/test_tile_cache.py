@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from loader_service.slides import TileCache, open_slide, read_patches_of
+from loader_service.slides._cache_kernels import HITS, PINS
 from tests.slide_fixtures import FixtureSlide
 
 
@@ -96,7 +97,7 @@ def test_compiled_index_follows_the_policy_model(seed: int) -> None:
                 slots, addresses, sizes = cache.acquire(np.asarray(keys, np.int64))
                 cache.release(slots)
                 got: list[np.ndarray | None] = [None if s < 0 else cache.get_many([k])[0] for s, k in zip(slots, keys)]
-                cache._counters[2] -= int((slots >= 0).sum())  # the re-gets above are not part of the sequence
+                cache._counters[HITS] -= int((slots >= 0).sum())  # the re-gets above are not part of the sequence
                 assert all((a != 0) == (s >= 0) for a, s in zip(addresses.tolist(), slots.tolist()))
             else:
                 got = cache.get_many(keys)
@@ -183,7 +184,7 @@ def test_concurrent_acquire_and_put_never_read_a_freed_tile() -> None:
     for t in writers:
         t.join(timeout=60)
     assert not errors, errors[:3]
-    assert cache.stats().bytes <= 40 * 4096 and cache._slots[:, 4].sum() == 0  # no pin left behind
+    assert cache.stats().bytes <= 40 * 4096 and cache._slots[:, PINS].sum() == 0  # no pin left behind
 
 
 def test_batch_reads_in_threads_through_a_tiny_cache(tiff_jpeg_ycbcr: FixtureSlide) -> None:

@@ -12,6 +12,7 @@ the torch ops that run on GPUs. See ``docs/augment.md``.
 from .config import MAX_BLUR_SIGMA, AugmentConfig
 from .cpu_kernels import warm_up as warm_up_cpu_kernels
 from .params import PARAMS_SALT, AugmentParams, ParamsBatch, Rect, draw_params, draw_params_batch, params_table
+from .params import warm_up_draws as warm_up_param_draws
 from .pipeline import OUTPUT_DTYPES, augment_batch, augment_image, render_piece, source_rect, to_nchw, to_output
 from .resample import resample_rect, source_window
 from .stain import STAIN_METHODS, StainConfig, fit_target, normalise_batch
@@ -34,6 +35,7 @@ __all__ = [
     "resample_rect",
     "source_window",
     "warm_up_cpu_kernels",
+    "warm_up_param_draws",
     "warm_up_stain_kernels",
     "MAX_BLUR_SIGMA",
     "OUTPUT_DTYPES",

@@ -349,7 +349,7 @@ def prepare_pointwise_kernel(table: Any, h: int, w: int, float_for: Any, grey: A
     k = 0
     for i in range(n):
         if np.int64(table[i, 2]) % 2 != parity:
-            parity = -1 if parity >= 0 else parity
+            parity = -1
         if table[i, 3] != 1.0 or table[i, 4] != 1.0 or table[i, 5] != 1.0 or table[i, 6] != 0.0:
             do_colour = True
         for c in range(3):

@@ -14,17 +14,16 @@ import numpy as np
 
 from loader_service._numba_jit import eager_jit
 
-__all__ = ["params_table_kernel", "CONFIG_FIELDS"]
-
-#: the config values the kernel reads, in this order (``draw_params_batch`` packs them)
-CONFIG_FIELDS = ("flip", "rot90", "brightness", "contrast", "saturation", "hue", "hed_sigma", "hed_bias", "blur_prob",
-                 "blur_low", "blur_high", "scale", "crop", "max_blur_sigma", "min_scale", "max_scale")
+__all__ = ["params_table_kernel"]
 
 
 @eager_jit("boolean(float64[:, ::1], float64[::1], float64[:, ::1], int64[::1])")
 def params_table_kernel(u, c, table, halo):  # type: ignore[no-untyped-def]
     """Fill ``table`` (n, 17: ``TABLE_COLUMNS``) and ``halo`` (n: ``halos``) from the uniforms ``u`` (n, 19) of
-    each sample. Returns whether every value is within the ranges ``AugmentParams`` accepts."""
+    each sample and the config ``c`` as ``draw_params_batch`` packs it: flip, rot90, brightness, contrast,
+    saturation, hue, hed_sigma, hed_bias, blur_prob, blur_sigma low and high, scale, crop, then the bounds
+    MAX_BLUR_SIGMA, MIN_SCALE, MAX_SCALE. Returns whether every value is within the ranges ``AugmentParams``
+    accepts."""
     flip, rot90 = c[0] != 0.0, c[1] != 0.0
     ok = True
     for i in range(u.shape[0]):

@@ -331,6 +331,11 @@ def params_table(params: Sequence[AugmentParams]) -> np.ndarray:
                     np.float64).reshape(len(params), len(TABLE_COLUMNS))
 
 
+def warm_up_draws() -> None:
+    """Compile (or load from numba's cache) :func:`draw_params_batch`'s kernel now, not on the first batch."""
+    from . import _params_kernel  # noqa: F401 - its kernel is compiled when it is imported
+
+
 def params_halos(params: Sequence[AugmentParams]) -> np.ndarray:
     """:func:`halos` of the parameters' table (a :class:`ParamsBatch` keeps its own)."""
     return params.halo if isinstance(params, ParamsBatch) else halos(params_table(params))

@@ -115,11 +115,6 @@ class SampleRun(Sequence[Sample]):
         self._made: list[Sample] | None = None
         self._groups: dict[int, RunGroups] = {}  # parts -> groups()
 
-    @property
-    def reads(self) -> dict[int, tuple[SlideRecord, int]]:
-        """Each slide's ``(record, level)``."""
-        return {slide: (f["record"], f["level"]) for slide, f in self.fields.items()}
-
     def __len__(self) -> int:
         return len(self.slide)
 

@@ -73,5 +73,7 @@ class StreamBatch:
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's cache) the kernels now rather than on the first batch."""
+    """Compile (or load from numba's cache) the kernels now rather than on the first batch: the draws', and the
+    grouping of a batch's samples by slide (``_run_kernels``)."""
     _kernels()
+    from loader_service.sampling import _run_kernels  # noqa: F401 - its kernel is compiled when it is imported

@@ -15,7 +15,7 @@ from wsi_loader.v1 import loader_pb2 as pb
 if TYPE_CHECKING:
     from loader_service.pipeline import BuiltBatch
 
-__all__ = ["encode_tensor", "fill_tensor", "batch_response", "sample_meta"]
+__all__ = ["encode_tensor", "fill_tensor", "batch_response", "sample_meta", "warm_up"]
 
 
 def fill_tensor(message: pb.Tensor, tensor: torch.Tensor | np.ndarray) -> None:
@@ -91,6 +91,11 @@ def _template(slide_id: str, level: int, mpp: float, width: int, height: int, la
     """The serialised ``SampleMeta`` fields a slide's samples share (x, y and index left out)."""
     return pb.SampleMeta(slide_id=slide_id, level=level, mpp=mpp, width=width, height=height, label=label,
                          label_index=label_index).SerializeToString()
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the batch message's kernel now, not on the first batch."""
+    from . import _meta_kernel  # noqa: F401 - its kernel is compiled when it is imported
 
 
 def batch_response(built: BuiltBatch, sequence: int, cursor_after: int, labels: list[str],
